@@ -1,0 +1,143 @@
+//! The command line: `serve`, `keygen` and `config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "fwrepo", version, about = "Firmware repository and FOTA service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve(Layers),
+    /// Create a new Ed25519 signing key in the key directory and print its id.
+    Keygen(Layers),
+    /// Print the effective configuration as TOML.
+    Config(Layers),
+}
+
+/// The configuration layers every command reads.
+#[derive(Args)]
+struct Layers {
+    /// TOML configuration file.
+    #[arg(long, env = "FWREPO_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP listen address (http.listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Public base URL handed to devices (http.public_url).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Data root (storage.root).
+    #[arg(long)]
+    storage: Option<PathBuf>,
+    /// Key directory (keys.dir).
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    /// Any key as section.key=value; may be repeated.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+impl Layers {
+    fn load(&self) -> Result<Config, String> {
+        let mut sets = Vec::new();
+        let flags = [
+            ("http.listen", self.listen.clone()),
+            ("http.public_url", self.public_url.clone()),
+            ("storage.root", self.storage.as_ref().map(|p| p.display().to_string())),
+            ("keys.dir", self.keys.as_ref().map(|p| p.display().to_string())),
+        ];
+        for (key, value) in flags {
+            if let Some(v) = value {
+                sets.push(format!("{key}={v}"));
+            }
+        }
+        sets.extend(self.sets.iter().cloned());
+        Config::load(self.config.as_deref(), std::env::vars(), &sets).map_err(|e| e.to_string())
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(layers) => layers.load().and_then(serve),
+        Command::Keygen(layers) => layers.load().and_then(|c| {
+            let path = crate::keys::generate(&c.keys.dir).map_err(|e| e.to_string())?;
+            let ring = crate::keys::KeyRing::load_or_create(&c.keys.dir, "").map_err(|e| e.to_string())?;
+            let key = ring
+                .all()
+                .iter()
+                .find(|k| k.path == path)
+                .ok_or("new key not found after writing it")?;
+            println!("{}", key.id);
+            eprintln!(
+                "created {}; set keys.active = \"{}\" to sign with it",
+                path.display(),
+                key.id
+            );
+            Ok(())
+        }),
+        Command::Config(layers) => layers.load().map(|c| {
+            print!("{}", toml::to_string(&c).unwrap_or_default());
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fwrepo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if config.log.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn serve(config: Config) -> Result<(), String> {
+    init_logging(&config);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let cancel = CancellationToken::new();
+        let running = crate::server::start(&config, cancel.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            cancel.cancel();
+        });
+        running.wait().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,470 @@
+//! Service configuration: defaults < TOML file < `FWREPO_SECTION_KEY` environment < flags.
+//!
+//! Every layer is merged as a TOML table over the serialised defaults, so one list of keys
+//! (the structs below) drives the file format, the environment names and `--set`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::name::{format_duration, parse_duration};
+
+/// Why the configuration could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: unknown configuration key {key:?}")]
+    UnknownKey { origin: String, key: String },
+    #[error("{origin}: {key} expects {expected}, got {value:?}")]
+    BadValue {
+        origin: String,
+        key: String,
+        expected: &'static str,
+        value: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A duration written as `<integer><unit>` in files and environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The whole configuration. Field docs are mirrored in `deploy/fwrepo.toml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    pub s3: S3Config,
+    pub keys: KeysConfig,
+    pub retention: RetentionConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the HTTP listener.
+    pub listen: String,
+    /// Base of the URIs handed to devices; empty means `http://<listen>`.
+    pub public_url: String,
+    /// Largest accepted firmware image in bytes.
+    pub max_upload_size: u64,
+    /// How long shutdown waits for in-flight requests before closing them.
+    pub shutdown_grace: Dur,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8080".into(),
+            public_url: String::new(),
+            max_upload_size: 4 << 30,
+            shutdown_grace: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Data root for the embedded defaults.
+    pub root: PathBuf,
+    /// Blob store URL: `file:<path>`, `memory://` or `s3://bucket/prefix`; empty means
+    /// `file:<root>/blobs`.
+    pub blobs: String,
+    /// Metadata store: `sled:<path>`; empty means `sled:<root>/metadata`.
+    pub metadata: String,
+    /// Unreferenced blobs and staged uploads younger than this survive the start-up sweep.
+    /// Zero suits one instance; several instances sharing a store want the longest upload time.
+    pub orphan_grace: Dur,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            root: PathBuf::from("storage"),
+            blobs: String::new(),
+            metadata: String::new(),
+            orphan_grace: Dur(Duration::ZERO),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint of an S3-compatible server; empty means AWS.
+    pub endpoint: String,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Allow a plain-HTTP endpoint (local SeaweedFS, MinIO).
+    pub allow_http: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            allow_http: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Directory of Ed25519 private keys (PKCS#8 PEM, mode 0600).
+    pub dir: PathBuf,
+    /// Key id that signs new uploads; empty means the newest key in `dir`.
+    pub active: String,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            dir: PathBuf::from("keys"),
+            active: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Longest the sweeper sleeps between passes even when no expiry is due.
+    pub sweep_interval: Dur,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            sweep_interval: Dur(Duration::from_secs(3600)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter such as `info` or `fwrepo=debug,tower_http=info`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Where the blobs live, decided once from `storage.blobs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobBackend {
+    File(PathBuf),
+    Memory,
+    S3 { bucket: String, prefix: String },
+}
+
+/// Where the metadata lives, decided once from `storage.metadata`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaBackend {
+    Sled(PathBuf),
+}
+
+impl Config {
+    /// Builds the configuration from every layer. `file` is the TOML file (if any), `env` the
+    /// process environment and `sets` the `section.key=value` pairs given as flags.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut table = toml::Table::try_from(Config::default()).expect("defaults serialise");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let layer: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.message().to_owned(),
+                }
+            })?;
+            let origin = path.display().to_string();
+            for (section, values) in layer {
+                let Some(values) = values.as_table() else {
+                    return Err(ConfigError::UnknownKey { origin, key: section });
+                };
+                for (key, value) in values {
+                    set_key(&mut table, &origin, &format!("{section}.{key}"), Some(value.clone()), None)?;
+                }
+            }
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("FWREPO_") && k != "FWREPO_CONFIG")
+            .collect();
+        env.sort();
+        for (var, value) in env {
+            let key = env_key(&table, &var).ok_or_else(|| ConfigError::UnknownKey {
+                origin: "environment".into(),
+                key: var.clone(),
+            })?;
+            set_key(&mut table, &var, &key, None, Some(&value))?;
+        }
+        for set in sets {
+            let (key, value) = set.split_once('=').ok_or_else(|| ConfigError::BadValue {
+                origin: "--set".into(),
+                key: set.clone(),
+                expected: "section.key=value",
+                value: set.clone(),
+            })?;
+            set_key(&mut table, "--set", key.trim(), None, Some(value))?;
+        }
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: addresses parse, URIs stay short enough for LwM2M.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        let base = self.public_http_url()?;
+        // /5/0/1 Package URI holds 255 characters: base + "/fw/" + a 128-character name.
+        let longest = base.len() + "/fw/".len() + crate::name::MAX_NAME_LEN;
+        if longest > 255 {
+            return Err(ConfigError::Invalid(format!(
+                "http.public_url is {} characters; download URIs would reach {longest} of the 255 an LwM2M Package URI holds",
+                base.len()
+            )));
+        }
+        self.blob_backend()?;
+        self.meta_backend()?;
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid(format!(
+                "log.format must be text or json, not {:?}",
+                self.log.format
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.http.listen.parse().map_err(|_| {
+            ConfigError::Invalid(format!("http.listen {:?} is not host:port", self.http.listen))
+        })
+    }
+
+    /// The public HTTP base URL without a trailing slash.
+    pub fn public_http_url(&self) -> Result<String, ConfigError> {
+        if self.http.public_url.is_empty() {
+            return Ok(format!("http://{}", self.listen_addr()?));
+        }
+        let url = url::Url::parse(&self.http.public_url).map_err(|e| {
+            ConfigError::Invalid(format!("http.public_url {:?}: {e}", self.http.public_url))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.query().is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "http.public_url {:?} must be an http(s) URL without query",
+                self.http.public_url
+            )));
+        }
+        Ok(self.http.public_url.trim_end_matches('/').to_owned())
+    }
+
+    pub fn blob_backend(&self) -> Result<BlobBackend, ConfigError> {
+        let spec = &self.storage.blobs;
+        if spec.is_empty() {
+            return Ok(BlobBackend::File(self.storage.root.join("blobs")));
+        }
+        if let Some(path) = spec.strip_prefix("file:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(ConfigError::Invalid("storage.blobs file: needs a path".into()));
+            }
+            return Ok(BlobBackend::File(PathBuf::from(path)));
+        }
+        if spec == "memory://" || spec == "memory:" {
+            return Ok(BlobBackend::Memory);
+        }
+        if let Some(rest) = spec.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(ConfigError::Invalid("storage.blobs s3:// needs a bucket".into()));
+            }
+            return Ok(BlobBackend::S3 {
+                bucket: bucket.to_owned(),
+                prefix: prefix.trim_matches('/').to_owned(),
+            });
+        }
+        Err(ConfigError::Invalid(format!(
+            "storage.blobs {spec:?}: expected file:<path>, memory:// or s3://bucket/prefix"
+        )))
+    }
+
+    pub fn meta_backend(&self) -> Result<MetaBackend, ConfigError> {
+        let spec = &self.storage.metadata;
+        if spec.is_empty() {
+            return Ok(MetaBackend::Sled(self.storage.root.join("metadata")));
+        }
+        if let Some(path) = spec.strip_prefix("sled:") {
+            return Ok(MetaBackend::Sled(PathBuf::from(path)));
+        }
+        Err(ConfigError::Invalid(format!(
+            "storage.metadata {spec:?}: expected sled:<path>"
+        )))
+    }
+}
+
+/// Maps `FWREPO_HTTP_MAX_UPLOAD_SIZE` to `http.max_upload_size` by looking the key up.
+fn env_key(table: &toml::Table, var: &str) -> Option<String> {
+    let rest = var.strip_prefix("FWREPO_")?.to_ascii_lowercase();
+    table.iter().find_map(|(section, values)| {
+        let key = rest.strip_prefix(&format!("{section}_"))?;
+        values.as_table()?.contains_key(key).then(|| format!("{section}.{key}"))
+    })
+}
+
+/// Sets `section.key` from either a TOML value or a string, keeping the default's type.
+fn set_key(
+    table: &mut toml::Table,
+    origin: &str,
+    key: &str,
+    value: Option<toml::Value>,
+    text: Option<&str>,
+) -> Result<(), ConfigError> {
+    let unknown = || ConfigError::UnknownKey {
+        origin: origin.to_owned(),
+        key: key.to_owned(),
+    };
+    let (section, field) = key.split_once('.').ok_or_else(unknown)?;
+    let slot = table
+        .get_mut(section)
+        .and_then(|s| s.as_table_mut())
+        .and_then(|s| s.get_mut(field))
+        .ok_or_else(unknown)?;
+    let bad = |expected, value: String| ConfigError::BadValue {
+        origin: origin.to_owned(),
+        key: key.to_owned(),
+        expected,
+        value,
+    };
+    let new = match (slot.clone(), value, text) {
+        (toml::Value::String(_), Some(v @ toml::Value::String(_)), _) => v,
+        (toml::Value::String(_), None, Some(t)) => toml::Value::String(t.to_owned()),
+        (toml::Value::Integer(_), Some(v @ toml::Value::Integer(_)), _) => v,
+        (toml::Value::Integer(_), None, Some(t)) => {
+            toml::Value::Integer(t.trim().parse().map_err(|_| bad("an integer", t.to_owned()))?)
+        }
+        (toml::Value::Boolean(_), Some(v @ toml::Value::Boolean(_)), _) => v,
+        (toml::Value::Boolean(_), None, Some(t)) => match t.trim() {
+            "true" | "1" | "yes" => toml::Value::Boolean(true),
+            "false" | "0" | "no" => toml::Value::Boolean(false),
+            _ => return Err(bad("true or false", t.to_owned())),
+        },
+        (old, Some(v), _) => return Err(bad(type_name(&old), v.to_string())),
+        (old, None, t) => return Err(bad(type_name(&old), t.unwrap_or_default().to_owned())),
+    };
+    *slot = new;
+    Ok(())
+}
+
+fn type_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Boolean(_) => "a boolean",
+        _ => "a value",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[http]\nlisten = \"127.0.0.1:9000\"\nmax_upload_size = 10\n[keys]\nactive = \"file\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[("FWREPO_HTTP_MAX_UPLOAD_SIZE", "20"), ("FWREPO_KEYS_ACTIVE", "env"), ("PATH", "/bin")]),
+            &["keys.active=flag".into()],
+        )
+        .unwrap();
+        assert_eq!(c.http.listen, "127.0.0.1:9000");
+        assert_eq!(c.http.max_upload_size, 20);
+        assert_eq!(c.keys.active, "flag");
+        assert_eq!(c.http.shutdown_grace, Dur(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn bad_layers_are_named() {
+        let e = Config::load(None, env(&[("FWREPO_HTTP_NOPE", "1")]), &[]).unwrap_err();
+        assert!(e.to_string().contains("FWREPO_HTTP_NOPE"), "{e}");
+        let e = Config::load(None, env(&[("FWREPO_HTTP_MAX_UPLOAD_SIZE", "big")]), &[]).unwrap_err();
+        assert!(e.to_string().contains("integer"), "{e}");
+        let e = Config::load(None, vec![], &["retention.sweep_interval=soon".into()]).unwrap_err();
+        assert!(e.to_string().contains("duration"), "{e}");
+        let long = format!("http.public_url=http://{}.example", "a".repeat(130));
+        assert!(Config::load(None, vec![], &[long]).is_err());
+    }
+
+    #[test]
+    fn backends_by_url() {
+        let mut c = Config::default();
+        assert_eq!(c.blob_backend().unwrap(), BlobBackend::File("storage/blobs".into()));
+        c.storage.blobs = "s3://fw/prod/eu".into();
+        assert_eq!(
+            c.blob_backend().unwrap(),
+            BlobBackend::S3 { bucket: "fw".into(), prefix: "prod/eu".into() }
+        );
+        c.storage.blobs = "memory://".into();
+        assert_eq!(c.blob_backend().unwrap(), BlobBackend::Memory);
+        c.storage.blobs = "ftp://x".into();
+        assert!(c.blob_backend().is_err());
+    }
+}

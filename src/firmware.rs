@@ -1,0 +1,428 @@
+//! The firmware repository: ingest (hash, sign, store, commit), resolve, list, change,
+//! delete and expire images. Bytes live in the blob store, records in the metadata store;
+//! a record is written only after its blob is durable, so nothing is ever half-visible.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::blob::{BlobError, BlobStore, ByteStream};
+use crate::keys::KeyRing;
+use crate::meta::{FirmwareRecord, MetaError, MetaStore};
+use crate::metrics::Metrics;
+use crate::name::{FirmwareName, NameError};
+
+/// Longest accepted description and version strings.
+pub const MAX_TEXT_LEN: usize = 1024;
+
+/// Why a repository operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("{field}: {message}")]
+    InvalidParameter { field: &'static str, message: String },
+    #[error("firmware {0:?} not found")]
+    NotFound(String),
+    #[error("firmware {name:?} already holds different content (stored sha256 {stored}, uploaded sha256 {uploaded})")]
+    NameTaken {
+        name: String,
+        stored: String,
+        uploaded: String,
+    },
+    #[error("upload does not match the expected digest (expected sha256 {expected}, received {actual})")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("image exceeds the maximum size of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("upload interrupted: {0}")]
+    Interrupted(String),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+impl FirmwareError {
+    /// Stable code and the kind of failure, mapped to HTTP and CoAP in `crate::error`.
+    pub fn code(&self) -> (&'static str, crate::error::Kind) {
+        use crate::error::Kind;
+        match self {
+            FirmwareError::Name(e) => (e.code(), Kind::BadRequest),
+            FirmwareError::InvalidParameter { .. } => ("invalid-parameter", Kind::BadRequest),
+            FirmwareError::NotFound(_) => ("firmware-not-found", Kind::NotFound),
+            FirmwareError::NameTaken { .. } => ("name-taken", Kind::Conflict),
+            FirmwareError::DigestMismatch { .. } => ("digest-mismatch", Kind::BadRequest),
+            FirmwareError::TooLarge { .. } => ("too-large", Kind::TooLarge),
+            FirmwareError::Interrupted(_) => ("upload-interrupted", Kind::BadRequest),
+            FirmwareError::Blob(_) => ("storage-unavailable", Kind::Unavailable),
+            FirmwareError::Meta(_) => ("metadata-unavailable", Kind::Unavailable),
+        }
+    }
+}
+
+/// What an upload asks for besides its bytes.
+#[derive(Debug, Clone, Default)]
+pub struct UploadRequest {
+    pub retention: Option<Duration>,
+    pub description: Option<String>,
+    pub version: Option<String>,
+    pub expected_sha256: Option<[u8; 32]>,
+    pub content_type: Option<String>,
+    pub content_length: Option<u64>,
+}
+
+/// The result of an ingest.
+#[derive(Debug)]
+pub enum Ingested {
+    Created(FirmwareRecord),
+    /// The name already held these bytes; nothing new was stored.
+    Existing(FirmwareRecord),
+}
+
+/// A change to an existing record (`PATCH`). `Some(None)` clears a field.
+#[derive(Debug, Default)]
+pub struct Change {
+    pub retention: Option<Option<Duration>>,
+    pub description: Option<Option<String>>,
+}
+
+/// The repository service shared by every listener.
+pub struct Repository {
+    meta: Arc<dyn MetaStore>,
+    blobs: BlobStore,
+    keys: Arc<KeyRing>,
+    max_size: u64,
+    metrics: Arc<Metrics>,
+    /// Woken when an expiry appears or moves, so the sweeper recomputes its timer.
+    pub(crate) expiry_changed: Notify,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn check_text(field: &'static str, value: &str) -> Result<(), FirmwareError> {
+    if value.len() > MAX_TEXT_LEN || value.chars().any(|c| c.is_control()) {
+        return Err(FirmwareError::InvalidParameter {
+            field,
+            message: format!("at most {MAX_TEXT_LEN} bytes without control characters"),
+        });
+    }
+    Ok(())
+}
+
+impl Repository {
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        blobs: BlobStore,
+        keys: Arc<KeyRing>,
+        max_size: u64,
+        metrics: Arc<Metrics>,
+    ) -> Repository {
+        Repository {
+            meta,
+            blobs,
+            keys,
+            max_size,
+            metrics,
+            expiry_changed: Notify::new(),
+        }
+    }
+
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// Loads the firmware gauges; called once at start-up.
+    pub async fn init_metrics(&self) -> Result<(), FirmwareError> {
+        let (count, bytes) = self.meta.totals().await?;
+        self.metrics.set_stored(count, bytes);
+        Ok(())
+    }
+
+    /// A live (unexpired) record.
+    pub async fn resolve(&self, name: &FirmwareName) -> Result<FirmwareRecord, FirmwareError> {
+        match self.meta.get(name.as_str()).await? {
+            Some(r) if !r.is_expired(now_ms()) => Ok(r),
+            _ => Err(FirmwareError::NotFound(name.to_string())),
+        }
+    }
+
+    /// Streams the bytes of `record` in `range`.
+    pub async fn read(&self, record: &FirmwareRecord, range: Range<u64>) -> Result<ByteStream, FirmwareError> {
+        match self.blobs.read(&record.blob_key, range).await {
+            Ok(s) => Ok(s),
+            Err(BlobError::Store(object_store::Error::NotFound { .. })) => {
+                Err(FirmwareError::NotFound(record.name.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Hashes, stores, signs and commits an image. The body is streamed: at most a few parts
+    /// of it are in memory at once.
+    pub async fn ingest<S, E>(
+        &self,
+        name: &FirmwareName,
+        req: UploadRequest,
+        body: S,
+    ) -> Result<Ingested, FirmwareError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        if req.content_length.is_some_and(|n| n > self.max_size) {
+            return Err(FirmwareError::TooLarge { limit: self.max_size });
+        }
+        for (field, v) in [("description", &req.description), ("version", &req.version)] {
+            if let Some(v) = v {
+                check_text(field, v)?;
+            }
+        }
+        let now = now_ms();
+        let existing = self.meta.get(name.as_str()).await?.filter(|r| !r.is_expired(now));
+        // A name that is taken only needs the digest of the new bytes, not a second copy.
+        let key = BlobStore::new_key(name.as_str());
+        let mut writer = match existing {
+            None => Some(self.blobs.writer(&key).await?),
+            Some(_) => None,
+        };
+        let (digest, size) = match self.consume(body, writer.as_mut()).await {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(w) = writer {
+                    w.abort().await;
+                }
+                return Err(e);
+            }
+        };
+        let digest_hex = hex::encode(digest);
+        if let Some(expected) = req.expected_sha256 {
+            if expected != digest {
+                if let Some(w) = writer {
+                    w.abort().await;
+                }
+                return Err(FirmwareError::DigestMismatch {
+                    expected: hex::encode(expected),
+                    actual: digest_hex,
+                });
+            }
+        }
+        let Some(writer) = writer else {
+            return same_or_conflict(existing.expect("taken name has a record"), digest_hex);
+        };
+        writer.finish().await?;
+
+        let created_at_ms = now_ms();
+        let retention_secs = req.retention.map(|d| d.as_secs());
+        let signature = self.keys.sign_digest(&digest);
+        let record = FirmwareRecord {
+            name: name.to_string(),
+            size,
+            sha256: digest_hex.clone(),
+            content_type: req
+                .content_type
+                .unwrap_or_else(|| content_type_for(name.as_str())),
+            description: req.description,
+            version: req.version,
+            created_at_ms,
+            retention_secs,
+            expires_at_ms: retention_secs.map(|s| created_at_ms + (s as i64) * 1000),
+            signature_key_id: signature.key_id,
+            signature: B64.encode(signature.value),
+            blob_key: key.clone(),
+        };
+        // An expired holder of the name is swept first so the name can be reused.
+        if let Some(old) = self.meta.get(name.as_str()).await? {
+            if old.is_expired(now_ms()) {
+                self.remove_record(&old).await?;
+            }
+        }
+        match self.meta.insert_new(&record).await {
+            Ok(None) => {
+                self.metrics.firmware_added(record.size);
+                if record.expires_at_ms.is_some() {
+                    self.expiry_changed.notify_one();
+                }
+                tracing::info!(name = %record.name, size, sha256 = %record.sha256, "firmware stored");
+                Ok(Ingested::Created(record))
+            }
+            Ok(Some(winner)) => {
+                // A concurrent upload of the same name committed first.
+                self.blobs.delete(&key).await?;
+                same_or_conflict(winner, digest_hex)
+            }
+            Err(e) => {
+                let _ = self.blobs.delete(&key).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn consume<S, E>(
+        &self,
+        body: S,
+        mut writer: Option<&mut crate::blob::BlobWriter>,
+    ) -> Result<([u8; 32], u64), FirmwareError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let mut body = std::pin::pin!(body);
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| FirmwareError::Interrupted(e.to_string()))?;
+            size += chunk.len() as u64;
+            if size > self.max_size {
+                return Err(FirmwareError::TooLarge { limit: self.max_size });
+            }
+            hasher.update(&chunk);
+            if let Some(w) = writer.as_deref_mut() {
+                w.write(chunk).await?;
+            }
+        }
+        Ok((hasher.finalize().into(), size))
+    }
+
+    /// A page of live records whose names start with `prefix`, and the cursor of the next.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<FirmwareRecord>, Option<String>), FirmwareError> {
+        let page = self.meta.list(prefix, cursor, limit).await?;
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|r| r.name.clone()))
+            .flatten();
+        let now = now_ms();
+        Ok((page.into_iter().filter(|r| !r.is_expired(now)).collect(), next))
+    }
+
+    pub async fn change(&self, name: &FirmwareName, change: Change) -> Result<FirmwareRecord, FirmwareError> {
+        let mut record = self.resolve(name).await?;
+        if let Some(retention) = change.retention {
+            record.retention_secs = retention.map(|d| d.as_secs());
+            record.expires_at_ms = record
+                .retention_secs
+                .map(|s| record.created_at_ms + (s as i64) * 1000);
+        }
+        if let Some(description) = change.description {
+            if let Some(d) = &description {
+                check_text("description", d)?;
+            }
+            record.description = description;
+        }
+        if !self.meta.update(&record).await? {
+            return Err(FirmwareError::NotFound(name.to_string()));
+        }
+        self.expiry_changed.notify_one();
+        Ok(record)
+    }
+
+    pub async fn delete(&self, name: &FirmwareName) -> Result<(), FirmwareError> {
+        let record = self
+            .meta
+            .get(name.as_str())
+            .await?
+            .ok_or_else(|| FirmwareError::NotFound(name.to_string()))?;
+        let live = !record.is_expired(now_ms());
+        self.remove_record(&record).await?;
+        if live {
+            tracing::info!(name = %record.name, "firmware deleted");
+            Ok(())
+        } else {
+            Err(FirmwareError::NotFound(name.to_string()))
+        }
+    }
+
+    /// Record first (the image disappears at once), then the blob; a crash in between leaves
+    /// an unreferenced blob for the start-up sweep.
+    async fn remove_record(&self, record: &FirmwareRecord) -> Result<(), FirmwareError> {
+        if self.meta.remove(&record.name, &record.blob_key).await? {
+            self.metrics.firmware_removed(record.size);
+        }
+        self.blobs.delete(&record.blob_key).await?;
+        Ok(())
+    }
+
+    /// Deletes what has expired by `now`; returns how many.
+    pub async fn sweep_expired(&self, now: i64) -> Result<usize, FirmwareError> {
+        let mut total = 0;
+        loop {
+            let batch = self.meta.expired(now, 256).await?;
+            if batch.is_empty() {
+                return Ok(total);
+            }
+            for record in &batch {
+                self.remove_record(record).await?;
+                tracing::info!(name = %record.name, "firmware expired and removed");
+            }
+            total += batch.len();
+        }
+    }
+
+    pub async fn next_expiry(&self) -> Result<Option<i64>, FirmwareError> {
+        Ok(self.meta.next_expiry().await?)
+    }
+
+    /// Deletes blobs no record points at and staged uploads that never finished, when older
+    /// than `grace`. Run at start-up, before the listeners open.
+    pub async fn sweep_orphans(&self, grace: Duration) -> Result<usize, FirmwareError> {
+        let mut removed = self.blobs.remove_stale_staging(grace).await?;
+        let before = SystemTime::now() - grace;
+        for key in self.blobs.list_older(before).await? {
+            let referenced = match BlobStore::name_of_key(&key) {
+                Some(name) => self
+                    .meta
+                    .get(name)
+                    .await?
+                    .is_some_and(|r| r.blob_key == key),
+                None => false,
+            };
+            if !referenced {
+                self.blobs.delete(&key).await?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed unreferenced blobs left by interrupted uploads");
+        }
+        Ok(removed)
+    }
+}
+
+fn same_or_conflict(existing: FirmwareRecord, digest_hex: String) -> Result<Ingested, FirmwareError> {
+    if existing.sha256 == digest_hex {
+        Ok(Ingested::Existing(existing))
+    } else {
+        Err(FirmwareError::NameTaken {
+            name: existing.name,
+            stored: existing.sha256,
+            uploaded: digest_hex,
+        })
+    }
+}
+
+/// Content type from the name's extension, else `application/octet-stream`.
+pub fn content_type_for(name: &str) -> String {
+    mime_guess::from_path(name)
+        .first()
+        .unwrap_or(mime::APPLICATION_OCTET_STREAM)
+        .to_string()
+}

@@ -1,0 +1,83 @@
+//! JSON errors at the HTTP edge: `{"error": {"code", "message"}}`. Server-side failures are
+//! logged in full and answered with a generic message.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::error::Kind;
+use crate::firmware::FirmwareError;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: Kind, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: kind.http_status(),
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(Kind::BadRequest, code, message)
+    }
+
+    pub fn not_found() -> ApiError {
+        ApiError::new(Kind::NotFound, "not-found", "no such resource")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<FirmwareError> for ApiError {
+    fn from(e: FirmwareError) -> ApiError {
+        let (code, kind) = e.code();
+        if kind.is_client_error() {
+            ApiError::new(kind, code, e.to_string())
+        } else {
+            tracing::error!(error = %e, code, "request failed");
+            let message = match kind {
+                Kind::Unavailable => "storage is unavailable; try again later",
+                _ => "internal error",
+            };
+            ApiError::new(kind, code, message)
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> ApiError {
+        ApiError::bad_request("invalid-parameter", e.body_text())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> ApiError {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too-large"
+        } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            "unsupported-media-type"
+        } else {
+            "invalid-body"
+        };
+        ApiError {
+            status,
+            code,
+            message: e.body_text(),
+        }
+    }
+}

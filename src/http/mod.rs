@@ -1,0 +1,115 @@
+//! The HTTP API: routes, shared state, request metrics and JSON fallbacks.
+
+mod download;
+pub mod error;
+mod firmware;
+mod ops;
+pub mod range;
+
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::handler::Handler;
+use axum::http::Method;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::firmware::Repository;
+use crate::metrics::Metrics;
+use crate::name::FirmwareName;
+use error::ApiError;
+
+/// Largest JSON request body (PATCH and friends); uploads stream and have their own limit.
+const JSON_BODY_LIMIT: usize = 64 << 10;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub repo: Arc<Repository>,
+    pub metrics: Arc<Metrics>,
+    /// Public base of device URIs, without a trailing slash.
+    pub http_base: Arc<str>,
+}
+
+/// The router and the list of (method, path) it serves, kept in one place so the OpenAPI
+/// document can be checked against it.
+pub struct Routes {
+    router: Router<AppState>,
+    table: Vec<(Method, &'static str)>,
+}
+
+impl Routes {
+    fn add<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Routes
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).expect("standard method");
+        self.router = self.router.route(path, on(filter, handler));
+        self.table.push((method, path));
+        self
+    }
+
+    /// Every (method, path) pair served, with axum's `{param}` syntax.
+    pub fn table(&self) -> &[(Method, &'static str)] {
+        &self.table
+    }
+}
+
+pub fn routes() -> Routes {
+    use Method as M;
+    Routes {
+        router: Router::new(),
+        table: Vec::new(),
+    }
+    .add(M::GET, "/healthz", ops::healthz)
+    .add(M::GET, "/metrics", ops::metrics)
+    .add(M::GET, "/v1/keys", ops::keys)
+    .add(M::GET, "/v1/firmware", firmware::list)
+    .add(M::PUT, "/v1/firmware/{name}", firmware::upload)
+    .add(M::GET, "/v1/firmware/{name}", firmware::resolve)
+    .add(M::PATCH, "/v1/firmware/{name}", firmware::change)
+    .add(M::DELETE, "/v1/firmware/{name}", firmware::delete)
+    .add(M::GET, "/v1/firmware/{name}/signature", firmware::signature)
+    .add(M::GET, "/v1/firmware/{name}/content", download::content)
+    .add(M::HEAD, "/v1/firmware/{name}/content", download::content)
+    .add(M::GET, "/fw/{name}", download::content)
+    .add(M::HEAD, "/fw/{name}", download::content)
+}
+
+/// The complete service with its middleware.
+pub fn router(state: AppState) -> Router {
+    let routes = routes();
+    routes
+        .router
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(crate::error::Kind::MethodNotAllowed, "method-not-allowed", "method not allowed on this resource")
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(crate::error::Kind::Internal, "internal", "internal error").into_response()
+        }))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    state.metrics.request(&route, resp.status().as_u16());
+    resp
+}
+
+pub(crate) fn parse_name(s: &str) -> Result<FirmwareName, ApiError> {
+    FirmwareName::parse(s).map_err(|e| ApiError::bad_request(e.code(), e.to_string()))
+}

@@ -1,0 +1,14 @@
+//! fwrepo: a firmware artifact repository and FOTA service.
+
+pub mod blob;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod firmware;
+pub mod http;
+pub mod keys;
+pub mod meta;
+pub mod metrics;
+pub mod name;
+pub mod retention;
+pub mod server;

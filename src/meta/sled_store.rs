@@ -1,0 +1,264 @@
+//! The embedded metadata backend: sled, with every call on the blocking pool.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::{ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError};
+
+/// Trees: `firmware` (name → JSON record) and `expiry` (8-byte big-endian expiry ms ‖ name).
+#[derive(Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    firmware: sled::Tree,
+    expiry: sled::Tree,
+}
+
+fn backend(e: impl std::fmt::Display) -> MetaError {
+    MetaError::Backend(e.to_string())
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Result<FirmwareRecord, MetaError> {
+    serde_json::from_slice(value).map_err(|e| MetaError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn expiry_key(at_ms: i64, name: &str) -> Vec<u8> {
+    let mut k = (at_ms.max(0) as u64).to_be_bytes().to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn expiry_of(key: &[u8]) -> i64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[..8]);
+    u64::from_be_bytes(b) as i64
+}
+
+impl SledStore {
+    pub async fn open(path: PathBuf) -> Result<SledStore, MetaError> {
+        tokio::task::spawn_blocking(move || {
+            let db = sled::Config::new().path(&path).open().map_err(|e| {
+                MetaError::Backend(format!("{}: {e}", path.display()))
+            })?;
+            Ok(SledStore {
+                firmware: db.open_tree("firmware").map_err(backend)?,
+                expiry: db.open_tree("expiry").map_err(backend)?,
+                db,
+            })
+        })
+        .await
+        .map_err(backend)?
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SledStore) -> Result<T, MetaError> + Send + 'static,
+    ) -> Result<T, MetaError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this)).await.map_err(backend)?
+    }
+
+    async fn flush(&self) -> Result<(), MetaError> {
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+
+    /// Runs a transaction over both trees; `Abort(r)` returns `r` without committing.
+    fn transact<T>(
+        &self,
+        f: impl Fn(
+            &sled::transaction::TransactionalTree,
+            &sled::transaction::TransactionalTree,
+        ) -> Result<T, ConflictableTransactionError<T>>,
+    ) -> Result<T, MetaError> {
+        match (&self.firmware, &self.expiry).transaction(|(fw, ex)| f(fw, ex)) {
+            Ok(v) | Err(TransactionError::Abort(v)) => Ok(v),
+            Err(TransactionError::Storage(e)) => Err(backend(e)),
+        }
+    }
+}
+
+#[async_trait]
+impl FirmwareCatalog for SledStore {
+    async fn get(&self, name: &str) -> Result<Option<FirmwareRecord>, MetaError> {
+        let name = name.to_owned();
+        self.blocking(move |s| {
+            s.firmware
+                .get(name.as_bytes())
+                .map_err(backend)?
+                .map(|v| decode(name.as_bytes(), &v))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn insert_new(&self, record: &FirmwareRecord) -> Result<Option<FirmwareRecord>, MetaError> {
+        let record = record.clone();
+        let json = serde_json::to_vec(&record).map_err(backend)?;
+        let existing = self
+            .blocking(move |s| {
+                let existing = s.transact(|fw, ex| {
+                    if let Some(old) = fw.get(record.name.as_bytes())? {
+                        return Err(ConflictableTransactionError::Abort(Some(old)));
+                    }
+                    fw.insert(record.name.as_bytes(), json.as_slice())?;
+                    if let Some(at) = record.expires_at_ms {
+                        ex.insert(expiry_key(at, &record.name), &[])?;
+                    }
+                    Ok(None)
+                })?;
+                existing.map(|v| decode(record.name.as_bytes(), &v)).transpose()
+            })
+            .await?;
+        if existing.is_none() {
+            self.flush().await?;
+        }
+        Ok(existing)
+    }
+
+    async fn update(&self, record: &FirmwareRecord) -> Result<bool, MetaError> {
+        let record = record.clone();
+        let json = serde_json::to_vec(&record).map_err(backend)?;
+        let updated = self
+            .blocking(move |s| {
+                s.transact(|fw, ex| {
+                    let Some(old) = fw.get(record.name.as_bytes())? else {
+                        return Err(ConflictableTransactionError::Abort(false));
+                    };
+                    let old: FirmwareRecord = serde_json::from_slice(&old)
+                        .map_err(|_| ConflictableTransactionError::Abort(false))?;
+                    if old.blob_key != record.blob_key {
+                        return Err(ConflictableTransactionError::Abort(false));
+                    }
+                    if let Some(at) = old.expires_at_ms {
+                        ex.remove(expiry_key(at, &old.name))?;
+                    }
+                    if let Some(at) = record.expires_at_ms {
+                        ex.insert(expiry_key(at, &record.name), &[])?;
+                    }
+                    fw.insert(record.name.as_bytes(), json.as_slice())?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if updated {
+            self.flush().await?;
+        }
+        Ok(updated)
+    }
+
+    async fn remove(&self, name: &str, blob_key: &str) -> Result<bool, MetaError> {
+        let (name, blob_key) = (name.to_owned(), blob_key.to_owned());
+        let removed = self
+            .blocking(move |s| {
+                s.transact(|fw, ex| {
+                    let Some(old) = fw.get(name.as_bytes())? else {
+                        return Err(ConflictableTransactionError::Abort(false));
+                    };
+                    let Ok(old) = serde_json::from_slice::<FirmwareRecord>(&old) else {
+                        // A corrupt record is removed rather than kept forever.
+                        fw.remove(name.as_bytes())?;
+                        return Ok(true);
+                    };
+                    if old.blob_key != blob_key {
+                        return Err(ConflictableTransactionError::Abort(false));
+                    }
+                    if let Some(at) = old.expires_at_ms {
+                        ex.remove(expiry_key(at, &old.name))?;
+                    }
+                    fw.remove(name.as_bytes())?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if removed {
+            self.flush().await?;
+        }
+        Ok(removed)
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FirmwareRecord>, MetaError> {
+        let (prefix, after) = (prefix.to_owned(), after.map(str::to_owned));
+        self.blocking(move |s| {
+            let iter = match &after {
+                Some(a) if a.as_str() >= prefix.as_str() => {
+                    let mut start = a.as_bytes().to_vec();
+                    start.push(0);
+                    s.firmware.range(start..)
+                }
+                _ => s.firmware.range(prefix.as_bytes()..),
+            };
+            let mut out = Vec::new();
+            for item in iter {
+                let (k, v) = item.map_err(backend)?;
+                if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
+                    break;
+                }
+                out.push(decode(&k, &v)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn totals(&self) -> Result<(u64, u64), MetaError> {
+        self.blocking(|s| {
+            let mut count = 0;
+            let mut bytes = 0;
+            for item in s.firmware.iter() {
+                let (k, v) = item.map_err(backend)?;
+                count += 1;
+                bytes += decode(&k, &v)?.size;
+            }
+            Ok((count, bytes))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ExpiryIndex for SledStore {
+    async fn next_expiry(&self) -> Result<Option<i64>, MetaError> {
+        self.blocking(|s| Ok(s.expiry.first().map_err(backend)?.map(|(k, _)| expiry_of(&k))))
+            .await
+    }
+
+    async fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<FirmwareRecord>, MetaError> {
+        self.blocking(move |s| {
+            let end = (now_ms.max(0) as u64 + 1).to_be_bytes();
+            let mut out = Vec::new();
+            for item in s.expiry.range(..end.as_slice()).take(limit) {
+                let (k, _) = item.map_err(backend)?;
+                let name = &k[8..];
+                if let Some(v) = s.firmware.get(name).map_err(backend)? {
+                    out.push(decode(name, &v)?);
+                } else {
+                    // An index entry without its record: drop it.
+                    s.expiry.remove(&k).map_err(backend)?;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn sled_passes_the_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::SledStore::open(dir.path().join("db")).await.unwrap();
+        crate::meta::suite::run(&store).await;
+    }
+}

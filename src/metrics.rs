@@ -1,0 +1,67 @@
+//! Prometheus counters and gauges, rendered by hand in the text exposition format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+/// Process-wide metrics.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    bytes_served: AtomicU64,
+    uploads: AtomicU64,
+    firmware_count: AtomicU64,
+    firmware_bytes: AtomicU64,
+}
+
+impl Metrics {
+    pub fn request(&self, route: &str, status: u16) {
+        let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry((route.to_owned(), status)).or_default() += 1;
+    }
+
+    pub fn served(&self, bytes: u64) {
+        self.bytes_served.fetch_add(bytes, Relaxed);
+    }
+
+    pub fn set_stored(&self, count: u64, bytes: u64) {
+        self.firmware_count.store(count, Relaxed);
+        self.firmware_bytes.store(bytes, Relaxed);
+    }
+
+    pub fn firmware_added(&self, size: u64) {
+        self.uploads.fetch_add(1, Relaxed);
+        self.firmware_count.fetch_add(1, Relaxed);
+        self.firmware_bytes.fetch_add(size, Relaxed);
+    }
+
+    pub fn firmware_removed(&self, size: u64) {
+        let _ = self.firmware_count.fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+        let _ = self
+            .firmware_bytes
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(size)));
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP fwrepo_http_requests_total HTTP requests by route and status.\n");
+        out.push_str("# TYPE fwrepo_http_requests_total counter\n");
+        let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        for ((route, status), n) in map.iter() {
+            let route = route.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "fwrepo_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+        drop(map);
+        let gauges = [
+            ("fwrepo_bytes_served_total", "counter", "Firmware bytes sent to clients.", &self.bytes_served),
+            ("fwrepo_uploads_total", "counter", "Firmware images stored.", &self.uploads),
+            ("fwrepo_firmware_count", "gauge", "Firmware images held.", &self.firmware_count),
+            ("fwrepo_firmware_bytes", "gauge", "Bytes of firmware held.", &self.firmware_bytes),
+        ];
+        for (name, kind, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Relaxed));
+        }
+        out
+    }
+}

@@ -1,0 +1,131 @@
+//! Start-up and shutdown: opens the stores, sweeps what a crash left, starts the listeners
+//! and background loops under one cancellation token, and waits for them with a deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::blob::{BlobError, BlobStore};
+use crate::config::{Config, ConfigError};
+use crate::firmware::{FirmwareError, Repository};
+use crate::http::{self, AppState};
+use crate::keys::{KeyError, KeyRing};
+use crate::meta::{self, MetaError};
+use crate::metrics::Metrics;
+use crate::retention;
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Firmware(#[from] FirmwareError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A started service.
+pub struct Running {
+    /// Where the HTTP listener is bound (useful with port 0).
+    pub http_addr: SocketAddr,
+    pub repo: Arc<Repository>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+impl Running {
+    /// Asks every listener and loop to stop.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until everything stopped; once shutdown began, in-flight work gets the grace
+    /// period and is then cut off.
+    pub async fn wait(self) {
+        let Running {
+            cancel, tasks, grace, repo, ..
+        } = self;
+        drop(repo);
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let mut all = std::pin::pin!(futures_util::future::join_all(tasks));
+        tokio::select! {
+            _ = &mut all => return,
+            _ = cancel.cancelled() => {}
+        }
+        if tokio::time::timeout(grace, &mut all).await.is_err() {
+            tracing::warn!(?grace, "in-flight requests did not finish in time; closing them");
+            aborts.iter().for_each(|a| a.abort());
+            all.await;
+        }
+    }
+}
+
+/// Starts the service; it runs until `cancel` fires.
+pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running, StartError> {
+    config.validate()?;
+    let keys = KeyRing::load_or_create(&config.keys.dir, &config.keys.active)?;
+    let active = keys.active();
+    tracing::info!(key_id = %active.id, public_key = %hex::encode(active.public_raw()), "signing key");
+    let blobs = BlobStore::open(&config.blob_backend()?, &config.s3)?;
+    let meta = meta::open(&config.meta_backend()?).await?;
+    let metrics = Arc::new(Metrics::default());
+    let repo = Arc::new(Repository::new(
+        meta,
+        blobs,
+        Arc::new(keys),
+        config.http.max_upload_size,
+        Arc::clone(&metrics),
+    ));
+    repo.sweep_orphans(config.storage.orphan_grace.0).await?;
+    repo.init_metrics().await?;
+
+    let addr = config.listen_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let http_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let mut http_base = config.public_http_url()?;
+    if config.http.public_url.is_empty() && addr.port() == 0 {
+        http_base = format!("http://{http_addr}");
+    }
+    let state = AppState {
+        repo: Arc::clone(&repo),
+        metrics,
+        http_base: http_base.into(),
+    };
+    let app = http::router(state);
+    let shutdown = cancel.clone();
+    let http_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP listener failed");
+        }
+    });
+    tracing::info!(%http_addr, "HTTP listening");
+    let sweeper = tokio::spawn(retention::run(
+        Arc::clone(&repo),
+        config.retention.sweep_interval.0,
+        cancel.clone(),
+    ));
+    Ok(Running {
+        http_addr,
+        repo,
+        cancel,
+        tasks: vec![http_task, sweeper],
+        grace: config.http.shutdown_grace.0,
+    })
+}
