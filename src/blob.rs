@@ -80,7 +80,9 @@ impl BlobStore {
                     .with_allow_http(s3.allow_http);
                 if !s3.endpoint.is_empty() {
                     // S3-compatible servers (SeaweedFS, MinIO) want path-style requests.
-                    b = b.with_endpoint(&s3.endpoint).with_virtual_hosted_style_request(false);
+                    b = b
+                        .with_endpoint(&s3.endpoint)
+                        .with_virtual_hosted_style_request(false);
                 }
                 if !s3.access_key_id.is_empty() {
                     b = b
@@ -262,7 +264,8 @@ mod tests {
     #[tokio::test]
     async fn write_read_ranges_and_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(&BlobBackend::File(dir.path().into()), &S3Config::default()).unwrap();
+        let store =
+            BlobStore::open(&BlobBackend::File(dir.path().into()), &S3Config::default()).unwrap();
         let key = BlobStore::new_key("x");
         let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
         let mut w = store.writer(&key).await.unwrap();
@@ -270,7 +273,13 @@ mod tests {
             w.write(Bytes::copy_from_slice(chunk)).await.unwrap();
         }
         w.finish().await.unwrap();
-        let got: Vec<Bytes> = store.read(&key, 10..600_010).await.unwrap().try_collect().await.unwrap();
+        let got: Vec<Bytes> = store
+            .read(&key, 10..600_010)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
         assert_eq!(got.concat(), &data[10..600_010]);
         assert!(store.exists(&key).await.unwrap());
         store.delete(&key).await.unwrap();

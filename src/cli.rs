@@ -9,7 +9,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 
 #[derive(Parser)]
-#[command(name = "fwrepo", version, about = "Firmware repository and FOTA service")]
+#[command(
+    name = "fwrepo",
+    version,
+    about = "Firmware repository and FOTA service"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,8 +58,14 @@ impl Layers {
         let flags = [
             ("http.listen", self.listen.clone()),
             ("http.public_url", self.public_url.clone()),
-            ("storage.root", self.storage.as_ref().map(|p| p.display().to_string())),
-            ("keys.dir", self.keys.as_ref().map(|p| p.display().to_string())),
+            (
+                "storage.root",
+                self.storage.as_ref().map(|p| p.display().to_string()),
+            ),
+            (
+                "keys.dir",
+                self.keys.as_ref().map(|p| p.display().to_string()),
+            ),
         ];
         for (key, value) in flags {
             if let Some(v) = value {
@@ -73,7 +83,8 @@ pub fn main() -> ExitCode {
         Command::Serve(layers) => layers.load().and_then(serve),
         Command::Keygen(layers) => layers.load().and_then(|c| {
             let path = crate::keys::generate(&c.keys.dir).map_err(|e| e.to_string())?;
-            let ring = crate::keys::KeyRing::load_or_create(&c.keys.dir, "").map_err(|e| e.to_string())?;
+            let ring =
+                crate::keys::KeyRing::load_or_create(&c.keys.dir, "").map_err(|e| e.to_string())?;
             let key = ring
                 .all()
                 .iter()
@@ -102,8 +113,11 @@ pub fn main() -> ExitCode {
 
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if config.log.format == "json" {
         builder.json().try_init()
     } else {

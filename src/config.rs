@@ -47,7 +47,9 @@ impl Serialize for Dur {
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -216,19 +218,28 @@ impl Config {
                 path: path.to_owned(),
                 source,
             })?;
-            let layer: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-                ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: e.message().to_owned(),
-                }
-            })?;
+            let layer: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: e.message().to_owned(),
+                    })?;
             let origin = path.display().to_string();
             for (section, values) in layer {
                 let Some(values) = values.as_table() else {
-                    return Err(ConfigError::UnknownKey { origin, key: section });
+                    return Err(ConfigError::UnknownKey {
+                        origin,
+                        key: section,
+                    });
                 };
                 for (key, value) in values {
-                    set_key(&mut table, &origin, &format!("{section}.{key}"), Some(value.clone()), None)?;
+                    set_key(
+                        &mut table,
+                        &origin,
+                        &format!("{section}.{key}"),
+                        Some(value.clone()),
+                        None,
+                    )?;
                 }
             }
         }
@@ -285,7 +296,10 @@ impl Config {
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.http.listen.parse().map_err(|_| {
-            ConfigError::Invalid(format!("http.listen {:?} is not host:port", self.http.listen))
+            ConfigError::Invalid(format!(
+                "http.listen {:?} is not host:port",
+                self.http.listen
+            ))
         })
     }
 
@@ -314,7 +328,9 @@ impl Config {
         if let Some(path) = spec.strip_prefix("file:") {
             let path = path.strip_prefix("//").unwrap_or(path);
             if path.is_empty() {
-                return Err(ConfigError::Invalid("storage.blobs file: needs a path".into()));
+                return Err(ConfigError::Invalid(
+                    "storage.blobs file: needs a path".into(),
+                ));
             }
             return Ok(BlobBackend::File(PathBuf::from(path)));
         }
@@ -324,7 +340,9 @@ impl Config {
         if let Some(rest) = spec.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(ConfigError::Invalid("storage.blobs s3:// needs a bucket".into()));
+                return Err(ConfigError::Invalid(
+                    "storage.blobs s3:// needs a bucket".into(),
+                ));
             }
             return Ok(BlobBackend::S3 {
                 bucket: bucket.to_owned(),
@@ -355,7 +373,10 @@ fn env_key(table: &toml::Table, var: &str) -> Option<String> {
     let rest = var.strip_prefix("FWREPO_")?.to_ascii_lowercase();
     table.iter().find_map(|(section, values)| {
         let key = rest.strip_prefix(&format!("{section}_"))?;
-        values.as_table()?.contains_key(key).then(|| format!("{section}.{key}"))
+        values
+            .as_table()?
+            .contains_key(key)
+            .then(|| format!("{section}.{key}"))
     })
 }
 
@@ -387,9 +408,11 @@ fn set_key(
         (toml::Value::String(_), Some(v @ toml::Value::String(_)), _) => v,
         (toml::Value::String(_), None, Some(t)) => toml::Value::String(t.to_owned()),
         (toml::Value::Integer(_), Some(v @ toml::Value::Integer(_)), _) => v,
-        (toml::Value::Integer(_), None, Some(t)) => {
-            toml::Value::Integer(t.trim().parse().map_err(|_| bad("an integer", t.to_owned()))?)
-        }
+        (toml::Value::Integer(_), None, Some(t)) => toml::Value::Integer(
+            t.trim()
+                .parse()
+                .map_err(|_| bad("an integer", t.to_owned()))?,
+        ),
         (toml::Value::Boolean(_), Some(v @ toml::Value::Boolean(_)), _) => v,
         (toml::Value::Boolean(_), None, Some(t)) => match t.trim() {
             "true" | "1" | "yes" => toml::Value::Boolean(true),
@@ -417,7 +440,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -431,7 +457,11 @@ mod tests {
         .unwrap();
         let c = Config::load(
             Some(&file),
-            env(&[("FWREPO_HTTP_MAX_UPLOAD_SIZE", "20"), ("FWREPO_KEYS_ACTIVE", "env"), ("PATH", "/bin")]),
+            env(&[
+                ("FWREPO_HTTP_MAX_UPLOAD_SIZE", "20"),
+                ("FWREPO_KEYS_ACTIVE", "env"),
+                ("PATH", "/bin"),
+            ]),
             &["keys.active=flag".into()],
         )
         .unwrap();
@@ -445,7 +475,8 @@ mod tests {
     fn bad_layers_are_named() {
         let e = Config::load(None, env(&[("FWREPO_HTTP_NOPE", "1")]), &[]).unwrap_err();
         assert!(e.to_string().contains("FWREPO_HTTP_NOPE"), "{e}");
-        let e = Config::load(None, env(&[("FWREPO_HTTP_MAX_UPLOAD_SIZE", "big")]), &[]).unwrap_err();
+        let e =
+            Config::load(None, env(&[("FWREPO_HTTP_MAX_UPLOAD_SIZE", "big")]), &[]).unwrap_err();
         assert!(e.to_string().contains("integer"), "{e}");
         let e = Config::load(None, vec![], &["retention.sweep_interval=soon".into()]).unwrap_err();
         assert!(e.to_string().contains("duration"), "{e}");
@@ -456,11 +487,17 @@ mod tests {
     #[test]
     fn backends_by_url() {
         let mut c = Config::default();
-        assert_eq!(c.blob_backend().unwrap(), BlobBackend::File("storage/blobs".into()));
+        assert_eq!(
+            c.blob_backend().unwrap(),
+            BlobBackend::File("storage/blobs".into())
+        );
         c.storage.blobs = "s3://fw/prod/eu".into();
         assert_eq!(
             c.blob_backend().unwrap(),
-            BlobBackend::S3 { bucket: "fw".into(), prefix: "prod/eu".into() }
+            BlobBackend::S3 {
+                bucket: "fw".into(),
+                prefix: "prod/eu".into()
+            }
         );
         c.storage.blobs = "memory://".into();
         assert_eq!(c.blob_backend().unwrap(), BlobBackend::Memory);

@@ -28,7 +28,10 @@ pub enum FirmwareError {
     #[error(transparent)]
     Name(#[from] NameError),
     #[error("{field}: {message}")]
-    InvalidParameter { field: &'static str, message: String },
+    InvalidParameter {
+        field: &'static str,
+        message: String,
+    },
     #[error("firmware {0:?} not found")]
     NotFound(String),
     #[error("firmware {name:?} already holds different content (stored sha256 {stored}, uploaded sha256 {uploaded})")]
@@ -37,7 +40,9 @@ pub enum FirmwareError {
         stored: String,
         uploaded: String,
     },
-    #[error("upload does not match the expected digest (expected sha256 {expected}, received {actual})")]
+    #[error(
+        "upload does not match the expected digest (expected sha256 {expected}, received {actual})"
+    )]
     DigestMismatch { expected: String, actual: String },
     #[error("image exceeds the maximum size of {limit} bytes")]
     TooLarge { limit: u64 },
@@ -163,7 +168,11 @@ impl Repository {
     }
 
     /// Streams the bytes of `record` in `range`.
-    pub async fn read(&self, record: &FirmwareRecord, range: Range<u64>) -> Result<ByteStream, FirmwareError> {
+    pub async fn read(
+        &self,
+        record: &FirmwareRecord,
+        range: Range<u64>,
+    ) -> Result<ByteStream, FirmwareError> {
         match self.blobs.read(&record.blob_key, range).await {
             Ok(s) => Ok(s),
             Err(BlobError::Store(object_store::Error::NotFound { .. })) => {
@@ -186,7 +195,9 @@ impl Repository {
         E: std::fmt::Display,
     {
         if req.content_length.is_some_and(|n| n > self.max_size) {
-            return Err(FirmwareError::TooLarge { limit: self.max_size });
+            return Err(FirmwareError::TooLarge {
+                limit: self.max_size,
+            });
         }
         for (field, v) in [("description", &req.description), ("version", &req.version)] {
             if let Some(v) = v {
@@ -194,7 +205,11 @@ impl Repository {
             }
         }
         let now = now_ms();
-        let existing = self.meta.get(name.as_str()).await?.filter(|r| !r.is_expired(now));
+        let existing = self
+            .meta
+            .get(name.as_str())
+            .await?
+            .filter(|r| !r.is_expired(now));
         // A name that is taken only needs the digest of the new bytes, not a second copy.
         let key = BlobStore::new_key(name.as_str());
         let mut writer = match existing {
@@ -289,7 +304,9 @@ impl Repository {
             let chunk = chunk.map_err(|e| FirmwareError::Interrupted(e.to_string()))?;
             size += chunk.len() as u64;
             if size > self.max_size {
-                return Err(FirmwareError::TooLarge { limit: self.max_size });
+                return Err(FirmwareError::TooLarge {
+                    limit: self.max_size,
+                });
             }
             hasher.update(&chunk);
             if let Some(w) = writer.as_deref_mut() {
@@ -311,10 +328,17 @@ impl Repository {
             .then(|| page.last().map(|r| r.name.clone()))
             .flatten();
         let now = now_ms();
-        Ok((page.into_iter().filter(|r| !r.is_expired(now)).collect(), next))
+        Ok((
+            page.into_iter().filter(|r| !r.is_expired(now)).collect(),
+            next,
+        ))
     }
 
-    pub async fn change(&self, name: &FirmwareName, change: Change) -> Result<FirmwareRecord, FirmwareError> {
+    pub async fn change(
+        &self,
+        name: &FirmwareName,
+        change: Change,
+    ) -> Result<FirmwareRecord, FirmwareError> {
         let mut record = self.resolve(name).await?;
         if let Some(retention) = change.retention {
             record.retention_secs = retention.map(|d| d.as_secs());
@@ -401,13 +425,19 @@ impl Repository {
             }
         }
         if removed > 0 {
-            tracing::info!(removed, "removed unreferenced blobs left by interrupted uploads");
+            tracing::info!(
+                removed,
+                "removed unreferenced blobs left by interrupted uploads"
+            );
         }
         Ok(removed)
     }
 }
 
-fn same_or_conflict(existing: FirmwareRecord, digest_hex: String) -> Result<Ingested, FirmwareError> {
+fn same_or_conflict(
+    existing: FirmwareRecord,
+    digest_hex: String,
+) -> Result<Ingested, FirmwareError> {
     if existing.sha256 == digest_hex {
         Ok(Ingested::Existing(existing))
     } else {

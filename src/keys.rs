@@ -183,7 +183,8 @@ fn load_dir(dir: &Path) -> Result<Vec<KeyEntry>, KeyError> {
             return Err(KeyError::Permissions { path, mode });
         }
         let text = fs::read_to_string(&path).map_err(io)?;
-        let seed = parse_private_pem(&text).ok_or_else(|| KeyError::NotEd25519 { path: path.clone() })?;
+        let seed =
+            parse_private_pem(&text).ok_or_else(|| KeyError::NotEd25519 { path: path.clone() })?;
         let signing = SigningKey::from_bytes(&seed);
         keys.push(KeyEntry {
             id: key_id(&signing.verifying_key().to_bytes()),

@@ -37,7 +37,9 @@ impl Metrics {
     }
 
     pub fn firmware_removed(&self, size: u64) {
-        let _ = self.firmware_count.fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+        let _ = self
+            .firmware_count
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
         let _ = self
             .firmware_bytes
             .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(size)));
@@ -50,17 +52,44 @@ impl Metrics {
         let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         for ((route, status), n) in map.iter() {
             let route = route.replace('\\', "\\\\").replace('"', "\\\"");
-            let _ = writeln!(out, "fwrepo_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "fwrepo_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
         }
         drop(map);
         let gauges = [
-            ("fwrepo_bytes_served_total", "counter", "Firmware bytes sent to clients.", &self.bytes_served),
-            ("fwrepo_uploads_total", "counter", "Firmware images stored.", &self.uploads),
-            ("fwrepo_firmware_count", "gauge", "Firmware images held.", &self.firmware_count),
-            ("fwrepo_firmware_bytes", "gauge", "Bytes of firmware held.", &self.firmware_bytes),
+            (
+                "fwrepo_bytes_served_total",
+                "counter",
+                "Firmware bytes sent to clients.",
+                &self.bytes_served,
+            ),
+            (
+                "fwrepo_uploads_total",
+                "counter",
+                "Firmware images stored.",
+                &self.uploads,
+            ),
+            (
+                "fwrepo_firmware_count",
+                "gauge",
+                "Firmware images held.",
+                &self.firmware_count,
+            ),
+            (
+                "fwrepo_firmware_bytes",
+                "gauge",
+                "Bytes of firmware held.",
+                &self.firmware_bytes,
+            ),
         ];
         for (name, kind, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Relaxed)
+            );
         }
         out
     }

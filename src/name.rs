@@ -22,7 +22,9 @@ pub enum NameError {
     BadChar(char),
     #[error("firmware name must not be \".\" or \"..\"")]
     DotName,
-    #[error("invalid duration {0:?}: expected <integer><unit> with unit s, m, h, d or w (e.g. 30d)")]
+    #[error(
+        "invalid duration {0:?}: expected <integer><unit> with unit s, m, h, d or w (e.g. 30d)"
+    )]
     BadDuration(String),
     #[error("duration {0:?} is longer than 100 years")]
     DurationTooLong(String),
@@ -129,14 +131,20 @@ mod tests {
         assert_eq!(FirmwareName::parse("a b"), Err(NameError::BadChar(' ')));
         assert_eq!(FirmwareName::parse("é"), Err(NameError::BadChar('é')));
         assert!(FirmwareName::parse(&"x".repeat(128)).is_ok());
-        assert_eq!(FirmwareName::parse(&"x".repeat(129)), Err(NameError::TooLong(129)));
+        assert_eq!(
+            FirmwareName::parse(&"x".repeat(129)),
+            Err(NameError::TooLong(129))
+        );
     }
 
     #[test]
     fn durations() {
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
         assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("2w").unwrap(), Duration::from_secs(1_209_600));
+        assert_eq!(
+            parse_duration("2w").unwrap(),
+            Duration::from_secs(1_209_600)
+        );
         for bad in ["", "s", "10", "1x", "-1s", "1.5h", " 1s", "1sec", "1é"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
@@ -144,7 +152,10 @@ mod tests {
             parse_duration("99999999999999999999s"),
             Err(NameError::DurationTooLong(_))
         ));
-        assert!(matches!(parse_duration("5300w"), Err(NameError::DurationTooLong(_))));
+        assert!(matches!(
+            parse_duration("5300w"),
+            Err(NameError::DurationTooLong(_))
+        ));
         assert_eq!(format_duration(Duration::from_secs(604_800)), "1w");
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
         assert_eq!(format_duration(Duration::from_secs(0)), "0s");

@@ -57,7 +57,11 @@ impl Running {
     /// period and is then cut off.
     pub async fn wait(self) {
         let Running {
-            cancel, tasks, grace, repo, ..
+            cancel,
+            tasks,
+            grace,
+            repo,
+            ..
         } = self;
         drop(repo);
         let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
@@ -67,7 +71,10 @@ impl Running {
             _ = cancel.cancelled() => {}
         }
         if tokio::time::timeout(grace, &mut all).await.is_err() {
-            tracing::warn!(?grace, "in-flight requests did not finish in time; closing them");
+            tracing::warn!(
+                ?grace,
+                "in-flight requests did not finish in time; closing them"
+            );
             aborts.iter().for_each(|a| a.abort());
             all.await;
         }
@@ -97,7 +104,9 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
-    let http_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
     let mut http_base = config.public_http_url()?;
     if config.http.public_url.is_empty() && addr.port() == 0 {
         http_base = format!("http://{http_addr}");

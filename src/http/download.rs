@@ -41,9 +41,10 @@ impl Validators {
 
     /// `If-None-Match` uses the weak comparison: `W/"x"` matches `"x"`.
     fn none_match(&self, header: &str) -> bool {
-        header.split(',').map(str::trim).any(|t| {
-            t == "*" || t.strip_prefix("W/").unwrap_or(t) == self.etag
-        })
+        header
+            .split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == self.etag)
     }
 
     /// `If-Range` uses the strong comparison, or an exact date equal to Last-Modified.
@@ -84,7 +85,9 @@ pub async fn content(
 
     let not_modified = match header_str(&headers, header::IF_NONE_MATCH) {
         Some(inm) => v.none_match(inm),
-        None => header_str(&headers, header::IF_MODIFIED_SINCE).is_some_and(|s| v.not_modified_since(s)),
+        None => {
+            header_str(&headers, header::IF_MODIFIED_SINCE).is_some_and(|s| v.not_modified_since(s))
+        }
     };
     if not_modified {
         return Ok((StatusCode::NOT_MODIFIED, base).into_response());
@@ -101,7 +104,11 @@ pub async fn content(
     match range::parse(range_header, size) {
         Ranges::Whole => {
             base.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-            let body = if head { Body::empty() } else { body_of(&app, &record, 0..size).await? };
+            let body = if head {
+                Body::empty()
+            } else {
+                body_of(&app, &record, 0..size).await?
+            };
             Ok((StatusCode::OK, base, body).into_response())
         }
         Ranges::Unsatisfiable => {
@@ -111,8 +118,10 @@ pub async fn content(
                 format!("no requested range overlaps the {size} bytes of {name}"),
             )
             .into_response();
-            resp.headers_mut().insert(header::CONTENT_RANGE, hv(&format!("bytes */{size}")));
-            resp.headers_mut().insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            resp.headers_mut()
+                .insert(header::CONTENT_RANGE, hv(&format!("bytes */{size}")));
+            resp.headers_mut()
+                .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
             Ok(resp)
         }
         Ranges::Parts(parts) if parts.len() == 1 => {
@@ -130,7 +139,11 @@ fn content_range(r: &Range<u64>, size: u64) -> String {
     format!("bytes {}-{}/{size}", r.start, r.end - 1)
 }
 
-async fn body_of(app: &AppState, record: &FirmwareRecord, r: Range<u64>) -> Result<Body, FirmwareError> {
+async fn body_of(
+    app: &AppState,
+    record: &FirmwareRecord,
+    r: Range<u64>,
+) -> Result<Body, FirmwareError> {
     let s = app.repo.read(record, r).await?;
     Ok(Body::from_stream(counted(s, Arc::clone(&app.metrics))))
 }
@@ -143,7 +156,12 @@ where
 }
 
 /// `multipart/byteranges` (RFC 9110 §14.6): each part opened only when the previous is sent.
-fn multipart(app: &AppState, record: FirmwareRecord, parts: Vec<Range<u64>>, mut headers: HeaderMap) -> Response {
+fn multipart(
+    app: &AppState,
+    record: FirmwareRecord,
+    parts: Vec<Range<u64>>,
+    mut headers: HeaderMap,
+) -> Response {
     let mut id = [0u8; 12];
     getrandom::fill(&mut id).expect("system random source");
     let boundary = format!("fwrepo-{}", hex::encode(id));
@@ -163,7 +181,8 @@ fn multipart(app: &AppState, record: FirmwareRecord, parts: Vec<Range<u64>>, mut
         + tail.len() as u64;
     headers.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_str(&format!("multipart/byteranges; boundary={boundary}")).expect("ascii"),
+        HeaderValue::from_str(&format!("multipart/byteranges; boundary={boundary}"))
+            .expect("ascii"),
     );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     let repo: Arc<Repository> = Arc::clone(&app.repo);

@@ -70,7 +70,9 @@ pub fn view(app: &AppState, r: &FirmwareRecord) -> FirmwareView {
         version: r.version.clone(),
         created_at: rfc3339(r.created_at_ms),
         expires_at: r.expires_at_ms.map(rfc3339),
-        retention: r.retention_secs.map(|s| format_duration(std::time::Duration::from_secs(s))),
+        retention: r
+            .retention_secs
+            .map(|s| format_duration(std::time::Duration::from_secs(s))),
         signature: SignatureView {
             alg: "ed25519",
             key_id: r.signature_key_id.clone(),
@@ -112,7 +114,10 @@ pub async fn upload(
         .map(|s| {
             let mut d = [0u8; 32];
             hex::decode_to_slice(s, &mut d).map(|_| d).map_err(|_| {
-                ApiError::bad_request("invalid-parameter", "sha256: expected 64 hexadecimal digits")
+                ApiError::bad_request(
+                    "invalid-parameter",
+                    "sha256: expected 64 hexadecimal digits",
+                )
             })
         })
         .transpose()?;
@@ -123,7 +128,12 @@ pub async fn upload(
                 .to_str()
                 .ok()
                 .and_then(|s| s.parse::<mime::Mime>().ok())
-                .ok_or_else(|| ApiError::bad_request("invalid-content-type", "Content-Type is not a media type"))?;
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid-content-type",
+                        "Content-Type is not a media type",
+                    )
+                })?;
             // curl -d sends this by default; it never describes a firmware image.
             (ct != mime::APPLICATION_WWW_FORM_URLENCODED).then(|| ct.to_string())
         }
@@ -152,22 +162,35 @@ pub async fn upload(
     })
 }
 
-pub async fn resolve(State(app): State<AppState>, Path(name): Path<String>) -> Result<Json<FirmwareView>, ApiError> {
+pub async fn resolve(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<FirmwareView>, ApiError> {
     let name = parse_name(&name)?;
     let record = app.repo.resolve(&name).await?;
     Ok(Json(view(&app, &record)))
 }
 
-pub async fn signature(State(app): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub async fn signature(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     let record = app.repo.resolve(&name).await?;
     let raw = B64.decode(&record.signature).map_err(|_| {
-        ApiError::new(crate::error::Kind::Internal, "internal", "stored signature is corrupt")
+        ApiError::new(
+            crate::error::Kind::Internal,
+            "internal",
+            "stored signature is corrupt",
+        )
     })?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (header::HeaderName::from_static("fwrepo-key-id"), record.signature_key_id),
+            (
+                header::HeaderName::from_static("fwrepo-key-id"),
+                record.signature_key_id,
+            ),
         ],
         raw,
     )
@@ -250,7 +273,10 @@ pub async fn change(
     Ok(Json(view(&app, &record)))
 }
 
-pub async fn delete(State(app): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let name = parse_name(&name)?;
     app.repo.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)

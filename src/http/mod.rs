@@ -88,13 +88,21 @@ pub fn router(state: AppState) -> Router {
         .router
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(crate::error::Kind::MethodNotAllowed, "method-not-allowed", "method not allowed on this resource")
+            ApiError::new(
+                crate::error::Kind::MethodNotAllowed,
+                "method-not-allowed",
+                "method not allowed on this resource",
+            )
         })
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
-            ApiError::new(crate::error::Kind::Internal, "internal", "internal error").into_response()
+            ApiError::new(crate::error::Kind::Internal, "internal", "internal error")
+                .into_response()
         }))
         .with_state(state)
 }

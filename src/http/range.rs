@@ -86,13 +86,29 @@ mod tests {
         assert_eq!(p("bytes=-0"), Ranges::Unsatisfiable);
         assert_eq!(p("bytes=2000-3000, 1000-"), Ranges::Unsatisfiable);
         assert_eq!(p("bytes=2000-3000, 5-9"), Ranges::Parts(vec![5..10]));
-        for bad in ["bytes=5-1", "bytes=a-b", "items=0-1", "bytes=1", "bytes=--1", "bytes=+1-2"] {
+        for bad in [
+            "bytes=5-1",
+            "bytes=a-b",
+            "items=0-1",
+            "bytes=1",
+            "bytes=--1",
+            "bytes=+1-2",
+        ] {
             assert_eq!(p(bad), Ranges::Whole, "{bad}");
         }
         assert_eq!(parse(None, 10), Ranges::Whole);
         assert_eq!(parse(Some("bytes=0-"), 0), Ranges::Unsatisfiable);
-        let many = format!("bytes={}", (0..17).map(|i| format!("{i}-{i}")).collect::<Vec<_>>().join(","));
+        let many = format!(
+            "bytes={}",
+            (0..17)
+                .map(|i| format!("{i}-{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         assert_eq!(p(&many), Ranges::Whole);
-        assert_eq!(p("bytes=18446744073709551615-18446744073709551615"), Ranges::Unsatisfiable);
+        assert_eq!(
+            p("bytes=18446744073709551615-18446744073709551615"),
+            Ranges::Unsatisfiable
+        );
     }
 }

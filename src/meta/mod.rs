@@ -52,7 +52,10 @@ pub trait FirmwareCatalog: Send + Sync {
     async fn get(&self, name: &str) -> Result<Option<FirmwareRecord>, MetaError>;
     /// Stores `record` unless its name is taken; returns the holder of the name otherwise.
     /// The record is durable when this returns `Ok(None)`.
-    async fn insert_new(&self, record: &FirmwareRecord) -> Result<Option<FirmwareRecord>, MetaError>;
+    async fn insert_new(
+        &self,
+        record: &FirmwareRecord,
+    ) -> Result<Option<FirmwareRecord>, MetaError>;
     /// Replaces the record with the same name and blob; `false` if there is none.
     async fn update(&self, record: &FirmwareRecord) -> Result<bool, MetaError>;
     /// Removes the record of `name` if it still points at `blob_key`.
@@ -113,19 +116,28 @@ pub(crate) mod suite {
         assert_eq!(store.get("a").await.unwrap(), None);
         let a = record("a", "b1", Some(5000));
         assert_eq!(store.insert_new(&a).await.unwrap(), None);
-        assert_eq!(store.insert_new(&record("a", "b2", None)).await.unwrap(), Some(a.clone()));
+        assert_eq!(
+            store.insert_new(&record("a", "b2", None)).await.unwrap(),
+            Some(a.clone())
+        );
         assert_eq!(store.get("a").await.unwrap(), Some(a.clone()));
         for n in ["ab", "b", "aa"] {
             store.insert_new(&record(n, n, Some(3000))).await.unwrap();
         }
         let names = |v: Vec<FirmwareRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
-        assert_eq!(names(store.list("a", None, 10).await.unwrap()), ["a", "aa", "ab"]);
+        assert_eq!(
+            names(store.list("a", None, 10).await.unwrap()),
+            ["a", "aa", "ab"]
+        );
         assert_eq!(names(store.list("a", Some("a"), 1).await.unwrap()), ["aa"]);
         assert_eq!(names(store.list("", Some("ab"), 10).await.unwrap()), ["b"]);
         assert_eq!(store.totals().await.unwrap(), (4, 40));
 
         assert_eq!(store.next_expiry().await.unwrap(), Some(3000));
-        assert_eq!(names(store.expired(2999, 10).await.unwrap()), Vec::<String>::new());
+        assert_eq!(
+            names(store.expired(2999, 10).await.unwrap()),
+            Vec::<String>::new()
+        );
         let mut due = names(store.expired(3000, 10).await.unwrap());
         due.sort();
         assert_eq!(due, ["aa", "ab", "b"]);
@@ -138,7 +150,10 @@ pub(crate) mod suite {
         a2.expires_at_ms = None;
         assert!(store.update(&a2).await.unwrap());
         assert_eq!(store.next_expiry().await.unwrap(), Some(3000));
-        assert!(!store.update(&record("a", "other-blob", None)).await.unwrap());
+        assert!(!store
+            .update(&record("a", "other-blob", None))
+            .await
+            .unwrap());
 
         assert!(!store.remove("aa", "wrong-blob").await.unwrap());
         assert!(store.remove("aa", "aa").await.unwrap());

@@ -42,9 +42,10 @@ fn expiry_of(key: &[u8]) -> i64 {
 impl SledStore {
     pub async fn open(path: PathBuf) -> Result<SledStore, MetaError> {
         tokio::task::spawn_blocking(move || {
-            let db = sled::Config::new().path(&path).open().map_err(|e| {
-                MetaError::Backend(format!("{}: {e}", path.display()))
-            })?;
+            let db = sled::Config::new()
+                .path(&path)
+                .open()
+                .map_err(|e| MetaError::Backend(format!("{}: {e}", path.display())))?;
             Ok(SledStore {
                 firmware: db.open_tree("firmware").map_err(backend)?,
                 expiry: db.open_tree("expiry").map_err(backend)?,
@@ -60,7 +61,9 @@ impl SledStore {
         f: impl FnOnce(&SledStore) -> Result<T, MetaError> + Send + 'static,
     ) -> Result<T, MetaError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this)).await.map_err(backend)?
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(backend)?
     }
 
     async fn flush(&self) -> Result<(), MetaError> {
@@ -97,7 +100,10 @@ impl FirmwareCatalog for SledStore {
         .await
     }
 
-    async fn insert_new(&self, record: &FirmwareRecord) -> Result<Option<FirmwareRecord>, MetaError> {
+    async fn insert_new(
+        &self,
+        record: &FirmwareRecord,
+    ) -> Result<Option<FirmwareRecord>, MetaError> {
         let record = record.clone();
         let json = serde_json::to_vec(&record).map_err(backend)?;
         let existing = self
@@ -112,7 +118,9 @@ impl FirmwareCatalog for SledStore {
                     }
                     Ok(None)
                 })?;
-                existing.map(|v| decode(record.name.as_bytes(), &v)).transpose()
+                existing
+                    .map(|v| decode(record.name.as_bytes(), &v))
+                    .transpose()
             })
             .await?;
         if existing.is_none() {
@@ -229,8 +237,13 @@ impl FirmwareCatalog for SledStore {
 #[async_trait]
 impl ExpiryIndex for SledStore {
     async fn next_expiry(&self) -> Result<Option<i64>, MetaError> {
-        self.blocking(|s| Ok(s.expiry.first().map_err(backend)?.map(|(k, _)| expiry_of(&k))))
-            .await
+        self.blocking(|s| {
+            Ok(s.expiry
+                .first()
+                .map_err(backend)?
+                .map(|(k, _)| expiry_of(&k)))
+        })
+        .await
     }
 
     async fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<FirmwareRecord>, MetaError> {

@@ -1,0 +1,188 @@
+//! Test harness: a real fwrepo on 127.0.0.1 with an ephemeral port, in-process or as the
+//! built binary, over a temporary data directory.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fwrepo::config::Config;
+use fwrepo::server::{self, Running};
+use tokio_util::sync::CancellationToken;
+
+/// An in-process server.
+pub struct TestServer {
+    pub base: String,
+    pub root: PathBuf,
+    running: Option<Running>,
+}
+
+pub fn config(root: &Path, sets: &[&str]) -> Config {
+    let mut all = vec![
+        format!("storage.root={}", root.join("storage").display()),
+        format!("keys.dir={}", root.join("keys").display()),
+        "http.listen=127.0.0.1:0".to_owned(),
+        "http.shutdown_grace=5s".to_owned(),
+    ];
+    all.extend(sets.iter().map(|s| s.to_string()));
+    Config::load(None, Vec::new(), &all).expect("test config")
+}
+
+impl TestServer {
+    pub async fn start(root: &Path, sets: &[&str]) -> TestServer {
+        let running = server::start(&config(root, sets), CancellationToken::new())
+            .await
+            .expect("server starts");
+        TestServer {
+            base: format!("http://{}", running.http_addr),
+            root: root.to_owned(),
+            running: Some(running),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn stop(mut self) {
+        let running = self.running.take().expect("running");
+        running.shutdown();
+        running.wait().await;
+    }
+
+    /// Files under the blob store (published objects and staged uploads).
+    pub fn blob_files(&self) -> Vec<PathBuf> {
+        blob_files(&self.root)
+    }
+}
+
+pub fn blob_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.join("storage/blobs")];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// The fwrepo binary running as a child process; killed on drop.
+pub struct ServerProcess {
+    pub child: Child,
+    pub base: String,
+}
+
+impl ServerProcess {
+    pub fn start(root: &Path, sets: &[&str]) -> ServerProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fwrepo"));
+        cmd.arg("serve")
+            .arg("--storage")
+            .arg(root.join("storage"))
+            .arg("--keys")
+            .arg(root.join("keys"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for s in sets {
+            cmd.arg("--set").arg(s);
+        }
+        let mut child = cmd.spawn().expect("spawn fwrepo");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(i) = line.find("http_addr=") {
+                        let addr = line[i + 10..].split_whitespace().next().unwrap().to_owned();
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("fwrepo announced its address");
+        ServerProcess {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().build().unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn image(len: usize, seed: u8) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ seed as u32;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Whether a command is on PATH; under CI a missing tool is a failure, locally a loud skip.
+pub fn have_tool(name: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{name} is required under CI=true but is not installed");
+        }
+        eprintln!("SKIPPED: {name} is not installed; install it to run this test");
+    }
+    found
+}

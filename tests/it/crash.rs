@@ -1,0 +1,174 @@
+//! Interruptions: a client cut off mid-upload, the process killed mid-upload, and SIGTERM
+//! during a download. Nothing half-stored may become visible; committed firmware survives.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+
+use crate::common::{blob_files, client, image, sha256_hex, ServerProcess, TestServer};
+
+fn host_port(base: &str) -> String {
+    base.trim_start_matches("http://").to_owned()
+}
+
+fn send_partial_upload(base: &str, name: &str, declared: usize, sent: usize) -> TcpStream {
+    let mut s = TcpStream::connect(host_port(base)).unwrap();
+    write!(
+        s,
+        "PUT /v1/firmware/{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![0x5au8; 64 << 10];
+    let mut left = sent;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+    s.flush().unwrap();
+    s
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn upload_cut_off_half_way_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &[]).await;
+    let base = srv.base.clone();
+    let s =
+        tokio::task::spawn_blocking(move || send_partial_upload(&base, "cut", 12 << 20, 6 << 20))
+            .await
+            .unwrap();
+    // The server is holding a staged upload; then the link drops.
+    wait_until("a staged upload", || !srv.blob_files().is_empty()).await;
+    drop(s);
+    wait_until("the staged upload to be removed", || {
+        srv.blob_files().is_empty()
+    })
+    .await;
+    let r = client()
+        .get(srv.url("/v1/firmware/cut"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // The name is still free for a complete upload.
+    let r = client()
+        .put(srv.url("/v1/firmware/cut"))
+        .body("whole")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn killed_mid_upload_keeps_committed_and_sweeps_partial() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = image(3 << 20, 5);
+    let mut p = ServerProcess::start(dir.path(), &[]);
+    let c = client();
+    let r = c
+        .put(p.url("/v1/firmware/committed"))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let base = p.base.clone();
+    let s = tokio::task::spawn_blocking(move || {
+        send_partial_upload(&base, "partial", 40 << 20, 12 << 20)
+    })
+    .await
+    .unwrap();
+    let root = dir.path().to_owned();
+    wait_until("a staged upload beside the committed blob", || {
+        blob_files(&root).len() >= 2
+    })
+    .await;
+    p.kill(); // SIGKILL: no cleanup code runs.
+    drop(s);
+    assert!(
+        blob_files(dir.path()).len() >= 2,
+        "the crash left a staged file behind"
+    );
+
+    let p = ServerProcess::start(dir.path(), &[]);
+    assert_eq!(
+        blob_files(dir.path()).len(),
+        1,
+        "{:?}",
+        blob_files(dir.path())
+    );
+    assert_eq!(
+        c.get(p.url("/v1/firmware/partial"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    let got = c
+        .get(p.url("/fw/committed"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(sha256_hex(&got), sha256_hex(&data));
+}
+
+#[tokio::test]
+async fn sigterm_finishes_an_in_flight_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = image(8 << 20, 6);
+    let mut p = ServerProcess::start(dir.path(), &[]);
+    let r = client()
+        .put(p.url("/v1/firmware/big"))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let base = p.base.clone();
+    let expect = sha256_hex(&data);
+    let mut s = TcpStream::connect(host_port(&base)).unwrap();
+    write!(
+        s,
+        "GET /fw/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 4096];
+    let n = s.read(&mut first).unwrap();
+    assert!(n > 0);
+    let status = {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(p.child.id().to_string())
+            .status();
+        // Keep reading after the signal: the response must complete.
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        let mut all = first[..n].to_vec();
+        all.extend(rest);
+        let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(
+            sha256_hex(&all[split..]),
+            expect,
+            "download cut short by shutdown"
+        );
+        p.child.wait().unwrap()
+    };
+    assert!(status.success(), "exit status {status}");
+}

@@ -1,0 +1,275 @@
+//! Device downloads over HTTP: every range form, multipart, 416, If-Range, If-None-Match.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::common::{client, image, TestServer};
+
+const SIZE: usize = 300_000;
+
+async fn setup() -> (tempfile::TempDir, TestServer, Vec<u8>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &[]).await;
+    let data = image(SIZE, 7);
+    let resp = client()
+        .put(srv.url("/v1/firmware/dev.bin"))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let rec: Value = resp.json().await.unwrap();
+    let etag = format!("\"{}\"", rec["sha256"].as_str().unwrap());
+    (dir, srv, data, etag)
+}
+
+#[tokio::test]
+async fn whole_and_head_with_validators() {
+    let (_d, srv, data, etag) = setup().await;
+    let c = client();
+    for path in ["/fw/dev.bin", "/v1/firmware/dev.bin/content"] {
+        let resp = c.get(srv.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let h = resp.headers().clone();
+        assert_eq!(h["content-length"], SIZE.to_string().as_str());
+        assert_eq!(h["etag"], etag.as_str());
+        assert_eq!(h["accept-ranges"], "bytes");
+        assert_eq!(h["content-type"], "application/octet-stream");
+        assert!(httpdate::parse_http_date(h["last-modified"].to_str().unwrap()).is_ok());
+        assert_eq!(resp.bytes().await.unwrap(), data);
+
+        let resp = c.head(srv.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-length"], SIZE.to_string().as_str());
+        assert_eq!(resp.headers()["etag"], etag.as_str());
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn single_ranges() {
+    let (_d, srv, data, _) = setup().await;
+    let c = client();
+    let n = SIZE as u64;
+    for (spec, start, end) in [
+        ("bytes=0-99", 0, 100),
+        ("bytes=1000-1999", 1000, 2000),
+        ("bytes=299000-", 299_000, n),
+        ("bytes=-500", n - 500, n),
+        ("bytes=299990-400000", 299_990, n),
+    ] {
+        let resp = c
+            .get(srv.url("/fw/dev.bin"))
+            .header("range", spec)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT, "{spec}");
+        assert_eq!(
+            resp.headers()["content-range"],
+            format!("bytes {start}-{}/{n}", end - 1).as_str(),
+            "{spec}"
+        );
+        assert_eq!(
+            resp.headers()["content-length"],
+            (end - start).to_string().as_str()
+        );
+        assert_eq!(
+            resp.bytes().await.unwrap(),
+            data[start as usize..end as usize],
+            "{spec}"
+        );
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn resume_after_a_dropped_link() {
+    let (_d, srv, data, etag) = setup().await;
+    let c = client();
+    // The first attempt got 123457 bytes before the link dropped; the device resumes.
+    let resp = c
+        .get(srv.url("/fw/dev.bin"))
+        .header("range", "bytes=123457-")
+        .header("if-range", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    let mut got = data[..123_457].to_vec();
+    got.extend_from_slice(&resp.bytes().await.unwrap());
+    assert_eq!(got, data);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn multiple_ranges_are_multipart_byteranges() {
+    let (_d, srv, data, _) = setup().await;
+    let resp = client()
+        .get(srv.url("/fw/dev.bin"))
+        .header("range", "bytes=0-9, 100-199, -5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    let boundary = ct
+        .strip_prefix("multipart/byteranges; boundary=")
+        .expect(&ct)
+        .to_owned();
+    let declared: usize = resp.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(body.len(), declared);
+    // Parse the parts back.
+    let delim = format!("\r\n--{boundary}");
+    let text = body.as_ref();
+    let mut parts = Vec::new();
+    let mut rest = text;
+    loop {
+        let at = find(rest, delim.as_bytes()).expect("delimiter");
+        rest = &rest[at + delim.len()..];
+        if rest.starts_with(b"--") {
+            assert_eq!(&rest[2..], b"\r\n");
+            break;
+        }
+        let head_end = find(rest, b"\r\n\r\n").unwrap();
+        let head = std::str::from_utf8(&rest[..head_end]).unwrap().to_owned();
+        rest = &rest[head_end + 4..];
+        let next = find(rest, delim.as_bytes()).unwrap();
+        parts.push((head, rest[..next].to_vec()));
+        rest = &rest[next..];
+    }
+    let expect = [(0usize, 10usize), (100, 200), (SIZE - 5, SIZE)];
+    assert_eq!(parts.len(), 3);
+    for ((head, bytes), (a, b)) in parts.iter().zip(expect) {
+        assert!(
+            head.contains("Content-Type: application/octet-stream"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("Content-Range: bytes {a}-{}/{SIZE}", b - 1)),
+            "{head}"
+        );
+        assert_eq!(bytes, &data[a..b]);
+    }
+    srv.stop().await;
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[tokio::test]
+async fn unsatisfiable_range_is_416_and_malformed_is_ignored() {
+    let (_d, srv, data, _) = setup().await;
+    let c = client();
+    for spec in ["bytes=300000-", "bytes=400000-500000", "bytes=-0"] {
+        let resp = c
+            .get(srv.url("/fw/dev.bin"))
+            .header("range", spec)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{spec}");
+        assert_eq!(
+            resp.headers()["content-range"],
+            format!("bytes */{SIZE}").as_str()
+        );
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "range-not-satisfiable");
+    }
+    for spec in ["bytes=9-1", "lines=0-1", "bytes=x-"] {
+        let resp = c
+            .get(srv.url("/fw/dev.bin"))
+            .header("range", spec)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{spec}");
+        assert_eq!(resp.bytes().await.unwrap().len(), data.len());
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn if_range_and_if_none_match() {
+    let (_d, srv, _data, etag) = setup().await;
+    let c = client();
+    let get = |h: Vec<(&'static str, String)>| {
+        let mut rb = c.get(srv.url("/fw/dev.bin"));
+        for (k, v) in h {
+            rb = rb.header(k, v);
+        }
+        rb.send()
+    };
+    let r = get(vec![
+        ("range", "bytes=0-9".into()),
+        ("if-range", etag.clone()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    let stale = format!("\"{}\"", "0".repeat(64));
+    let r = get(vec![("range", "bytes=0-9".into()), ("if-range", stale)])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().len(), SIZE);
+    // A weak validator never satisfies If-Range.
+    let r = get(vec![
+        ("range", "bytes=0-9".into()),
+        ("if-range", format!("W/{etag}")),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Dates: the exact Last-Modified holds, an older one does not.
+    let lm = get(vec![]).await.unwrap().headers()["last-modified"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let r = get(vec![
+        ("range", "bytes=0-9".into()),
+        ("if-range", lm.clone()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    let r = get(vec![
+        ("range", "bytes=0-9".into()),
+        ("if-range", "Mon, 01 Jan 2001 00:00:00 GMT".into()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let r = get(vec![("if-none-match", etag.clone())]).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(r.headers()["etag"], etag.as_str());
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = get(vec![("if-none-match", format!("\"abc\", W/{etag}"))])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    let r = get(vec![("if-none-match", "\"abc\"".into())])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = get(vec![("if-modified-since", lm)]).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_firmware_is_404_json() {
+    let (_d, srv, _, _) = setup().await;
+    let r = client().get(srv.url("/fw/nope")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "firmware-not-found");
+    srv.stop().await;
+}

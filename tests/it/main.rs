@@ -1,0 +1,8 @@
+//! Integration tests: real fwrepo servers on 127.0.0.1 ephemeral ports.
+
+mod common;
+mod crash;
+mod download;
+mod lifecycle;
+mod spec;
+mod upload;
