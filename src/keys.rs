@@ -91,7 +91,7 @@ impl KeyRing {
             path: dir.to_owned(),
             source,
         };
-        fs::create_dir_all(dir).map_err(io)?;
+        create_private_dir(dir).map_err(io)?;
         let mut keys = load_dir(dir)?;
         if keys.is_empty() {
             let path = generate(dir)?;
@@ -143,7 +143,7 @@ pub fn generate(dir: &Path) -> Result<PathBuf, KeyError> {
         path: dir.to_owned(),
         source,
     };
-    fs::create_dir_all(dir).map_err(io)?;
+    create_private_dir(dir).map_err(io)?;
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
     let signing = SigningKey::from_bytes(&seed);
@@ -164,6 +164,18 @@ pub fn generate(dir: &Path) -> Result<PathBuf, KeyError> {
     fs::rename(&tmp, &path).map_err(io)?;
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     Ok(path)
+}
+
+/// Creates the key directory readable by its owner only; an existing one is left as it is.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn load_dir(dir: &Path) -> Result<Vec<KeyEntry>, KeyError> {
@@ -244,7 +256,12 @@ mod tests {
     #[test]
     fn created_key_round_trips_and_signs() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = KeyRing::load_or_create(dir.path(), "").unwrap();
+        let dir_path = dir.path().join("keys");
+        let ring = KeyRing::load_or_create(&dir_path, "").unwrap();
+        assert_eq!(
+            fs::metadata(&dir_path).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert_eq!(ring.all().len(), 1);
         let key = ring.active();
         let mode = fs::metadata(&key.path).unwrap().permissions().mode() & 0o777;
@@ -255,10 +272,10 @@ mod tests {
         key.verifying()
             .verify(&digest, &ed25519_dalek::Signature::from_bytes(&sig.value))
             .unwrap();
-        let again = KeyRing::load_or_create(dir.path(), &key.id).unwrap();
+        let again = KeyRing::load_or_create(&dir_path, &key.id).unwrap();
         assert_eq!(again.active().public_raw(), key.public_raw());
         assert!(matches!(
-            KeyRing::load_or_create(dir.path(), "0011223344556677"),
+            KeyRing::load_or_create(&dir_path, "0011223344556677"),
             Err(KeyError::UnknownActive(_))
         ));
     }

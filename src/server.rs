@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -116,6 +117,13 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
         metrics,
         http_base: http_base.into(),
     };
+    // Headers and a small body go out as separate writes; without TCP_NODELAY, Nagle holds
+    // the body back until the client's delayed ACK (~40 ms), which caps ranged reads.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let app = http::router(state);
     let shutdown = cancel.clone();
     let http_task = tokio::spawn(async move {
