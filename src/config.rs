@@ -62,6 +62,7 @@ pub struct Config {
     pub s3: S3Config,
     pub keys: KeysConfig,
     pub retention: RetentionConfig,
+    pub cache: CacheConfig,
     pub log: LogConfig,
 }
 
@@ -168,6 +169,24 @@ impl Default for RetentionConfig {
     fn default() -> Self {
         RetentionConfig {
             sweep_interval: Dur(Duration::from_secs(3600)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Memory for hot images served as slices (HTTP ranges, CoAP blocks); 0 turns it off.
+    pub max_bytes: u64,
+    /// Larger images are streamed from the store instead.
+    pub max_image: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: 256 << 20,
+            max_image: 64 << 20,
         }
     }
 }

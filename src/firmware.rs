@@ -2,9 +2,10 @@
 //! delete and expire images. Bytes live in the blob store, records in the metadata store;
 //! a record is written only after its blob is durable, so nothing is ever half-visible.
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -14,10 +15,18 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use crate::blob::{BlobError, BlobStore, ByteStream};
+use crate::cache::ImageCache;
 use crate::keys::KeyRing;
 use crate::meta::{FirmwareRecord, MetaError, MetaStore};
 use crate::metrics::Metrics;
 use crate::name::{FirmwareName, NameError};
+
+/// How long a resolved record is reused without asking the metadata store. Changes made
+/// through this process invalidate at once; the bound only matters for changes made by
+/// another instance sharing the store.
+const RECORD_TTL: Duration = Duration::from_secs(5);
+/// Records held at most; the map is cleared when full (hot names come back at once).
+const RECORD_CACHE_ENTRIES: usize = 10_000;
 
 /// Longest accepted description and version strings.
 pub const MAX_TEXT_LEN: usize = 1024;
@@ -105,6 +114,8 @@ pub struct Repository {
     keys: Arc<KeyRing>,
     max_size: u64,
     metrics: Arc<Metrics>,
+    images: ImageCache,
+    records: Mutex<HashMap<String, (Arc<FirmwareRecord>, Instant)>>,
     /// Woken when an expiry appears or moves, so the sweeper recomputes its timer.
     pub(crate) expiry_changed: Notify,
 }
@@ -133,6 +144,7 @@ impl Repository {
         keys: Arc<KeyRing>,
         max_size: u64,
         metrics: Arc<Metrics>,
+        images: ImageCache,
     ) -> Repository {
         Repository {
             meta,
@@ -140,8 +152,20 @@ impl Repository {
             keys,
             max_size,
             metrics,
+            images,
+            records: Mutex::new(HashMap::new()),
             expiry_changed: Notify::new(),
         }
+    }
+
+    fn records(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<FirmwareRecord>, Instant)>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forget(&self, name: &str) {
+        self.records().remove(name);
     }
 
     pub fn keys(&self) -> &KeyRing {
@@ -160,21 +184,68 @@ impl Repository {
     }
 
     /// A live (unexpired) record.
-    pub async fn resolve(&self, name: &FirmwareName) -> Result<FirmwareRecord, FirmwareError> {
-        match self.meta.get(name.as_str()).await? {
-            Some(r) if !r.is_expired(now_ms()) => Ok(r),
-            _ => Err(FirmwareError::NotFound(name.to_string())),
+    pub async fn resolve(&self, name: &FirmwareName) -> Result<Arc<FirmwareRecord>, FirmwareError> {
+        let cached = self
+            .records()
+            .get(name.as_str())
+            .filter(|(_, at)| at.elapsed() < RECORD_TTL)
+            .map(|(r, _)| Arc::clone(r));
+        let record = match cached {
+            Some(r) => r,
+            None => {
+                let r = self
+                    .meta
+                    .get(name.as_str())
+                    .await?
+                    .map(Arc::new)
+                    .ok_or_else(|| FirmwareError::NotFound(name.to_string()))?;
+                let mut records = self.records();
+                if records.len() >= RECORD_CACHE_ENTRIES {
+                    records.clear();
+                }
+                records.insert(name.to_string(), (Arc::clone(&r), Instant::now()));
+                r
+            }
+        };
+        if record.is_expired(now_ms()) {
+            return Err(FirmwareError::NotFound(name.to_string()));
         }
+        Ok(record)
     }
 
-    /// Streams the bytes of `record` in `range`.
+    /// The bytes of `record` in `range`: a slice of the cached image when it is hot and small
+    /// enough, else streamed from the blob store.
     pub async fn read(
         &self,
         record: &FirmwareRecord,
         range: Range<u64>,
     ) -> Result<ByteStream, FirmwareError> {
+        if self.images.admits(record.size) && range.end <= record.size {
+            if let Some(image) = self.read_cached(record).await? {
+                let slice = image.slice(range.start as usize..range.end as usize);
+                return Ok(futures_util::stream::once(async move { Ok(slice) }).boxed());
+            }
+        }
         match self.blobs.read(&record.blob_key, range).await {
             Ok(s) => Ok(s),
+            Err(BlobError::Store(object_store::Error::NotFound { .. })) => {
+                Err(FirmwareError::NotFound(record.name.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The whole image from the cache (loading it once), if it fits.
+    pub async fn read_cached(
+        &self,
+        record: &FirmwareRecord,
+    ) -> Result<Option<Bytes>, FirmwareError> {
+        match self
+            .images
+            .get(&self.blobs, &record.blob_key, record.size)
+            .await
+        {
+            Ok(b) => Ok(b),
             Err(BlobError::Store(object_store::Error::NotFound { .. })) => {
                 Err(FirmwareError::NotFound(record.name.clone()))
             }
@@ -269,6 +340,7 @@ impl Repository {
         }
         match self.meta.insert_new(&record).await {
             Ok(None) => {
+                self.forget(&record.name);
                 self.metrics.firmware_added(record.size);
                 if record.expires_at_ms.is_some() {
                     self.expiry_changed.notify_one();
@@ -339,7 +411,7 @@ impl Repository {
         name: &FirmwareName,
         change: Change,
     ) -> Result<FirmwareRecord, FirmwareError> {
-        let mut record = self.resolve(name).await?;
+        let mut record = FirmwareRecord::clone(&*self.resolve(name).await?);
         if let Some(retention) = change.retention {
             record.retention_secs = retention.map(|d| d.as_secs());
             record.expires_at_ms = record
@@ -352,7 +424,9 @@ impl Repository {
             }
             record.description = description;
         }
-        if !self.meta.update(&record).await? {
+        let updated = self.meta.update(&record).await?;
+        self.forget(name.as_str());
+        if !updated {
             return Err(FirmwareError::NotFound(name.to_string()));
         }
         self.expiry_changed.notify_one();
@@ -378,7 +452,10 @@ impl Repository {
     /// Record first (the image disappears at once), then the blob; a crash in between leaves
     /// an unreferenced blob for the start-up sweep.
     async fn remove_record(&self, record: &FirmwareRecord) -> Result<(), FirmwareError> {
-        if self.meta.remove(&record.name, &record.blob_key).await? {
+        let removed = self.meta.remove(&record.name, &record.blob_key).await?;
+        self.forget(&record.name);
+        self.images.remove(&record.blob_key);
+        if removed {
             self.metrics.firmware_removed(record.size);
         }
         self.blobs.delete(&record.blob_key).await?;

@@ -1,6 +1,7 @@
 //! fwrepo: a firmware artifact repository and FOTA service.
 
 pub mod blob;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;

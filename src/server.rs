@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::blob::{BlobError, BlobStore};
+use crate::cache::ImageCache;
 use crate::config::{Config, ConfigError};
 use crate::firmware::{FirmwareError, Repository};
 use crate::http::{self, AppState};
@@ -97,6 +98,7 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
         Arc::new(keys),
         config.http.max_upload_size,
         Arc::clone(&metrics),
+        ImageCache::new(config.cache.max_bytes, config.cache.max_image),
     ));
     repo.sweep_orphans(config.storage.orphan_grace.0).await?;
     repo.init_metrics().await?;

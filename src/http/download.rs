@@ -158,7 +158,7 @@ where
 /// `multipart/byteranges` (RFC 9110 §14.6): each part opened only when the previous is sent.
 fn multipart(
     app: &AppState,
-    record: FirmwareRecord,
+    record: Arc<FirmwareRecord>,
     parts: Vec<Range<u64>>,
     mut headers: HeaderMap,
 ) -> Response {
@@ -186,7 +186,6 @@ fn multipart(
     );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     let repo: Arc<Repository> = Arc::clone(&app.repo);
-    let record = Arc::new(record);
     let body = stream::iter(parts.into_iter().zip(part_heads))
         .then(move |(r, head)| {
             let (repo, record) = (Arc::clone(&repo), Arc::clone(&record));

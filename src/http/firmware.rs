@@ -189,7 +189,7 @@ pub async fn signature(
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
             (
                 header::HeaderName::from_static("fwrepo-key-id"),
-                record.signature_key_id,
+                record.signature_key_id.clone(),
             ),
         ],
         raw,

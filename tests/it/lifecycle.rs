@@ -251,6 +251,17 @@ async fn list_change_and_delete() {
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 
     assert_eq!(srv.blob_files().len(), 4);
+    // Warm the record and image caches; deleting must make both forget at once.
+    assert_eq!(
+        c.get(srv.url("/fw/a-2"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "a-2"
+    );
     assert_eq!(
         c.delete(srv.url("/v1/firmware/a-2"))
             .send()
@@ -268,6 +279,10 @@ async fn list_change_and_delete() {
         StatusCode::NOT_FOUND
     );
     assert_eq!(
+        c.get(srv.url("/fw/a-2")).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
         c.delete(srv.url("/v1/firmware/a-2"))
             .send()
             .await
@@ -276,6 +291,24 @@ async fn list_change_and_delete() {
         StatusCode::NOT_FOUND
     );
     assert_eq!(srv.blob_files().len(), 3);
+    // The freed name takes new content, and devices get the new bytes.
+    let r = c
+        .put(srv.url("/v1/firmware/a-2"))
+        .body("second")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        c.get(srv.url("/fw/a-2"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "second"
+    );
     srv.stop().await;
 }
 
