@@ -4,6 +4,7 @@
 //! a thousand devices asking at once read the image once.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -52,12 +53,25 @@ impl ImageCache {
         if !self.admits(size) {
             return Ok(None);
         }
-        let entry = self.entry(key, size);
+        self.get_range(blobs, key, 0..size).await.map(Some)
+    }
+
+    /// `range` of the blob at `key`, loaded once and kept as one entry. Callers keep ranges
+    /// aligned (whole images, or fixed read-ahead chunks) so entries are reused.
+    pub async fn get_range(
+        &self,
+        blobs: &BlobStore,
+        key: &str,
+        range: Range<u64>,
+    ) -> Result<Bytes, BlobError> {
+        let size = range.end - range.start;
+        let cache_key = format!("{key}@{}", range.start);
+        let entry = self.entry(&cache_key, size);
         let bytes = entry
             .cell
             .get_or_try_init(|| async {
                 let mut buf = BytesMut::with_capacity(size as usize);
-                let mut stream = blobs.read(key, 0..size).await?;
+                let mut stream = blobs.read(key, range).await?;
                 while let Some(chunk) = stream.try_next().await? {
                     buf.extend_from_slice(&chunk);
                 }
@@ -65,17 +79,18 @@ impl ImageCache {
             })
             .await;
         match bytes {
-            Ok(b) => Ok(Some(b.clone())),
+            Ok(b) => Ok(b.clone()),
             Err(e) => {
-                self.remove(key);
+                self.lock().remove(&cache_key);
                 Err(e)
             }
         }
     }
 
-    /// Drops an image (deleted or expired).
+    /// Drops everything cached of a blob (deleted or expired).
     pub fn remove(&self, key: &str) {
-        self.lock().remove(key);
+        let prefix = format!("{key}@");
+        self.lock().retain(|k, _| !k.starts_with(&prefix));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
@@ -149,12 +164,17 @@ mod tests {
         assert_eq!(cache.held_bytes(), 800);
         let keys: Vec<String> = cache.lock().keys().cloned().collect();
         assert!(
-            keys.contains(&"a".to_owned()) && keys.contains(&"c".to_owned()),
+            keys.contains(&"a@0".to_owned()) && keys.contains(&"c@0".to_owned()),
             "{keys:?}"
         );
+        cache.remove("a");
+        assert_eq!(cache.held_bytes(), 400);
+        // A chunk of an image too large to cache whole.
+        let part = cache.get_range(&store, "big", 1000..1500).await.unwrap();
+        assert_eq!(&part[..], &[b'b'; 500][..]);
         assert!(cache.get(&store, "big", 2000).await.unwrap().is_none());
         assert!(cache.get(&store, "missing", 10).await.is_err());
-        assert!(!cache.lock().contains_key("missing"));
+        assert!(!cache.lock().contains_key("missing@0"));
         let off = ImageCache::new(0, 0);
         assert!(off.get(&store, "a", 400).await.unwrap().is_none());
     }

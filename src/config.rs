@@ -63,6 +63,7 @@ pub struct Config {
     pub keys: KeysConfig,
     pub retention: RetentionConfig,
     pub cache: CacheConfig,
+    pub coap: CoapConfig,
     pub log: LogConfig,
 }
 
@@ -193,6 +194,53 @@ impl Default for CacheConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct CoapConfig {
+    /// CoAP over TCP (RFC 8323) listener; empty turns it off.
+    pub tcp_listen: String,
+    /// CoAP over UDP (RFC 7252) listener; empty turns it off.
+    pub udp_listen: String,
+    /// CoAP over TLS listener; on only when tls_cert and tls_key are set.
+    pub tls_listen: String,
+    /// PEM certificate chain for coaps+tcp.
+    pub tls_cert: String,
+    /// PEM private key for coaps+tcp.
+    pub tls_key: String,
+    /// Bases of the URIs handed to devices; empty means scheme://<listen address>.
+    pub public_tcp_url: String,
+    pub public_udp_url: String,
+    pub public_tls_url: String,
+    /// TCP and TLS connections at most; more are answered with an Abort.
+    pub max_connections: u64,
+    /// A connection silent this long is released.
+    pub idle_timeout: Dur,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        CoapConfig {
+            tcp_listen: "127.0.0.1:5683".into(),
+            udp_listen: "127.0.0.1:5683".into(),
+            tls_listen: "127.0.0.1:5684".into(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            public_tcp_url: String::new(),
+            public_udp_url: String::new(),
+            public_tls_url: String::new(),
+            max_connections: 10_000,
+            idle_timeout: Dur(Duration::from_secs(300)),
+        }
+    }
+}
+
+impl CoapConfig {
+    /// Whether coaps+tcp is configured.
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_listen.is_empty() && !self.tls_cert.is_empty() && !self.tls_key.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: String,
@@ -301,6 +349,34 @@ impl Config {
                 "http.public_url is {} characters; download URIs would reach {longest} of the 255 an LwM2M Package URI holds",
                 base.len()
             )));
+        }
+        for (key, listen) in [
+            ("coap.tcp_listen", &self.coap.tcp_listen),
+            ("coap.udp_listen", &self.coap.udp_listen),
+            ("coap.tls_listen", &self.coap.tls_listen),
+        ] {
+            if !listen.is_empty() && listen.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} {listen:?} is not host:port"
+                )));
+            }
+        }
+        if self.coap.tls_cert.is_empty() != self.coap.tls_key.is_empty() {
+            return Err(ConfigError::Invalid(
+                "coap.tls_cert and coap.tls_key go together".into(),
+            ));
+        }
+        for (key, url) in [
+            ("coap.public_tcp_url", &self.coap.public_tcp_url),
+            ("coap.public_udp_url", &self.coap.public_udp_url),
+            ("coap.public_tls_url", &self.coap.public_tls_url),
+        ] {
+            if url.len() + "/fw/".len() + crate::name::MAX_NAME_LEN > 255 {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} is {} characters; URIs must fit the 255 of an LwM2M Package URI",
+                    url.len()
+                )));
+            }
         }
         self.blob_backend()?;
         self.meta_backend()?;

@@ -1,5 +1,5 @@
 //! The one place where a domain failure becomes a protocol status: every module's error
-//! names a `Kind`, and the kind maps to an HTTP status here (and to a CoAP code later).
+//! names a `Kind`, and the kind maps to an HTTP status and to a CoAP code here.
 
 use axum::http::StatusCode;
 
@@ -27,6 +27,21 @@ impl Kind {
             Kind::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The CoAP response code (RFC 7252 §12.1.2) as class.detail in one byte.
+    pub fn coap_code(self) -> u8 {
+        use crate::coap::msg::code;
+        match self {
+            Kind::BadRequest => code(4, 0),
+            Kind::NotFound => code(4, 4),
+            Kind::MethodNotAllowed => code(4, 5),
+            Kind::Conflict => code(4, 9),
+            Kind::TooLarge => code(4, 13),
+            Kind::RangeNotSatisfiable => code(4, 2),
+            Kind::Unavailable => code(5, 3),
+            Kind::Internal => code(5, 0),
         }
     }
 

@@ -28,6 +28,9 @@ const RECORD_TTL: Duration = Duration::from_secs(5);
 /// Records held at most; the map is cleared when full (hot names come back at once).
 const RECORD_CACHE_ENTRIES: usize = 10_000;
 
+/// Read-ahead chunk for images too large for the hot-image cache.
+const READ_AHEAD: u64 = 1 << 20;
+
 /// Longest accepted description and version strings.
 pub const MAX_TEXT_LEN: usize = 1024;
 
@@ -251,6 +254,47 @@ impl Repository {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// `range` of the image as one contiguous buffer, for protocols that send it in one
+    /// message (CoAP blocks). Hot images are sliced from the cache; larger ones are read in
+    /// aligned read-ahead chunks that the cache keeps, so consecutive blocks touch the store
+    /// once per chunk.
+    pub async fn read_bytes(
+        &self,
+        record: &FirmwareRecord,
+        range: Range<u64>,
+    ) -> Result<Bytes, FirmwareError> {
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        if let Some(image) = self.read_cached(record).await? {
+            return Ok(image.slice(range.start as usize..range.end as usize));
+        }
+        let chunk = |i: u64| i * READ_AHEAD..((i + 1) * READ_AHEAD).min(record.size);
+        let (first, last) = (range.start / READ_AHEAD, (range.end - 1) / READ_AHEAD);
+        let mut parts = Vec::new();
+        for i in first..=last {
+            let c = chunk(i);
+            let bytes = self
+                .images
+                .get_range(&self.blobs, &record.blob_key, c.clone())
+                .await
+                .map_err(|e| match e {
+                    BlobError::Store(object_store::Error::NotFound { .. }) => {
+                        FirmwareError::NotFound(record.name.clone())
+                    }
+                    e => e.into(),
+                })?;
+            let from = range.start.max(c.start) - c.start;
+            let to = range.end.min(c.end) - c.start;
+            parts.push(bytes.slice(from as usize..to as usize));
+        }
+        Ok(if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Bytes::from(parts.concat())
+        })
     }
 
     /// Hashes, stores, signs and commits an image. The body is streamed: at most a few parts

@@ -3,6 +3,7 @@
 pub mod blob;
 pub mod cache;
 pub mod cli;
+pub mod coap;
 pub mod config;
 pub mod error;
 pub mod firmware;

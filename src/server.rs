@@ -32,6 +32,8 @@ pub enum StartError {
     Meta(#[from] MetaError),
     #[error(transparent)]
     Firmware(#[from] FirmwareError),
+    #[error("CoAP over TLS: {0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -43,6 +45,10 @@ pub enum StartError {
 pub struct Running {
     /// Where the HTTP listener is bound (useful with port 0).
     pub http_addr: SocketAddr,
+    /// Where the CoAP listeners are bound, when on.
+    pub coap_tcp_addr: Option<SocketAddr>,
+    pub coap_udp_addr: Option<SocketAddr>,
+    pub coap_tls_addr: Option<SocketAddr>,
     pub repo: Arc<Repository>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -114,10 +120,15 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
     if config.http.public_url.is_empty() && addr.port() == 0 {
         http_base = format!("http://{http_addr}");
     }
+    let mut uri_bases = vec![("http", http_base)];
+    let mut tasks = Vec::new();
+    let coap = crate::coap::start(config, &repo, &metrics, &cancel).await?;
+    uri_bases.extend(coap.uri_bases);
+    tasks.extend(coap.tasks);
     let state = AppState {
         repo: Arc::clone(&repo),
         metrics,
-        http_base: http_base.into(),
+        uri_bases: Arc::new(uri_bases),
     };
     // Headers and a small body go out as separate writes; without TCP_NODELAY, Nagle holds
     // the body back until the client's delayed ACK (~40 ms), which caps ranged reads.
@@ -140,11 +151,15 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
         config.retention.sweep_interval.0,
         cancel.clone(),
     ));
+    tasks.extend([http_task, sweeper]);
     Ok(Running {
         http_addr,
+        coap_tcp_addr: coap.tcp_addr,
+        coap_udp_addr: coap.udp_addr,
+        coap_tls_addr: coap.tls_addr,
         repo,
         cancel,
-        tasks: vec![http_task, sweeper],
+        tasks,
         grace: config.http.shutdown_grace.0,
     })
 }

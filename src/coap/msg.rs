@@ -39,6 +39,7 @@ pub mod codes {
     use super::code;
     pub const EMPTY: u8 = 0;
     pub const GET: u8 = code(0, 1);
+    pub const POST: u8 = code(0, 2);
     pub const CONTENT: u8 = code(2, 5);
     pub const BAD_REQUEST: u8 = code(4, 0);
     pub const BAD_OPTION: u8 = code(4, 2);
@@ -106,7 +107,10 @@ impl Message {
     }
 
     pub fn option(&self, number: u16) -> Option<&Bytes> {
-        self.options.iter().find(|(n, _)| *n == number).map(|(_, v)| v)
+        self.options
+            .iter()
+            .find(|(n, _)| *n == number)
+            .map(|(_, v)| v)
     }
 
     pub fn uint_option(&self, number: u16) -> Option<u64> {
@@ -183,7 +187,10 @@ impl Message {
             if number > u16::MAX as u32 {
                 return Err(FormatError::OptionOverflow);
             }
-            let end = i.checked_add(len).filter(|e| *e <= b.len()).ok_or(FormatError::Truncated)?;
+            let end = i
+                .checked_add(len)
+                .filter(|e| *e <= b.len())
+                .ok_or(FormatError::Truncated)?;
             options.push((number as u16, src.slice(i..end)));
             i = end;
         }
@@ -241,7 +248,11 @@ pub fn encode_uint(v: u64) -> Bytes {
 }
 
 pub fn decode_uint(v: &[u8]) -> u64 {
-    v.iter().rev().take(8).rev().fold(0, |acc, b| (acc << 8) | *b as u64)
+    v.iter()
+        .rev()
+        .take(8)
+        .rev()
+        .fold(0, |acc, b| (acc << 8) | *b as u64)
 }
 
 /// Whether an option number is critical (RFC 7252 §5.4.6: odd numbers).
@@ -290,6 +301,9 @@ mod tests {
         assert_eq!(d(&[0xf1, 0]), Err(FormatError::ReservedOptionNibble));
         assert_eq!(d(&[0x13, 1]), Err(FormatError::Truncated));
         assert_eq!(d(&[0xd0]), Err(FormatError::Truncated));
-        assert_eq!(d(&[0xe0, 0xff, 0xff, 0xe0, 0xff, 0xff]), Err(FormatError::OptionOverflow));
+        assert_eq!(
+            d(&[0xe0, 0xff, 0xff, 0xe0, 0xff, 0xff]),
+            Err(FormatError::OptionOverflow)
+        );
     }
 }

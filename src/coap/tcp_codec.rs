@@ -128,7 +128,9 @@ impl Encoder<&Message> for TcpCodec {
 /// A decoded frame's bytes for golden tests.
 pub fn encode_to_vec(m: &Message) -> Bytes {
     let mut b = BytesMut::new();
-    TcpCodec::new(usize::MAX).encode(m, &mut b).expect("encoding cannot fail");
+    TcpCodec::new(usize::MAX)
+        .encode(m, &mut b)
+        .expect("encoding cannot fail");
     b.freeze()
 }
 
@@ -157,14 +159,14 @@ mod tests {
     fn length_boundaries_golden() {
         // Body = 1 (marker) + payload.
         let cases: [(usize, &[u8]); 8] = [
-            (11, &[0xc1]),                     // body 12: plain nibble
-            (12, &[0xd1, 0x00]),               // body 13: first 1-byte extension
-            (267, &[0xd1, 0xff]),              // body 268: last 1-byte extension
-            (268, &[0xe1, 0x00, 0x00]),        // body 269: first 2-byte extension
-            (65803, &[0xe1, 0xff, 0xff]),      // body 65804: last 2-byte extension
-            (65804, &[0xf1, 0, 0, 0, 0]),      // body 65805: first 4-byte extension
+            (11, &[0xc1]),                // body 12: plain nibble
+            (12, &[0xd1, 0x00]),          // body 13: first 1-byte extension
+            (267, &[0xd1, 0xff]),         // body 268: last 1-byte extension
+            (268, &[0xe1, 0x00, 0x00]),   // body 269: first 2-byte extension
+            (65803, &[0xe1, 0xff, 0xff]), // body 65804: last 2-byte extension
+            (65804, &[0xf1, 0, 0, 0, 0]), // body 65805: first 4-byte extension
             (65805, &[0xf1, 0, 0, 0, 1]),
-            (0, &[0x01]),                      // no payload, no marker
+            (0, &[0x01]), // no payload, no marker
         ];
         for (n, head) in cases {
             let wire = roundtrip(&with_payload(n));
@@ -180,7 +182,10 @@ mod tests {
         csm.push_uint(2, 1152);
         csm.push(4, Bytes::new());
         // Len 5 (option 2 with 2 bytes: 0x22 0x04 0x80; option 4 delta 2 empty: 0x20), TKL 0.
-        assert_eq!(&encode_to_vec(&csm)[..], &[0x40, 0xe1, 0x22, 0x04, 0x80, 0x20]);
+        assert_eq!(
+            &encode_to_vec(&csm)[..],
+            &[0x40, 0xe1, 0x22, 0x04, 0x80, 0x20]
+        );
         let ping = Message::new(codes::PING, Bytes::from_static(b"\xbe\xef"));
         assert_eq!(&encode_to_vec(&ping)[..], &[0x02, 0xe2, 0xbe, 0xef]);
         let pong = Message::new(codes::PONG, Bytes::from_static(b"\xbe\xef"));
@@ -210,7 +215,15 @@ mod tests {
         m.payload = Bytes::from(vec![0; 3072]);
         let wire = encode_to_vec(&m);
         // body: block2 (0xd1 0x04? no: delta 23 → 13 + 10) 3 bytes + marker + 3072 = 3076.
-        assert_eq!(&wire[..4], &[0xe0, ((3076 - 269) >> 8) as u8, ((3076 - 269) & 0xff) as u8, 0x45]);
+        assert_eq!(
+            &wire[..4],
+            &[
+                0xe0,
+                ((3076 - 269) >> 8) as u8,
+                ((3076 - 269) & 0xff) as u8,
+                0x45
+            ]
+        );
         assert_eq!(&wire[4..8], &[0xd1, 10, 0x6f, 0xff]);
         roundtrip(&m);
     }

@@ -37,7 +37,8 @@ pub struct FirmwareView {
     expires_at: Option<String>,
     retention: Option<String>,
     signature: SignatureView,
-    uris: UrisView,
+    /// One download URI per transport served.
+    uris: std::collections::BTreeMap<&'static str, String>,
 }
 
 #[derive(Serialize)]
@@ -46,11 +47,6 @@ struct SignatureView {
     alg: &'static str,
     key_id: String,
     value: String,
-}
-
-#[derive(Serialize)]
-struct UrisView {
-    http: String,
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -78,9 +74,11 @@ pub fn view(app: &AppState, r: &FirmwareRecord) -> FirmwareView {
             key_id: r.signature_key_id.clone(),
             value: r.signature.clone(),
         },
-        uris: UrisView {
-            http: format!("{}/fw/{}", app.http_base, r.name),
-        },
+        uris: app
+            .uri_bases
+            .iter()
+            .map(|(scheme, base)| (*scheme, format!("{base}/fw/{}", r.name)))
+            .collect(),
     }
 }
 

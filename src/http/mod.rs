@@ -31,8 +31,8 @@ const JSON_BODY_LIMIT: usize = 64 << 10;
 pub struct AppState {
     pub repo: Arc<Repository>,
     pub metrics: Arc<Metrics>,
-    /// Public base of device URIs, without a trailing slash.
-    pub http_base: Arc<str>,
+    /// Public base of device URIs per transport (`http`, `coap+tcp`, ...), no trailing slash.
+    pub uri_bases: Arc<Vec<(&'static str, String)>>,
 }
 
 /// The router and the list of (method, path) it serves, kept in one place so the OpenAPI

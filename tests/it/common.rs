@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 /// An in-process server.
 pub struct TestServer {
     pub base: String,
+    pub coap_tcp: Option<std::net::SocketAddr>,
+    pub coap_udp: Option<std::net::SocketAddr>,
+    pub coap_tls: Option<std::net::SocketAddr>,
     pub root: PathBuf,
     running: Option<Running>,
 }
@@ -24,6 +27,9 @@ pub fn config(root: &Path, sets: &[&str]) -> Config {
         format!("storage.root={}", root.join("storage").display()),
         format!("keys.dir={}", root.join("keys").display()),
         "http.listen=127.0.0.1:0".to_owned(),
+        "coap.tcp_listen=127.0.0.1:0".to_owned(),
+        "coap.udp_listen=127.0.0.1:0".to_owned(),
+        "coap.tls_listen=127.0.0.1:0".to_owned(),
         "http.shutdown_grace=5s".to_owned(),
     ];
     all.extend(sets.iter().map(|s| s.to_string()));
@@ -37,6 +43,9 @@ impl TestServer {
             .expect("server starts");
         TestServer {
             base: format!("http://{}", running.http_addr),
+            coap_tcp: running.coap_tcp_addr,
+            coap_udp: running.coap_udp_addr,
+            coap_tls: running.coap_tls_addr,
             root: root.to_owned(),
             running: Some(running),
         }
@@ -92,6 +101,12 @@ impl ServerProcess {
             .arg(root.join("keys"))
             .arg("--listen")
             .arg("127.0.0.1:0")
+            .args([
+                "--set",
+                "coap.tcp_listen=127.0.0.1:0",
+                "--set",
+                "coap.udp_listen=127.0.0.1:0",
+            ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -170,14 +185,24 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-/// Whether a command is on PATH; under CI a missing tool is a failure, locally a loud skip.
+/// Where a peer tool is: on PATH, or in the project's `.venv` that scripts/test fills.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/bin")
+        .join(name);
+    if venv.is_file() {
+        return Some(venv);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Whether a tool is available; under CI a missing tool is a failure, locally a loud skip.
 pub fn have_tool(name: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let found = tool(name).is_some();
     if !found {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{name} is required under CI=true but is not installed");

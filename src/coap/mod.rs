@@ -1,0 +1,152 @@
+//! CoAP delivery of firmware to constrained devices: over TCP and TLS (RFC 8323, with BERT)
+//! and over UDP (RFC 7252), with block-wise transfer (RFC 7959).
+
+pub mod block;
+pub mod handler;
+pub mod msg;
+pub mod tcp;
+pub mod tcp_codec;
+pub mod udp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::firmware::Repository;
+use crate::metrics::Metrics;
+use crate::server::StartError;
+
+/// The CoAP listeners that were started.
+pub struct Started {
+    pub tcp_addr: Option<SocketAddr>,
+    pub udp_addr: Option<SocketAddr>,
+    pub tls_addr: Option<SocketAddr>,
+    /// (`coap+tcp`, base) and friends, for resolve answers.
+    pub uri_bases: Vec<(&'static str, String)>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// A public base: the configured one, or `scheme://<bound address>`.
+fn base(configured: &str, scheme: &str, addr: SocketAddr) -> String {
+    if configured.is_empty() {
+        format!("{scheme}://{addr}")
+    } else {
+        configured.trim_end_matches('/').to_owned()
+    }
+}
+
+async fn bind_tcp(spec: &str) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let addr: SocketAddr = spec
+        .parse()
+        .map_err(|_| StartError::Tls(format!("bad address {spec}")))?;
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((l, local))
+}
+
+/// Starts every configured CoAP listener.
+pub async fn start(
+    config: &Config,
+    repo: &Arc<Repository>,
+    metrics: &Arc<Metrics>,
+    cancel: &CancellationToken,
+) -> Result<Started, StartError> {
+    let c = &config.coap;
+    let ctx = Arc::new(handler::CoapContext {
+        repo: Arc::clone(repo),
+        metrics: Arc::clone(metrics),
+    });
+    let limits = tcp::Limits {
+        max_connections: c.max_connections as usize,
+        idle_timeout: c.idle_timeout.0.max(Duration::from_secs(1)),
+    };
+    let mut started = Started {
+        tcp_addr: None,
+        udp_addr: None,
+        tls_addr: None,
+        uri_bases: Vec::new(),
+        tasks: Vec::new(),
+    };
+    if !c.tcp_listen.is_empty() {
+        let (l, addr) = bind_tcp(&c.tcp_listen).await?;
+        tracing::info!(%addr, "CoAP over TCP listening");
+        started
+            .uri_bases
+            .push(("coap+tcp", base(&c.public_tcp_url, "coap+tcp", addr)));
+        started.tcp_addr = Some(addr);
+        started.tasks.push(tokio::spawn(tcp::serve(
+            l,
+            Arc::clone(&ctx),
+            limits.clone(),
+            None,
+            cancel.clone(),
+        )));
+    }
+    if c.tls_enabled() {
+        let acceptor = tls_acceptor(&c.tls_cert, &c.tls_key)?;
+        let (l, addr) = bind_tcp(&c.tls_listen).await?;
+        tracing::info!(%addr, "CoAP over TLS listening");
+        started
+            .uri_bases
+            .push(("coaps+tcp", base(&c.public_tls_url, "coaps+tcp", addr)));
+        started.tls_addr = Some(addr);
+        started.tasks.push(tokio::spawn(tcp::serve(
+            l,
+            Arc::clone(&ctx),
+            limits.clone(),
+            Some(acceptor),
+            cancel.clone(),
+        )));
+    }
+    if !c.udp_listen.is_empty() {
+        let addr: SocketAddr = c
+            .udp_listen
+            .parse()
+            .map_err(|_| StartError::Tls(format!("bad address {}", c.udp_listen)))?;
+        let socket = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let local = socket
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        tracing::info!(addr = %local, "CoAP over UDP listening");
+        started
+            .uri_bases
+            .push(("coap", base(&c.public_udp_url, "coap", local)));
+        started.udp_addr = Some(local);
+        started.tasks.push(tokio::spawn(udp::serve(
+            socket,
+            Arc::clone(&ctx),
+            cancel.clone(),
+        )));
+    }
+    Ok(started)
+}
+
+/// rustls with the configured certificate chain and key, offering ALPN `coap` (RFC 8323 §4.1).
+fn tls_acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| StartError::Tls(format!("{cert}: {e}")))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!("{cert}: no certificate")));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| StartError::Tls(format!("{key}: {e}")))?;
+    let mut tls = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![b"coap".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+}

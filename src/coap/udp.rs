@@ -1,0 +1,274 @@
+//! CoAP over UDP (RFC 7252): the 4-byte header, piggybacked responses to confirmable
+//! requests, non-confirmable answers to non-confirmable ones, and a reply cache keyed on
+//! (peer, message id) so a retransmitted request is answered again without any work.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use super::block::Capacity;
+use super::handler::{self, CoapContext};
+use super::msg::{codes, FormatError, Message};
+
+/// Message types (RFC 7252 §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsgType {
+    Con = 0,
+    Non = 1,
+    Ack = 2,
+    Rst = 3,
+}
+
+/// A UDP datagram's header fields and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    pub mtype: MsgType,
+    pub message_id: u16,
+    pub msg: Message,
+}
+
+/// Blocks over UDP stay at 1024 bytes so a response fits the 1152-byte datagram RFC 7252
+/// §4.6 recommends.
+const UDP_BLOCK: u64 = 1024;
+/// EXCHANGE_LIFETIME (RFC 7252 §4.8.2): how long a duplicate may still arrive.
+const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
+/// Reply cache entries at most; the oldest go first.
+const REPLY_CACHE_ENTRIES: usize = 16_384;
+/// Largest datagram read.
+const MAX_DATAGRAM: usize = 2048;
+
+pub fn parse(b: &[u8]) -> Result<Datagram, FormatError> {
+    if b.len() < 4 {
+        return Err(FormatError::Truncated);
+    }
+    let version = b[0] >> 6;
+    if version != 1 {
+        return Err(FormatError::BadVersion(version));
+    }
+    let mtype = match (b[0] >> 4) & 3 {
+        0 => MsgType::Con,
+        1 => MsgType::Non,
+        2 => MsgType::Ack,
+        _ => MsgType::Rst,
+    };
+    let tkl = (b[0] & 0x0f) as usize;
+    if tkl > 8 {
+        return Err(FormatError::BadTokenLength(tkl as u8));
+    }
+    let code = b[1];
+    let message_id = u16::from_be_bytes([b[2], b[3]]);
+    let token = b.get(4..4 + tkl).ok_or(FormatError::Truncated)?;
+    let all = Bytes::copy_from_slice(b);
+    let msg = Message::decode_body(code, Bytes::copy_from_slice(token), all.slice(4 + tkl..))?;
+    if code == codes::EMPTY && (tkl != 0 || b.len() != 4) {
+        // An empty message is exactly the 4-byte header (RFC 7252 §4.1).
+        return Err(FormatError::Truncated);
+    }
+    Ok(Datagram {
+        mtype,
+        message_id,
+        msg,
+    })
+}
+
+pub fn encode(d: &Datagram) -> Bytes {
+    let mut b = BytesMut::with_capacity(4 + d.msg.token.len() + d.msg.body_len());
+    b.put_u8((1 << 6) | ((d.mtype as u8) << 4) | d.msg.token.len() as u8);
+    b.put_u8(d.msg.code);
+    b.put_u16(d.message_id);
+    b.put_slice(&d.msg.token);
+    d.msg.encode_body(&mut b);
+    b.freeze()
+}
+
+enum Cached {
+    /// Being answered; a duplicate is dropped, the answer will come.
+    Pending,
+    Done(Bytes),
+}
+
+#[derive(Default)]
+struct ReplyCache {
+    map: HashMap<(SocketAddr, u16), (Cached, Instant)>,
+    order: VecDeque<((SocketAddr, u16), Instant)>,
+}
+
+impl ReplyCache {
+    fn evict(&mut self, now: Instant) {
+        while let Some((key, at)) = self.order.front().cloned() {
+            if self.order.len() <= REPLY_CACHE_ENTRIES && now.duration_since(at) < EXCHANGE_LIFETIME
+            {
+                break;
+            }
+            self.order.pop_front();
+            if self.map.get(&key).is_some_and(|(_, t)| *t == at) {
+                self.map.remove(&key);
+            }
+        }
+    }
+}
+
+enum Lookup {
+    Replay(Bytes),
+    InFlight,
+    New,
+}
+
+/// Answers a duplicate from the cache, or marks a new exchange as in flight.
+fn lookup(cache: &Mutex<ReplyCache>, key: (SocketAddr, u16)) -> Lookup {
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    c.evict(now);
+    match c.map.get(&key) {
+        Some((Cached::Done(bytes), _)) => Lookup::Replay(bytes.clone()),
+        Some((Cached::Pending, _)) => Lookup::InFlight,
+        None => {
+            c.map.insert(key, (Cached::Pending, now));
+            c.order.push_back((key, now));
+            Lookup::New
+        }
+    }
+}
+
+/// Serves UDP until `cancel` fires.
+pub async fn serve(socket: UdpSocket, ctx: Arc<CoapContext>, cancel: CancellationToken) {
+    let socket = Arc::new(socket);
+    let cache = Arc::new(Mutex::new(ReplyCache::default()));
+    let next_mid = Arc::new(std::sync::atomic::AtomicU16::new(rand_u16()));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::debug!(error = %e, "CoAP UDP receive failed");
+                    continue;
+                }
+            },
+        };
+        let d = match parse(&buf[..n]) {
+            Ok(d) => d,
+            Err(_) => {
+                // Reject a malformed confirmable message with a Reset (RFC 7252 §4.2).
+                if n >= 4 && (buf[0] >> 4) & 3 == 0 && buf[0] >> 6 == 1 {
+                    let rst = [0x70, 0, buf[2], buf[3]];
+                    let _ = socket.send_to(&rst, peer).await;
+                }
+                continue;
+            }
+        };
+        match (d.mtype, d.msg.code) {
+            (MsgType::Ack | MsgType::Rst, _) => continue,
+            // An empty confirmable message is a CoAP ping: answered with a Reset.
+            (MsgType::Con, codes::EMPTY) => {
+                let rst = Datagram {
+                    mtype: MsgType::Rst,
+                    message_id: d.message_id,
+                    msg: Message::default(),
+                };
+                let _ = socket.send_to(&encode(&rst), peer).await;
+                continue;
+            }
+            (_, code) if code >> 5 != 0 || code == codes::EMPTY => continue,
+            _ => {}
+        }
+        let key = (peer, d.message_id);
+        match lookup(&cache, key) {
+            Lookup::Replay(bytes) => {
+                let _ = socket.send_to(&bytes, peer).await;
+                continue;
+            }
+            Lookup::InFlight => continue,
+            Lookup::New => {}
+        }
+        let (socket, cache, ctx, next_mid) = (
+            Arc::clone(&socket),
+            Arc::clone(&cache),
+            Arc::clone(&ctx),
+            Arc::clone(&next_mid),
+        );
+        tokio::spawn(async move {
+            let cap = Capacity {
+                max_payload: UDP_BLOCK,
+                bert: false,
+                whole_fits: false,
+            };
+            let resp = handler::handle(&ctx, &d.msg, cap).await;
+            let out = match d.mtype {
+                MsgType::Con => Datagram {
+                    mtype: MsgType::Ack,
+                    message_id: d.message_id,
+                    msg: resp,
+                },
+                _ => Datagram {
+                    mtype: MsgType::Non,
+                    message_id: next_mid.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    msg: resp,
+                },
+            };
+            let bytes = encode(&out);
+            {
+                let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(entry) = c.map.get_mut(&key) {
+                    entry.0 = Cached::Done(bytes.clone());
+                }
+            }
+            let _ = socket.send_to(&bytes, peer).await;
+        });
+    }
+}
+
+fn rand_u16() -> u16 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    u16::from_be_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::msg::opt;
+    use super::*;
+
+    #[test]
+    fn header_golden_and_round_trip() {
+        let mut msg = Message::new(codes::GET, Bytes::from_static(b"\x12\x34"));
+        msg.push(opt::URI_PATH, &b"fw"[..]);
+        let d = Datagram {
+            mtype: MsgType::Con,
+            message_id: 0xbeef,
+            msg,
+        };
+        let wire = encode(&d);
+        assert_eq!(
+            &wire[..],
+            &[0x42, 0x01, 0xbe, 0xef, 0x12, 0x34, 0xb2, b'f', b'w']
+        );
+        assert_eq!(parse(&wire).unwrap(), d);
+        let ack = Datagram {
+            mtype: MsgType::Ack,
+            message_id: 7,
+            msg: Message::new(codes::CONTENT, Bytes::new()),
+        };
+        assert_eq!(&encode(&ack)[..], &[0x60, 0x45, 0, 7]);
+    }
+
+    #[test]
+    fn malformed_datagrams() {
+        assert_eq!(parse(&[0x40, 1, 0]), Err(FormatError::Truncated));
+        assert_eq!(parse(&[0x80, 1, 0, 0]), Err(FormatError::BadVersion(2)));
+        assert_eq!(parse(&[0x49, 1, 0, 0]), Err(FormatError::BadTokenLength(9)));
+        assert_eq!(parse(&[0x42, 1, 0, 0, 1]), Err(FormatError::Truncated));
+        assert_eq!(
+            parse(&[0x40, 0, 0, 0, 0xff]),
+            Err(FormatError::EmptyPayload)
+        );
+        assert!(parse(&[0x40, 0, 0, 0]).is_ok());
+        assert!(parse(&[0x41, 0, 0, 0, 9]).is_err());
+    }
+}
