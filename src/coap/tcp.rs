@@ -180,7 +180,8 @@ where
             0 => {
                 let mut resp = handler::handle(ctx, &msg, peer.capacity()).await;
                 if frame_len(&resp) as u64 > peer.max_message_size {
-                    // Options and a diagnostic never exceed 1152, but never send an oversize frame.
+                    // A peer announcing less than our header and options needs leaves no room
+                    // for even a 16-byte block: answer 5.00 bare rather than exceed its limit.
                     resp = handler::error(&msg, codes::INTERNAL_SERVER_ERROR, "response too large");
                     resp.payload = Bytes::new();
                 }

@@ -351,3 +351,43 @@ async fn udp_piggyback_non_ping_and_reply_cache() {
     assert_eq!((rst.mtype, rst.message_id), (MsgType::Rst, 0x3000));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn connection_limit_and_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(
+        dir.path(),
+        &["coap.max_connections=1", "coap.idle_timeout=1s"],
+    )
+    .await;
+    let mut first = connect(&srv, 1152, false).await;
+    // The second connection is over the limit: CSM, then Abort, then closed.
+    let s = tokio::net::TcpStream::connect(srv.coap_tcp.unwrap())
+        .await
+        .unwrap();
+    let mut second = Framed::new(s, TcpCodec::new(1 << 20));
+    assert_eq!(recv(&mut second).await.code, codes::CSM);
+    let abort = recv(&mut second).await;
+    assert_eq!(abort.code, codes::ABORT);
+    assert!(String::from_utf8_lossy(&abort.payload).contains("too many connections"));
+    // The first, left silent, is released after the idle timeout and its slot freed.
+    let release = recv(&mut first).await;
+    assert_eq!(release.code, codes::RELEASE);
+    assert!(tokio::time::timeout(Duration::from_secs(5), first.next())
+        .await
+        .unwrap()
+        .is_none());
+    let mut third = connect(&srv, 1152, false).await;
+    third.send(&get(b"\x01", ".well-known/core")).await.unwrap();
+    assert_eq!(recv(&mut third).await.code, codes::CONTENT);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_releases_open_connections() {
+    let (_d, srv) = server_with(b"x").await;
+    let mut c = connect(&srv, 1152, false).await;
+    let stop = tokio::spawn(srv.stop());
+    assert_eq!(recv(&mut c).await.code, codes::RELEASE);
+    stop.await.unwrap();
+}
