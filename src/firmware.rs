@@ -229,13 +229,10 @@ impl Repository {
                 return Ok(futures_util::stream::once(async move { Ok(slice) }).boxed());
             }
         }
-        match self.blobs.read(&record.blob_key, range).await {
-            Ok(s) => Ok(s),
-            Err(BlobError::Store(object_store::Error::NotFound { .. })) => {
-                Err(FirmwareError::NotFound(record.name.clone()))
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.blobs
+            .read(&record.blob_key, range)
+            .await
+            .map_err(|e| missing_blob(record, e))
     }
 
     /// The whole image from the cache (loading it once), if it fits.
@@ -243,17 +240,10 @@ impl Repository {
         &self,
         record: &FirmwareRecord,
     ) -> Result<Option<Bytes>, FirmwareError> {
-        match self
-            .images
+        self.images
             .get(&self.blobs, &record.blob_key, record.size)
             .await
-        {
-            Ok(b) => Ok(b),
-            Err(BlobError::Store(object_store::Error::NotFound { .. })) => {
-                Err(FirmwareError::NotFound(record.name.clone()))
-            }
-            Err(e) => Err(e.into()),
-        }
+            .map_err(|e| missing_blob(record, e))
     }
 
     /// `range` of the image as one contiguous buffer, for protocols that send it in one
@@ -280,12 +270,7 @@ impl Repository {
                 .images
                 .get_range(&self.blobs, &record.blob_key, c.clone())
                 .await
-                .map_err(|e| match e {
-                    BlobError::Store(object_store::Error::NotFound { .. }) => {
-                        FirmwareError::NotFound(record.name.clone())
-                    }
-                    e => e.into(),
-                })?;
+                .map_err(|e| missing_blob(record, e))?;
             let from = range.start.max(c.start) - c.start;
             let to = range.end.min(c.end) - c.start;
             parts.push(bytes.slice(from as usize..to as usize));
@@ -552,6 +537,16 @@ impl Repository {
             );
         }
         Ok(removed)
+    }
+}
+
+/// A blob gone under a live record (deleted or expired meanwhile) reads as "not found".
+fn missing_blob(record: &FirmwareRecord, e: BlobError) -> FirmwareError {
+    match e {
+        BlobError::Store(object_store::Error::NotFound { .. }) => {
+            FirmwareError::NotFound(record.name.clone())
+        }
+        e => e.into(),
     }
 }
 

@@ -163,6 +163,17 @@ impl Drop for ServerProcess {
     }
 }
 
+/// Sends a request that must succeed at the transport level and answer JSON.
+pub trait Fetch {
+    async fn value(self) -> serde_json::Value;
+}
+
+impl Fetch for reqwest::RequestBuilder {
+    async fn value(self) -> serde_json::Value {
+        self.send().await.unwrap().json().await.unwrap()
+    }
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().build().unwrap()
 }

@@ -7,7 +7,7 @@ use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{client, have_tool, image, sha256_hex, TestServer};
+use crate::common::{client, have_tool, image, sha256_hex, Fetch, TestServer};
 
 #[tokio::test]
 async fn short_retention_expires_record_and_blob() {
@@ -140,12 +140,8 @@ async fn list_change_and_delete() {
     }
     let page: Value = c
         .get(srv.url("/v1/firmware?prefix=a-&limit=2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .value()
+        .await;
     let names: Vec<&str> = page["items"]
         .as_array()
         .unwrap()
@@ -156,12 +152,8 @@ async fn list_change_and_delete() {
     let cursor = page["nextCursor"].as_str().unwrap();
     let page: Value = c
         .get(srv.url(&format!("/v1/firmware?prefix=a-&limit=2&cursor={cursor}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .value()
+        .await;
     let names: Vec<&str> = page["items"]
         .as_array()
         .unwrap()
@@ -170,14 +162,7 @@ async fn list_change_and_delete() {
         .collect();
     assert_eq!(names, ["a-3"]);
     assert_eq!(page["nextCursor"], Value::Null);
-    let all: Value = c
-        .get(srv.url("/v1/firmware"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = c.get(srv.url("/v1/firmware")).value().await;
     assert_eq!(all["items"].as_array().unwrap().len(), 4);
     assert_eq!(
         c.get(srv.url("/v1/firmware?limit=0"))
@@ -191,24 +176,16 @@ async fn list_change_and_delete() {
     let r: Value = c
         .patch(srv.url("/v1/firmware/a-1"))
         .json(&json!({"retention": "30d", "description": "nightly"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .value()
+        .await;
     assert_eq!(r["retention"], "30d");
     assert_eq!(r["description"], "nightly");
     assert!(r["expiresAt"].is_string());
     let r: Value = c
         .patch(srv.url("/v1/firmware/a-1"))
         .json(&json!({"retention": null}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .value()
+        .await;
     assert_eq!(r["expiresAt"], Value::Null);
     assert_eq!(r["description"], "nightly");
     for (body, code) in [
@@ -321,42 +298,17 @@ async fn restart_keeps_firmware_keys_and_signatures() {
     let before: Value = c
         .put(srv.url("/v1/firmware/keep"))
         .body(data.clone())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let keys_before: Value = c
-        .get(srv.url("/v1/keys"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .value()
+        .await;
+    let keys_before: Value = c.get(srv.url("/v1/keys")).value().await;
     srv.stop().await;
 
     let srv = TestServer::start(dir.path(), &[]).await;
-    let after: Value = c
-        .get(srv.url("/v1/firmware/keep"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: Value = c.get(srv.url("/v1/firmware/keep")).value().await;
     for field in ["sha256", "size", "createdAt", "signature"] {
         assert_eq!(after[field], before[field], "{field}");
     }
-    let keys_after: Value = c
-        .get(srv.url("/v1/keys"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys_after: Value = c.get(srv.url("/v1/keys")).value().await;
     assert_eq!(keys_after, keys_before);
     let got = c
         .get(srv.url("/fw/keep"))
@@ -382,20 +334,9 @@ async fn signature_verifies_with_openssl() {
     let rec: Value = c
         .put(srv.url("/v1/firmware/signed"))
         .body(data.clone())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let keys: Value = c
-        .get(srv.url("/v1/keys"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .value()
+        .await;
+    let keys: Value = c.get(srv.url("/v1/keys")).value().await;
     let key = keys["keys"]
         .as_array()
         .unwrap()
@@ -481,15 +422,7 @@ async fn keygen_adds_a_key_and_retired_keys_stay_listed() {
     let dir = tempfile::tempdir().unwrap();
     let srv = TestServer::start(dir.path(), &[]).await;
     let c = client();
-    let old: Value = c
-        .put(srv.url("/v1/firmware/old"))
-        .body("old")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let old: Value = c.put(srv.url("/v1/firmware/old")).body("old").value().await;
     srv.stop().await;
     let out = Command::new(env!("CARGO_BIN_EXE_fwrepo"))
         .arg("keygen")
@@ -506,24 +439,9 @@ async fn keygen_adds_a_key_and_retired_keys_stay_listed() {
     assert_eq!(new_id.len(), 16);
     let set = format!("keys.active={new_id}");
     let srv = TestServer::start(dir.path(), &[&set]).await;
-    let new: Value = c
-        .put(srv.url("/v1/firmware/new"))
-        .body("new")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let new: Value = c.put(srv.url("/v1/firmware/new")).body("new").value().await;
     assert_eq!(new["signature"]["keyId"], new_id.as_str());
-    let keys: Value = c
-        .get(srv.url("/v1/keys"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys: Value = c.get(srv.url("/v1/keys")).value().await;
     let ids: Vec<&str> = keys["keys"]
         .as_array()
         .unwrap()
@@ -532,14 +450,7 @@ async fn keygen_adds_a_key_and_retired_keys_stay_listed() {
         .collect();
     assert_eq!(ids.len(), 2);
     assert!(ids.contains(&old["signature"]["keyId"].as_str().unwrap()));
-    let still: Value = c
-        .get(srv.url("/v1/firmware/old"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let still: Value = c.get(srv.url("/v1/firmware/old")).value().await;
     assert_eq!(still["signature"], old["signature"]);
     srv.stop().await;
 }
@@ -549,14 +460,7 @@ async fn operations_and_json_errors() {
     let dir = tempfile::tempdir().unwrap();
     let srv = TestServer::start(dir.path(), &[]).await;
     let c = client();
-    let h: Value = c
-        .get(srv.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = c.get(srv.url("/healthz")).value().await;
     assert_eq!(h["status"], "ok");
     c.put(srv.url("/v1/firmware/m1"))
         .body(vec![1u8; 1000])

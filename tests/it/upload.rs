@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::common::{client, image, sha256_hex, TestServer};
+use crate::common::{client, image, sha256_hex, Fetch, TestServer};
 
 async fn error_code(resp: reqwest::Response) -> String {
     let body: Value = resp.json().await.expect("JSON error body");
@@ -77,23 +77,15 @@ async fn content_type_from_header_or_extension() {
     let r: Value = c
         .put(srv.url("/v1/firmware/img.zip"))
         .body("x")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .value()
+        .await;
     assert_eq!(r["contentType"], "application/zip");
     let r: Value = c
         .put(srv.url("/v1/firmware/img2"))
         .header("content-type", "application/x-firmware")
         .body("x")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .value()
+        .await;
     assert_eq!(r["contentType"], "application/x-firmware");
     let resp = c.get(srv.url("/fw/img2")).send().await.unwrap();
     assert_eq!(resp.headers()["content-type"], "application/x-firmware");
