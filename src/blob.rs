@@ -148,8 +148,9 @@ impl BlobStore {
         }
     }
 
-    /// Whether a blob exists (used by tests and the sweep).
-    pub async fn exists(&self, key: &str) -> Result<bool, BlobError> {
+    /// Whether a blob exists.
+    #[cfg(test)]
+    async fn exists(&self, key: &str) -> Result<bool, BlobError> {
         match self.store.head(&Path::from(key)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),

@@ -305,11 +305,12 @@ impl Repository {
             }
         }
         let now = now_ms();
-        let existing = self
-            .meta
-            .get(name.as_str())
-            .await?
-            .filter(|r| !r.is_expired(now));
+        // One read serves both questions: is the name taken, or held by an expired record
+        // that must be swept before the name is reused?
+        let (existing, expired) = match self.meta.get(name.as_str()).await? {
+            Some(r) if r.is_expired(now) => (None, Some(r)),
+            live => (live, None),
+        };
         // A name that is taken only needs the digest of the new bytes, not a second copy.
         let key = BlobStore::new_key(name.as_str());
         let mut writer = match existing {
@@ -361,11 +362,8 @@ impl Repository {
             signature: B64.encode(signature.value),
             blob_key: key.clone(),
         };
-        // An expired holder of the name is swept first so the name can be reused.
-        if let Some(old) = self.meta.get(name.as_str()).await? {
-            if old.is_expired(now_ms()) {
-                self.remove_record(&old).await?;
-            }
+        if let Some(old) = expired {
+            self.remove_record(&old).await?;
         }
         match self.meta.insert_new(&record).await {
             Ok(None) => {

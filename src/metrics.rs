@@ -8,7 +8,8 @@ use std::sync::Mutex;
 /// Process-wide metrics.
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// route → status → count; nested so a known route is found without allocating.
+    requests: Mutex<BTreeMap<String, BTreeMap<u16, u64>>>,
     bytes_served: AtomicU64,
     uploads: AtomicU64,
     firmware_count: AtomicU64,
@@ -18,7 +19,11 @@ pub struct Metrics {
 impl Metrics {
     pub fn request(&self, route: &str, status: u16) {
         let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        *map.entry((route.to_owned(), status)).or_default() += 1;
+        let by_status = match map.get_mut(route) {
+            Some(s) => s,
+            None => map.entry(route.to_owned()).or_default(),
+        };
+        *by_status.entry(status).or_default() += 1;
     }
 
     pub fn served(&self, bytes: u64) {
@@ -50,12 +55,14 @@ impl Metrics {
         out.push_str("# HELP fwrepo_http_requests_total HTTP requests by route and status.\n");
         out.push_str("# TYPE fwrepo_http_requests_total counter\n");
         let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        for ((route, status), n) in map.iter() {
+        for (route, by_status) in map.iter() {
             let route = route.replace('\\', "\\\\").replace('"', "\\\"");
-            let _ = writeln!(
-                out,
-                "fwrepo_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
+            for (status, n) in by_status {
+                let _ = writeln!(
+                    out,
+                    "fwrepo_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
         }
         drop(map);
         let gauges = [

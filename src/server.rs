@@ -49,7 +49,6 @@ pub struct Running {
     pub coap_tcp_addr: Option<SocketAddr>,
     pub coap_udp_addr: Option<SocketAddr>,
     pub coap_tls_addr: Option<SocketAddr>,
-    pub repo: Arc<Repository>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     grace: Duration,
@@ -68,10 +67,8 @@ impl Running {
             cancel,
             tasks,
             grace,
-            repo,
             ..
         } = self;
-        drop(repo);
         let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
         let mut all = std::pin::pin!(futures_util::future::join_all(tasks));
         tokio::select! {
@@ -157,7 +154,6 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
         coap_tcp_addr: coap.tcp_addr,
         coap_udp_addr: coap.udp_addr,
         coap_tls_addr: coap.tls_addr,
-        repo,
         cancel,
         tasks,
         grace: config.http.shutdown_grace.0,

@@ -100,11 +100,10 @@ pub async fn handle(ctx: &CoapContext, req: &Message, cap: Capacity) -> Message 
         Err(e) => return domain_error(req, e),
     };
     ctx.metrics.served(payload.len() as u64);
-    let digest = hex::decode(&record.sha256).unwrap_or_default();
-    resp.push(
-        opt::ETAG,
-        Bytes::copy_from_slice(&digest[..digest.len().min(8)]),
-    );
+    // The ETag option holds 8 bytes: the digest's first 8, decoded without allocating.
+    let mut etag = [0u8; 8];
+    let _ = hex::decode_to_slice(&record.sha256.as_bytes()[..16], &mut etag);
+    resp.push(opt::ETAG, Bytes::copy_from_slice(&etag));
     resp.push_uint(opt::CONTENT_FORMAT, format::OCTET_STREAM as u64);
     if let Some(b) = plan.block {
         resp.push_uint(opt::BLOCK2, b.encode());

@@ -39,10 +39,18 @@ fn base(configured: &str, scheme: &str, addr: SocketAddr) -> String {
     }
 }
 
+/// Listen addresses were checked by `Config::validate`; this keeps a bad one a config error.
+fn parse_addr(spec: &str) -> Result<SocketAddr, StartError> {
+    spec.parse().map_err(|_| {
+        crate::config::ConfigError::Invalid(format!(
+            "CoAP listen address {spec:?} is not host:port"
+        ))
+        .into()
+    })
+}
+
 async fn bind_tcp(spec: &str) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
-    let addr: SocketAddr = spec
-        .parse()
-        .map_err(|_| StartError::Tls(format!("bad address {spec}")))?;
+    let addr = parse_addr(spec)?;
     let l = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
@@ -107,10 +115,7 @@ pub async fn start(
         )));
     }
     if !c.udp_listen.is_empty() {
-        let addr: SocketAddr = c
-            .udp_listen
-            .parse()
-            .map_err(|_| StartError::Tls(format!("bad address {}", c.udp_listen)))?;
+        let addr = parse_addr(&c.udp_listen)?;
         let socket = tokio::net::UdpSocket::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;

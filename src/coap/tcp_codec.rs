@@ -125,7 +125,7 @@ impl Encoder<&Message> for TcpCodec {
     }
 }
 
-/// A decoded frame's bytes for golden tests.
+/// The frame of one message (tests, fuzz targets and tools that build frames by hand).
 pub fn encode_to_vec(m: &Message) -> Bytes {
     let mut b = BytesMut::new();
     TcpCodec::new(usize::MAX)

@@ -108,13 +108,11 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    // MatchedPath is an Arc<str> inside: cloning it does not copy the route.
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let resp = next.run(req).await;
-    state.metrics.request(&route, resp.status().as_u16());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    state.metrics.request(route, resp.status().as_u16());
     resp
 }
 
