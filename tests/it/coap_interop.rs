@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::common::{client, have_tool, image, sha256_hex, tool, TestServer};
+use crate::common::{have_tool, image, sha256_hex, tool, TestServer};
 
 const SIZES: [(&str, usize); 2] = [("one-mib.bin", 1 << 20), ("sixteen-mib.bin", 16 << 20)];
 
@@ -61,12 +61,7 @@ async fn setup() -> Setup {
     let mut digests = Vec::new();
     for (i, (name, size)) in SIZES.iter().enumerate() {
         let data = image(*size, i as u8 + 40);
-        let r = client()
-            .put(srv.url(&format!("/v1/firmware/{name}")))
-            .body(data.clone())
-            .send()
-            .await
-            .unwrap();
+        let r = srv.put(&format!("/v1/firmware/{name}"), data.clone()).await;
         assert_eq!(r.status(), StatusCode::CREATED);
         digests.push((name.to_string(), sha256_hex(&data)));
     }

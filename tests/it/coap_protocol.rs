@@ -55,12 +55,7 @@ fn get(token: &'static [u8], path: &str) -> Message {
 async fn server_with(data: &[u8]) -> (tempfile::TempDir, TestServer) {
     let dir = tempfile::tempdir().unwrap();
     let srv = TestServer::start(dir.path(), &[]).await;
-    let r = client()
-        .put(srv.url("/v1/firmware/img"))
-        .body(data.to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = srv.put("/v1/firmware/img", data.to_vec()).await;
     assert_eq!(r.status(), reqwest::StatusCode::CREATED);
     (dir, srv)
 }

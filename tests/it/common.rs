@@ -51,6 +51,21 @@ impl TestServer {
         }
     }
 
+    /// PUT `body` at `path` with the shared client.
+    pub async fn put(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        client()
+            .put(self.url(path))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GET `path` with the shared client.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        client().get(self.url(path)).send().await.unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

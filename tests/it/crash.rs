@@ -55,19 +55,10 @@ async fn upload_cut_off_half_way_leaves_nothing() {
         srv.blob_files().is_empty()
     })
     .await;
-    let r = client()
-        .get(srv.url("/v1/firmware/cut"))
-        .send()
-        .await
-        .unwrap();
+    let r = srv.get("/v1/firmware/cut").await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // The name is still free for a complete upload.
-    let r = client()
-        .put(srv.url("/v1/firmware/cut"))
-        .body("whole")
-        .send()
-        .await
-        .unwrap();
+    let r = srv.put("/v1/firmware/cut", "whole").await;
     assert_eq!(r.status(), StatusCode::CREATED);
     srv.stop().await;
 }

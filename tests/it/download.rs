@@ -11,12 +11,7 @@ async fn setup() -> (tempfile::TempDir, TestServer, Vec<u8>, String) {
     let dir = tempfile::tempdir().unwrap();
     let srv = TestServer::start(dir.path(), &[]).await;
     let data = image(SIZE, 7);
-    let resp = client()
-        .put(srv.url("/v1/firmware/dev.bin"))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = srv.put("/v1/firmware/dev.bin", data.clone()).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let rec: Value = resp.json().await.unwrap();
     let etag = format!("\"{}\"", rec["sha256"].as_str().unwrap());
@@ -28,7 +23,7 @@ async fn whole_and_head_with_validators() {
     let (_d, srv, data, etag) = setup().await;
     let c = client();
     for path in ["/fw/dev.bin", "/v1/firmware/dev.bin/content"] {
-        let resp = c.get(srv.url(path)).send().await.unwrap();
+        let resp = srv.get(path).await;
         assert_eq!(resp.status(), StatusCode::OK);
         let h = resp.headers().clone();
         assert_eq!(h["content-length"], SIZE.to_string().as_str());
@@ -267,7 +262,7 @@ async fn if_range_and_if_none_match() {
 #[tokio::test]
 async fn unknown_firmware_is_404_json() {
     let (_d, srv, _, _) = setup().await;
-    let r = client().get(srv.url("/fw/nope")).send().await.unwrap();
+    let r = srv.get("/fw/nope").await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "firmware-not-found");

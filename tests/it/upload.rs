@@ -56,11 +56,9 @@ async fn upload_then_same_bytes_then_different_bytes() {
     );
 
     // The stored bytes are still the first ones, and only one blob exists.
-    let got = c
-        .get(srv.url("/fw/acme.com-7f3a9c.bin"))
-        .send()
+    let got = srv
+        .get("/fw/acme.com-7f3a9c.bin")
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();
@@ -87,7 +85,7 @@ async fn content_type_from_header_or_extension() {
         .value()
         .await;
     assert_eq!(r["contentType"], "application/x-firmware");
-    let resp = c.get(srv.url("/fw/img2")).send().await.unwrap();
+    let resp = srv.get("/fw/img2").await;
     assert_eq!(resp.headers()["content-type"], "application/x-firmware");
     srv.stop().await;
 }
@@ -96,30 +94,26 @@ async fn content_type_from_header_or_extension() {
 async fn digest_mismatch_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let srv = TestServer::start(dir.path(), &[]).await;
-    let c = client();
     let data = image(50_000, 3);
     let wrong = sha256_hex(b"something else");
-    let resp = c
-        .put(srv.url(&format!("/v1/firmware/fw1?sha256={wrong}")))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = srv
+        .put(&format!("/v1/firmware/fw1?sha256={wrong}"), data.clone())
+        .await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_code(resp).await, "digest-mismatch");
-    let resp = c.get(srv.url("/v1/firmware/fw1")).send().await.unwrap();
+    let resp = srv.get("/v1/firmware/fw1").await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert_eq!(error_code(resp).await, "firmware-not-found");
     assert!(srv.blob_files().is_empty(), "{:?}", srv.blob_files());
 
     // The right digest is accepted.
     let right = sha256_hex(&data);
-    let resp = c
-        .put(srv.url(&format!("/v1/firmware/fw1?sha256={}", right.to_uppercase())))
-        .body(data)
-        .send()
-        .await
-        .unwrap();
+    let resp = srv
+        .put(
+            &format!("/v1/firmware/fw1?sha256={}", right.to_uppercase()),
+            data,
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     srv.stop().await;
 }
@@ -128,40 +122,22 @@ async fn digest_mismatch_stores_nothing() {
 async fn size_limit_gives_413_declared_or_streamed() {
     let dir = tempfile::tempdir().unwrap();
     let srv = TestServer::start(dir.path(), &["http.max_upload_size=1000"]).await;
-    let c = client();
-    let resp = c
-        .put(srv.url("/v1/firmware/big"))
-        .body(vec![0u8; 1001])
-        .send()
-        .await
-        .unwrap();
+    let resp = srv.put("/v1/firmware/big", vec![0u8; 1001]).await;
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(error_code(resp).await, "too-large");
     // Chunked, so the limit can only be found while streaming.
     let chunks =
         futures_util::stream::iter((0..3).map(|_| Ok::<_, std::io::Error>(vec![0u8; 400])));
-    let resp = c
-        .put(srv.url("/v1/firmware/big"))
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
+    let resp = srv
+        .put("/v1/firmware/big", reqwest::Body::wrap_stream(chunks))
+        .await;
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
-        c.get(srv.url("/v1/firmware/big"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        srv.get("/v1/firmware/big").await.status(),
         StatusCode::NOT_FOUND
     );
     assert!(srv.blob_files().is_empty());
-    let resp = c
-        .put(srv.url("/v1/firmware/small"))
-        .body(vec![0u8; 1000])
-        .send()
-        .await
-        .unwrap();
+    let resp = srv.put("/v1/firmware/small", vec![0u8; 1000]).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     srv.stop().await;
 }
@@ -184,7 +160,7 @@ async fn bad_names_durations_and_parameters_give_400() {
         ("/v1/firmware/ok?sha256=xyz", "invalid-parameter"),
         ("/v1/firmware/ok?retension=1d", "invalid-parameter"),
     ] {
-        let resp = c.put(srv.url(path)).body("data").send().await.unwrap();
+        let resp = srv.put(path, "data").await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{path}");
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["error"]["code"], code, "{path}: {body}");
@@ -217,12 +193,7 @@ async fn bad_names_durations_and_parameters_give_400() {
     assert!(srv.blob_files().is_empty());
     // 128 characters is fine.
     let ok = "n".repeat(128);
-    let resp = c
-        .put(srv.url(&format!("/v1/firmware/{ok}")))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let resp = srv.put(&format!("/v1/firmware/{ok}"), "x").await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let rec: Value = resp.json().await.unwrap();
     assert!(rec["uris"]["http"].as_str().unwrap().len() <= 255);
