@@ -64,6 +64,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub cache: CacheConfig,
     pub coap: CoapConfig,
+    pub fota: FotaConfig,
     pub log: LogConfig,
 }
 
@@ -236,6 +237,37 @@ impl CoapConfig {
     /// Whether coaps+tcp is configured.
     pub fn tls_enabled(&self) -> bool {
         !self.tls_listen.is_empty() && !self.tls_cert.is_empty() && !self.tls_key.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FotaConfig {
+    /// Tasks scheduled with `useQuota` that may be between delivering and updating at once.
+    pub quota: u64,
+    /// How long a task deferred by its device (result 11) waits before it is offered again.
+    pub deferred_retry: Dur,
+    /// Hint given to a device with nothing to do: ask again after this long.
+    pub poll_interval: Dur,
+    /// Longest a firmware import (`firmwareUrl`, `POST /v1/imports`) may take.
+    pub import_timeout: Dur,
+    /// Redirects an import follows at most.
+    pub import_max_redirects: u64,
+    /// Let imports reach loopback, private, link-local and multicast addresses. Off by default
+    /// so a caller cannot make the service fetch from the network it runs in.
+    pub import_allow_internal: bool,
+}
+
+impl Default for FotaConfig {
+    fn default() -> Self {
+        FotaConfig {
+            quota: 10,
+            deferred_retry: Dur(Duration::from_secs(300)),
+            poll_interval: Dur(Duration::from_secs(60)),
+            import_timeout: Dur(Duration::from_secs(600)),
+            import_max_redirects: 5,
+            import_allow_internal: false,
+        }
     }
 }
 

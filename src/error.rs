@@ -10,9 +10,13 @@ pub enum Kind {
     NotFound,
     MethodNotAllowed,
     Conflict,
+    /// Well-formed but not doable here (a transport not served, push delivery).
+    Unprocessable,
     TooLarge,
     RangeNotSatisfiable,
     Unavailable,
+    /// A server this service fetched from failed (imports).
+    BadGateway,
     Internal,
 }
 
@@ -23,9 +27,11 @@ impl Kind {
             Kind::NotFound => StatusCode::NOT_FOUND,
             Kind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Kind::Conflict => StatusCode::CONFLICT,
+            Kind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
             Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Kind::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::BadGateway => StatusCode::BAD_GATEWAY,
             Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -38,9 +44,12 @@ impl Kind {
             Kind::NotFound => code(4, 4),
             Kind::MethodNotAllowed => code(4, 5),
             Kind::Conflict => code(4, 9),
+            // 4.22 Unprocessable Entity (RFC 8132 §5.2).
+            Kind::Unprocessable => code(4, 22),
             Kind::TooLarge => code(4, 13),
             Kind::RangeNotSatisfiable => code(4, 2),
             Kind::Unavailable => code(5, 3),
+            Kind::BadGateway => code(5, 2),
             Kind::Internal => code(5, 0),
         }
     }

@@ -188,9 +188,19 @@ impl Repository {
 
     /// A live (unexpired) record.
     pub async fn resolve(&self, name: &FirmwareName) -> Result<Arc<FirmwareRecord>, FirmwareError> {
+        let record = self.resolve_any(name.as_str()).await?;
+        if record.is_expired(now_ms()) {
+            return Err(FirmwareError::NotFound(name.to_string()));
+        }
+        Ok(record)
+    }
+
+    /// The stored record even when expired: an active FOTA task keeps delivering its
+    /// firmware until it ends (the sweeper leaves such records alone).
+    pub async fn resolve_any(&self, name: &str) -> Result<Arc<FirmwareRecord>, FirmwareError> {
         let cached = self
             .records()
-            .get(name.as_str())
+            .get(name)
             .filter(|(_, at)| at.elapsed() < RECORD_TTL)
             .map(|(r, _)| Arc::clone(r));
         let record = match cached {
@@ -198,21 +208,18 @@ impl Repository {
             None => {
                 let r = self
                     .meta
-                    .get(name.as_str())
+                    .get(name)
                     .await?
                     .map(Arc::new)
-                    .ok_or_else(|| FirmwareError::NotFound(name.to_string()))?;
+                    .ok_or_else(|| FirmwareError::NotFound(name.to_owned()))?;
                 let mut records = self.records();
                 if records.len() >= RECORD_CACHE_ENTRIES {
                     records.clear();
                 }
-                records.insert(name.to_string(), (Arc::clone(&r), Instant::now()));
+                records.insert(name.to_owned(), (Arc::clone(&r), Instant::now()));
                 r
             }
         };
-        if record.is_expired(now_ms()) {
-            return Err(FirmwareError::NotFound(name.to_string()));
-        }
         Ok(record)
     }
 
@@ -307,8 +314,11 @@ impl Repository {
         let now = now_ms();
         // One read serves both questions: is the name taken, or held by an expired record
         // that must be swept before the name is reused?
+        // An expired record an active FOTA task still delivers keeps its name.
         let (existing, expired) = match self.meta.get(name.as_str()).await? {
-            Some(r) if r.is_expired(now) => (None, Some(r)),
+            Some(r) if r.is_expired(now) && !self.meta.firmware_in_use(&r.name).await? => {
+                (None, Some(r))
+            }
             live => (live, None),
         };
         // A name that is taken only needs the digest of the new bytes, not a second copy.
@@ -489,24 +499,33 @@ impl Repository {
         Ok(())
     }
 
-    /// Deletes what has expired by `now`; returns how many.
+    /// Deletes what has expired by `now`, except firmware an active FOTA task still
+    /// delivers (swept when the task ends); returns how many were deleted.
     pub async fn sweep_expired(&self, now: i64) -> Result<usize, FirmwareError> {
         let mut total = 0;
+        let mut kept: Option<FirmwareRecord> = None;
         loop {
-            let batch = self.meta.expired(now, 256).await?;
+            let batch = self.meta.expired(now, kept.as_ref(), 256).await?;
             if batch.is_empty() {
                 return Ok(total);
             }
+            // Every record either leaves the index or moves the cursor past itself.
             for record in &batch {
+                if self.meta.firmware_in_use(&record.name).await? {
+                    tracing::debug!(name = %record.name, "expired firmware kept for an active FOTA task");
+                    kept = Some(record.clone());
+                    continue;
+                }
                 self.remove_record(record).await?;
+                total += 1;
                 tracing::info!(name = %record.name, "firmware expired and removed");
             }
-            total += batch.len();
         }
     }
 
-    pub async fn next_expiry(&self) -> Result<Option<i64>, FirmwareError> {
-        Ok(self.meta.next_expiry().await?)
+    /// The first expiry after `now`.
+    pub async fn next_expiry(&self, now: i64) -> Result<Option<i64>, FirmwareError> {
+        Ok(self.meta.next_expiry_after(now).await?)
     }
 
     /// Deletes blobs no record points at and staged uploads that never finished, when older

@@ -7,6 +7,7 @@ pub mod coap;
 pub mod config;
 pub mod error;
 pub mod firmware;
+pub mod fota;
 pub mod http;
 pub mod keys;
 pub mod meta;

@@ -30,6 +30,7 @@ pub async fn run(repo: Arc<Repository>, max_sleep: Duration, cancel: Cancellatio
 }
 
 async fn pass(repo: &Repository) -> Result<Option<i64>, crate::firmware::FirmwareError> {
-    repo.sweep_expired(now_ms()).await?;
-    repo.next_expiry().await
+    let now = now_ms();
+    repo.sweep_expired(now).await?;
+    repo.next_expiry(now).await
 }

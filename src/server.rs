@@ -13,6 +13,7 @@ use crate::blob::{BlobError, BlobStore};
 use crate::cache::ImageCache;
 use crate::config::{Config, ConfigError};
 use crate::firmware::{FirmwareError, Repository};
+use crate::fota::{Clock, Engine, FotaError, SystemClock};
 use crate::http::{self, AppState};
 use crate::keys::{KeyError, KeyRing};
 use crate::meta::{self, MetaError};
@@ -32,6 +33,8 @@ pub enum StartError {
     Meta(#[from] MetaError),
     #[error(transparent)]
     Firmware(#[from] FirmwareError),
+    #[error(transparent)]
+    Fota(#[from] FotaError),
     #[error("CoAP over TLS: {0}")]
     Tls(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -88,6 +91,15 @@ impl Running {
 
 /// Starts the service; it runs until `cancel` fires.
 pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running, StartError> {
+    start_with_clock(config, cancel, Arc::new(SystemClock)).await
+}
+
+/// Starts the service with the FOTA engine on `clock` (tests move time by hand).
+pub async fn start_with_clock(
+    config: &Config,
+    cancel: CancellationToken,
+    clock: Arc<dyn Clock>,
+) -> Result<Running, StartError> {
     config.validate()?;
     let keys = KeyRing::load_or_create(&config.keys.dir, &config.keys.active)?;
     let active = keys.active();
@@ -96,7 +108,7 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
     let meta = meta::open(&config.meta_backend()?).await?;
     let metrics = Arc::new(Metrics::default());
     let repo = Arc::new(Repository::new(
-        meta,
+        Arc::clone(&meta),
         blobs,
         Arc::new(keys),
         config.http.max_upload_size,
@@ -119,13 +131,23 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
     }
     let mut uri_bases = vec![("http", http_base)];
     let mut tasks = Vec::new();
-    let coap = crate::coap::start(config, &repo, &metrics, &cancel).await?;
+    let engine = Arc::new(Engine::new(
+        meta,
+        Arc::clone(&repo),
+        clock,
+        config.fota.clone(),
+    ));
+    let coap = crate::coap::start(config, &repo, &metrics, &engine, &cancel).await?;
     uri_bases.extend(coap.uri_bases);
     tasks.extend(coap.tasks);
+    engine.set_bases(uri_bases.clone());
+    engine.start(cancel.clone()).await?;
     let state = AppState {
         repo: Arc::clone(&repo),
         metrics,
         uri_bases: Arc::new(uri_bases),
+        engine,
+        cancel: cancel.clone(),
     };
     // Headers and a small body go out as separate writes; without TCP_NODELAY, Nagle holds
     // the body back until the client's delayed ACK (~40 ms), which caps ranged reads.

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::firmware::Repository;
+use crate::fota::Engine;
 use crate::metrics::Metrics;
 use crate::server::StartError;
 
@@ -65,12 +66,14 @@ pub async fn start(
     config: &Config,
     repo: &Arc<Repository>,
     metrics: &Arc<Metrics>,
+    engine: &Arc<Engine>,
     cancel: &CancellationToken,
 ) -> Result<Started, StartError> {
     let c = &config.coap;
     let ctx = Arc::new(handler::CoapContext {
         repo: Arc::clone(repo),
         metrics: Arc::clone(metrics),
+        engine: Arc::clone(engine),
     });
     let limits = tcp::Limits {
         max_connections: c.max_connections as usize,

@@ -28,6 +28,8 @@ pub mod format {
     pub const LINK_FORMAT: u16 = 40;
     pub const OCTET_STREAM: u16 = 42;
     pub const JSON: u16 = 50;
+    pub const CBOR: u16 = 60;
+    pub const SENML_JSON: u16 = 110;
 }
 
 /// A code as class.detail, e.g. `code(2, 5)` for 2.05 Content.
@@ -40,6 +42,7 @@ pub mod codes {
     pub const EMPTY: u8 = 0;
     pub const GET: u8 = code(0, 1);
     pub const POST: u8 = code(0, 2);
+    pub const CHANGED: u8 = code(2, 4);
     pub const CONTENT: u8 = code(2, 5);
     pub const BAD_REQUEST: u8 = code(4, 0);
     pub const BAD_OPTION: u8 = code(4, 2);
@@ -49,6 +52,7 @@ pub mod codes {
     pub const REQUEST_ENTITY_INCOMPLETE: u8 = code(4, 8);
     pub const CONFLICT: u8 = code(4, 9);
     pub const REQUEST_ENTITY_TOO_LARGE: u8 = code(4, 13);
+    pub const UNSUPPORTED_CONTENT_FORMAT: u8 = code(4, 15);
     pub const INTERNAL_SERVER_ERROR: u8 = code(5, 0);
     pub const SERVICE_UNAVAILABLE: u8 = code(5, 3);
     pub const CSM: u8 = code(7, 1);
@@ -115,6 +119,15 @@ impl Message {
 
     pub fn uint_option(&self, number: u16) -> Option<u64> {
         self.option(number).map(|v| decode_uint(v))
+    }
+
+    /// Uri-Path segments.
+    pub fn segments(&self) -> Vec<&[u8]> {
+        self.options
+            .iter()
+            .filter(|(n, _)| *n == opt::URI_PATH)
+            .map(|(_, v)| v.as_ref())
+            .collect()
     }
 
     /// Uri-Path segments joined with '/', without a leading slash.

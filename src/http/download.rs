@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::range::{self, Ranges};
 use super::{parse_name, AppState};
 use crate::firmware::{FirmwareError, Repository};
+use crate::fota::Package;
 use crate::meta::FirmwareRecord;
 use crate::metrics::Metrics;
 
@@ -68,6 +69,23 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Where served bytes are counted: the service total, and the FOTA task a package URI names.
+#[derive(Clone)]
+struct Tally {
+    metrics: Arc<Metrics>,
+    package: Option<Arc<Package>>,
+}
+
+impl Tally {
+    fn add(&self, n: u64) {
+        self.metrics.served(n);
+        if let Some(p) = &self.package {
+            p.served(n);
+        }
+    }
+}
+
+/// `GET`/`HEAD /fw/{name}` and `/v1/firmware/{name}/content`.
 pub async fn content(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -76,6 +94,37 @@ pub async fn content(
 ) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     let record = app.repo.resolve(&name).await?;
+    let tally = Tally {
+        metrics: Arc::clone(&app.metrics),
+        package: None,
+    };
+    respond(&app, record, &method, &headers, tally).await
+}
+
+/// `GET`/`HEAD /p/{fotaId}`: a FOTA task's package URI; bytes served count as its progress.
+pub async fn package(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let package = app.engine.package(&id, method == Method::GET).await?;
+    let record = Arc::clone(&package.record);
+    let tally = Tally {
+        metrics: Arc::clone(&app.metrics),
+        package: Some(package),
+    };
+    respond(&app, record, &method, &headers, tally).await
+}
+
+async fn respond(
+    app: &AppState,
+    record: Arc<FirmwareRecord>,
+    method: &Method,
+    headers: &HeaderMap,
+    tally: Tally,
+) -> Result<Response, ApiError> {
+    let name = &record.name;
     let v = Validators::of(&record);
     let mut base = HeaderMap::new();
     let hv = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("invalid"));
@@ -83,10 +132,10 @@ pub async fn content(
     base.insert(header::LAST_MODIFIED, hv(&v.last_modified_text()));
     base.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 
-    let not_modified = match header_str(&headers, header::IF_NONE_MATCH) {
+    let not_modified = match header_str(headers, header::IF_NONE_MATCH) {
         Some(inm) => v.none_match(inm),
         None => {
-            header_str(&headers, header::IF_MODIFIED_SINCE).is_some_and(|s| v.not_modified_since(s))
+            header_str(headers, header::IF_MODIFIED_SINCE).is_some_and(|s| v.not_modified_since(s))
         }
     };
     if not_modified {
@@ -97,9 +146,9 @@ pub async fn content(
     let size = record.size;
     // Range applies to GET only (RFC 9110 §14.2); a failed If-Range means the whole image.
     let range_header = (method == Method::GET)
-        .then(|| header_str(&headers, header::RANGE))
+        .then(|| header_str(headers, header::RANGE))
         .flatten()
-        .filter(|_| header_str(&headers, header::IF_RANGE).is_none_or(|ir| v.if_range_holds(ir)));
+        .filter(|_| header_str(headers, header::IF_RANGE).is_none_or(|ir| v.if_range_holds(ir)));
     let head = method == Method::HEAD;
     match range::parse(range_header, size) {
         Ranges::Whole => {
@@ -107,7 +156,7 @@ pub async fn content(
             let body = if head {
                 Body::empty()
             } else {
-                body_of(&app, &record, 0..size).await?
+                body_of(app, &record, 0..size, tally).await?
             };
             Ok((StatusCode::OK, base, body).into_response())
         }
@@ -128,10 +177,10 @@ pub async fn content(
             let r = parts[0].clone();
             base.insert(header::CONTENT_RANGE, hv(&content_range(&r, size)));
             base.insert(header::CONTENT_LENGTH, HeaderValue::from(r.end - r.start));
-            let body = body_of(&app, &record, r).await?;
+            let body = body_of(app, &record, r, tally).await?;
             Ok((StatusCode::PARTIAL_CONTENT, base, body).into_response())
         }
-        Ranges::Parts(parts) => Ok(multipart(&app, record, parts, base)),
+        Ranges::Parts(parts) => Ok(multipart(app, record, parts, base, tally)),
     }
 }
 
@@ -143,16 +192,17 @@ async fn body_of(
     app: &AppState,
     record: &FirmwareRecord,
     r: Range<u64>,
+    tally: Tally,
 ) -> Result<Body, FirmwareError> {
     let s = app.repo.read(record, r).await?;
-    Ok(Body::from_stream(counted(s, Arc::clone(&app.metrics))))
+    Ok(Body::from_stream(counted(s, tally)))
 }
 
-fn counted<S, E>(s: S, metrics: Arc<Metrics>) -> impl futures_util::Stream<Item = Result<Bytes, E>>
+fn counted<S, E>(s: S, tally: Tally) -> impl futures_util::Stream<Item = Result<Bytes, E>>
 where
     S: futures_util::Stream<Item = Result<Bytes, E>>,
 {
-    s.inspect_ok(move |b| metrics.served(b.len() as u64))
+    s.inspect_ok(move |b| tally.add(b.len() as u64))
 }
 
 /// `multipart/byteranges` (RFC 9110 §14.6): each part opened only when the previous is sent.
@@ -161,6 +211,7 @@ fn multipart(
     record: Arc<FirmwareRecord>,
     parts: Vec<Range<u64>>,
     mut headers: HeaderMap,
+    tally: Tally,
 ) -> Response {
     let mut id = [0u8; 12];
     getrandom::fill(&mut id).expect("system random source");
@@ -197,6 +248,6 @@ fn multipart(
         })
         .try_flatten()
         .chain(stream::once(async move { Ok(Bytes::from(tail)) }));
-    let body = Body::from_stream(counted(body, Arc::clone(&app.metrics)));
+    let body = Body::from_stream(counted(body, tally));
     (StatusCode::PARTIAL_CONTENT, headers, body).into_response()
 }

@@ -8,6 +8,7 @@ use axum::Json;
 
 use crate::error::Kind;
 use crate::firmware::FirmwareError;
+use crate::fota::FotaError;
 
 /// An error answer.
 #[derive(Debug)]
@@ -15,6 +16,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// One more member of the error object, such as the `fotaId` a conflict is about.
+    pub detail: Option<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -23,6 +26,7 @@ impl ApiError {
             status: kind.http_status(),
             code,
             message: message.into(),
+            detail: None,
         }
     }
 
@@ -37,7 +41,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        if let Some((k, v)) = self.detail {
+            body["error"][k] = v.into();
+        }
         (self.status, Json(body)).into_response()
     }
 }
@@ -45,6 +52,24 @@ impl IntoResponse for ApiError {
 impl From<FirmwareError> for ApiError {
     fn from(e: FirmwareError) -> ApiError {
         let (code, kind) = e.code();
+        ApiError::domain(code, kind, &e)
+    }
+}
+
+impl From<FotaError> for ApiError {
+    fn from(e: FotaError) -> ApiError {
+        let (code, kind) = e.code();
+        let mut err = ApiError::domain(code, kind, &e);
+        if let FotaError::DeviceBusy { fota_id, .. } = e {
+            err.detail = Some(("fotaId", fota_id));
+        }
+        err
+    }
+}
+
+impl ApiError {
+    /// A domain error: its message when the client caused it, a generic one otherwise.
+    fn domain(code: &'static str, kind: Kind, e: &dyn std::fmt::Display) -> ApiError {
         if kind.is_client_error() {
             ApiError::new(kind, code, e.to_string())
         } else {
@@ -78,6 +103,7 @@ impl From<JsonRejection> for ApiError {
             status,
             code,
             message: e.body_text(),
+            detail: None,
         }
     }
 }

@@ -2,7 +2,9 @@
 
 mod download;
 pub mod error;
+mod events;
 mod firmware;
+mod fota;
 mod ops;
 pub mod range;
 
@@ -19,6 +21,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::firmware::Repository;
+use crate::fota::Engine;
 use crate::metrics::Metrics;
 use crate::name::FirmwareName;
 use error::ApiError;
@@ -33,6 +36,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Public base of device URIs per transport (`http`, `coap+tcp`, ...), no trailing slash.
     pub uri_bases: Arc<Vec<(&'static str, String)>>,
+    pub engine: Arc<Engine>,
+    /// Fires at shutdown; long-lived responses (event streams) end with it.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 /// The router and the list of (method, path) it serves, kept in one place so the OpenAPI
@@ -79,6 +85,25 @@ pub fn routes() -> Routes {
     .add(M::HEAD, "/v1/firmware/{name}/content", download::content)
     .add(M::GET, "/fw/{name}", download::content)
     .add(M::HEAD, "/fw/{name}", download::content)
+    .add(M::GET, "/p/{fotaId}", download::package)
+    .add(M::HEAD, "/p/{fotaId}", download::package)
+    .add(M::POST, "/v1/imports", fota::import)
+    .add(M::POST, "/v1/devices/{deviceId}/fota", fota::schedule)
+    .add(M::GET, "/v1/devices/{deviceId}/fota", fota::work)
+    .add(
+        M::POST,
+        "/v1/devices/{deviceId}/methods/{method}",
+        fota::method,
+    )
+    .add(M::GET, "/v1/fota", fota::list)
+    .add(M::GET, "/v1/fota/{fotaId}", fota::status)
+    .add(M::POST, "/v1/fota/{fotaId}/report", fota::report)
+    .add(M::POST, "/v1/fota/{fotaId}/cancel", fota::cancel)
+    .add(M::GET, "/v1/schedules", fota::schedules)
+    .add(M::GET, "/v1/schedules/{name}", fota::get_schedule)
+    .add(M::PUT, "/v1/schedules/{name}", fota::put_schedule)
+    .add(M::DELETE, "/v1/schedules/{name}", fota::delete_schedule)
+    .add(M::GET, "/v1/events", events::events)
 }
 
 /// The complete service with its middleware.

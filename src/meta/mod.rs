@@ -2,6 +2,7 @@
 //! (PostgreSQL) is a second implementation and callers do not change.
 
 mod sled_store;
+mod sled_tasks;
 
 use std::sync::Arc;
 
@@ -9,6 +10,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::config::MetaBackend;
+use crate::fota::schedule::Schedule;
+use crate::fota::task::FotaTask;
 
 /// Why the metadata store failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,14 +77,79 @@ pub trait FirmwareCatalog: Send + Sync {
 /// Records ordered by expiry, so the sweeper sleeps until the next one instead of scanning.
 #[async_trait]
 pub trait ExpiryIndex: Send + Sync {
-    async fn next_expiry(&self) -> Result<Option<i64>, MetaError>;
-    /// Up to `limit` records that expire at or before `now_ms`.
-    async fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<FirmwareRecord>, MetaError>;
+    /// The first expiry strictly after `after_ms`.
+    async fn next_expiry_after(&self, after_ms: i64) -> Result<Option<i64>, MetaError>;
+    /// Up to `limit` records that expire at or before `now_ms`, in expiry order, after the
+    /// record `after` (a cursor for passes that keep some records).
+    async fn expired(
+        &self,
+        now_ms: i64,
+        after: Option<&FirmwareRecord>,
+        limit: usize,
+    ) -> Result<Vec<FirmwareRecord>, MetaError>;
+}
+
+/// What a device last told us about the firmware it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceInfo {
+    pub device_id: String,
+    pub pkg_name: Option<String>,
+    pub pkg_version: Option<String>,
+    pub reported_ms: i64,
+}
+
+/// FOTA tasks with the indexes the engine works from: the active task per device, due times,
+/// quota holders, imports in progress and firmware in use.
+#[async_trait]
+pub trait TaskStore: Send + Sync {
+    /// Stores a new task unless its device has an active one; returns that one's id then.
+    async fn create_task(&self, task: &FotaTask) -> Result<Option<String>, MetaError>;
+    async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError>;
+    /// Replaces a task and moves its index entries; durable when it returns.
+    async fn put_task(&self, task: &FotaTask) -> Result<(), MetaError>;
+    async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError>;
+    /// Tasks in id (creation) order after `after`, of one device or all.
+    async fn list_tasks(
+        &self,
+        device_id: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FotaTask>, MetaError>;
+    /// The earliest moment a task needs the engine.
+    async fn next_due(&self) -> Result<Option<i64>, MetaError>;
+    /// Up to `limit` tasks due at or before `now_ms`.
+    async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<FotaTask>, MetaError>;
+    /// How many tasks hold a quota slot.
+    async fn quota_holders(&self) -> Result<u64, MetaError>;
+    /// Tasks waiting for their firmware to be imported.
+    async fn importing(&self) -> Result<Vec<FotaTask>, MetaError>;
+    /// Whether an active task delivers the firmware `name`.
+    async fn firmware_in_use(&self, name: &str) -> Result<bool, MetaError>;
+}
+
+/// What devices reported, for `useCachedData`.
+#[async_trait]
+pub trait DeviceStore: Send + Sync {
+    async fn get_device(&self, device_id: &str) -> Result<Option<DeviceInfo>, MetaError>;
+    async fn put_device(&self, info: &DeviceInfo) -> Result<(), MetaError>;
+}
+
+/// User-defined maintenance schedules.
+#[async_trait]
+pub trait ScheduleStore: Send + Sync {
+    async fn get_schedule(&self, name: &str) -> Result<Option<Schedule>, MetaError>;
+    async fn put_schedule(&self, schedule: &Schedule) -> Result<(), MetaError>;
+    async fn list_schedules(&self) -> Result<Vec<Schedule>, MetaError>;
+    async fn delete_schedule(&self, name: &str) -> Result<bool, MetaError>;
 }
 
 /// Every metadata concern of the service.
-pub trait MetaStore: FirmwareCatalog + ExpiryIndex {}
-impl<T: FirmwareCatalog + ExpiryIndex> MetaStore for T {}
+pub trait MetaStore:
+    FirmwareCatalog + ExpiryIndex + TaskStore + DeviceStore + ScheduleStore
+{
+}
+impl<T: FirmwareCatalog + ExpiryIndex + TaskStore + DeviceStore + ScheduleStore> MetaStore for T {}
 
 /// Opens the configured backend; the one place that matches on it.
 pub async fn open(backend: &MetaBackend) -> Result<Arc<dyn MetaStore>, MetaError> {
@@ -133,23 +201,28 @@ pub(crate) mod suite {
         assert_eq!(names(store.list("", Some("ab"), 10).await.unwrap()), ["b"]);
         assert_eq!(store.totals().await.unwrap(), (4, 40));
 
-        assert_eq!(store.next_expiry().await.unwrap(), Some(3000));
+        assert_eq!(store.next_expiry_after(0).await.unwrap(), Some(3000));
+        assert_eq!(store.next_expiry_after(3000).await.unwrap(), Some(5000));
         assert_eq!(
-            names(store.expired(2999, 10).await.unwrap()),
+            names(store.expired(2999, None, 10).await.unwrap()),
             Vec::<String>::new()
         );
-        let mut due = names(store.expired(3000, 10).await.unwrap());
-        due.sort();
-        assert_eq!(due, ["aa", "ab", "b"]);
+        let due = store.expired(3000, None, 10).await.unwrap();
+        assert_eq!(names(due.clone()), ["aa", "ab", "b"]);
+        // A cursor skips what a pass kept.
+        assert_eq!(
+            names(store.expired(3000, Some(&due[0]), 10).await.unwrap()),
+            ["ab", "b"]
+        );
 
         // Moving an expiry moves its index entry.
         let mut a2 = a.clone();
         a2.expires_at_ms = Some(1000);
         assert!(store.update(&a2).await.unwrap());
-        assert_eq!(store.next_expiry().await.unwrap(), Some(1000));
+        assert_eq!(store.next_expiry_after(0).await.unwrap(), Some(1000));
         a2.expires_at_ms = None;
         assert!(store.update(&a2).await.unwrap());
-        assert_eq!(store.next_expiry().await.unwrap(), Some(3000));
+        assert_eq!(store.next_expiry_after(0).await.unwrap(), Some(3000));
         assert!(!store
             .update(&record("a", "other-blob", None))
             .await
@@ -159,7 +232,7 @@ pub(crate) mod suite {
         assert!(store.remove("aa", "aa").await.unwrap());
         assert!(store.remove("ab", "ab").await.unwrap());
         assert!(store.remove("b", "b").await.unwrap());
-        assert_eq!(store.next_expiry().await.unwrap(), None);
+        assert_eq!(store.next_expiry_after(0).await.unwrap(), None);
         assert_eq!(store.get("aa").await.unwrap(), None);
         assert_eq!(store.totals().await.unwrap(), (1, 10));
     }

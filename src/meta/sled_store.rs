@@ -8,15 +8,24 @@ use sled::Transactional;
 
 use super::{ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError};
 
-/// Trees: `firmware` (name → JSON record) and `expiry` (8-byte big-endian expiry ms ‖ name).
+/// Trees: `firmware` (name → JSON record), `expiry` (8-byte big-endian expiry ms ‖ name),
+/// and the FOTA trees of `sled_tasks`.
 #[derive(Clone)]
 pub struct SledStore {
-    db: sled::Db,
+    pub(super) db: sled::Db,
     firmware: sled::Tree,
     expiry: sled::Tree,
+    /// Task id → JSON task.
+    pub(super) tasks: sled::Tree,
+    /// Prefixed task index keys (see `sled_tasks`).
+    pub(super) task_index: sled::Tree,
+    /// Device id → JSON `DeviceInfo`.
+    pub(super) devices: sled::Tree,
+    /// Schedule name → JSON schedule.
+    pub(super) schedules: sled::Tree,
 }
 
-fn backend(e: impl std::fmt::Display) -> MetaError {
+pub(super) fn backend(e: impl std::fmt::Display) -> MetaError {
     MetaError::Backend(e.to_string())
 }
 
@@ -49,6 +58,10 @@ impl SledStore {
             Ok(SledStore {
                 firmware: db.open_tree("firmware").map_err(backend)?,
                 expiry: db.open_tree("expiry").map_err(backend)?,
+                tasks: db.open_tree("fota_tasks").map_err(backend)?,
+                task_index: db.open_tree("fota_index").map_err(backend)?,
+                devices: db.open_tree("devices").map_err(backend)?,
+                schedules: db.open_tree("schedules").map_err(backend)?,
                 db,
             })
         })
@@ -56,7 +69,7 @@ impl SledStore {
         .map_err(backend)?
     }
 
-    async fn blocking<T: Send + 'static>(
+    pub(super) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&SledStore) -> Result<T, MetaError> + Send + 'static,
     ) -> Result<T, MetaError> {
@@ -66,7 +79,7 @@ impl SledStore {
             .map_err(backend)?
     }
 
-    async fn flush(&self) -> Result<(), MetaError> {
+    pub(super) async fn flush(&self) -> Result<(), MetaError> {
         self.db.flush_async().await.map_err(backend)?;
         Ok(())
     }
@@ -236,21 +249,40 @@ impl FirmwareCatalog for SledStore {
 
 #[async_trait]
 impl ExpiryIndex for SledStore {
-    async fn next_expiry(&self) -> Result<Option<i64>, MetaError> {
-        self.blocking(|s| {
+    async fn next_expiry_after(&self, after_ms: i64) -> Result<Option<i64>, MetaError> {
+        self.blocking(move |s| {
+            let start = expiry_key(after_ms.saturating_add(1), "");
             Ok(s.expiry
-                .first()
+                .range(start..)
+                .next()
+                .transpose()
                 .map_err(backend)?
                 .map(|(k, _)| expiry_of(&k)))
         })
         .await
     }
 
-    async fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<FirmwareRecord>, MetaError> {
+    async fn expired(
+        &self,
+        now_ms: i64,
+        after: Option<&FirmwareRecord>,
+        limit: usize,
+    ) -> Result<Vec<FirmwareRecord>, MetaError> {
+        let start = match after {
+            Some(r) => {
+                let mut k = expiry_key(r.expires_at_ms.unwrap_or(0), &r.name);
+                k.push(0);
+                k
+            }
+            None => Vec::new(),
+        };
         self.blocking(move |s| {
-            let end = (now_ms.max(0) as u64 + 1).to_be_bytes();
+            let end = (now_ms.max(0) as u64 + 1).to_be_bytes().to_vec();
             let mut out = Vec::new();
-            for item in s.expiry.range(..end.as_slice()).take(limit) {
+            if start >= end {
+                return Ok(out);
+            }
+            for item in s.expiry.range(start..end).take(limit) {
                 let (k, _) = item.map_err(backend)?;
                 let name = &k[8..];
                 if let Some(v) = s.firmware.get(name).map_err(backend)? {

@@ -1,0 +1,779 @@
+//! The engine behind the FOTA routes: every task change goes through `commit`, which persists
+//! the task with its indexes, keeps quota accounting and the package cache in step, and
+//! publishes the transition as an event.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{broadcast, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::clock::Clock;
+use super::import::Importer;
+use super::request::{RequestError, ScheduleRequest};
+use super::schedule::{self, Calendar, Schedule, ScheduleError};
+use super::task::{waiting, FotaTask, Report, Status, TaskOptions};
+use super::view::TaskEvent;
+use super::{check_device, FotaError};
+use crate::config::FotaConfig;
+use crate::firmware::{FirmwareError, Ingested, Repository, UploadRequest};
+use crate::meta::{DeviceInfo, FirmwareRecord, MetaStore};
+use crate::name::FirmwareName;
+
+/// Lock stripes: operations on one task are serialised, different tasks rarely contend.
+const STRIPES: usize = 64;
+/// How long a package lookup is reused for the next block or range of the same task.
+const PACKAGE_TTL: Duration = Duration::from_secs(1);
+/// Tasks handled per batch when timers fire.
+const DUE_BATCH: usize = 256;
+/// Hint to a device whose firmware is still being imported.
+const IMPORT_RETRY: Duration = Duration::from_secs(10);
+/// After a failed timer pass, try again after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Events a slow subscriber may fall behind before it is told it lagged.
+const EVENT_BUFFER: usize = 4096;
+
+/// What a device gets when it asks for work.
+pub enum Work {
+    /// Download `record` from the task's package URI.
+    Task {
+        task: Box<FotaTask>,
+        record: Arc<FirmwareRecord>,
+    },
+    /// Nothing now; ask again after the hint.
+    Nothing { retry_after: Duration },
+}
+
+/// A task's firmware, resolved for serving bytes on its package URI.
+pub struct Package {
+    pub task_id: String,
+    pub record: Arc<FirmwareRecord>,
+    progress: Arc<AtomicU64>,
+}
+
+impl Package {
+    /// Counts bytes served to the task.
+    pub fn served(&self, n: u64) {
+        self.progress.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The FOTA engine.
+pub struct Engine {
+    store: Arc<dyn MetaStore>,
+    repo: Arc<Repository>,
+    clock: Arc<dyn Clock>,
+    config: FotaConfig,
+    importer: Importer,
+    /// Public base per URI scheme, set once the listeners are bound.
+    bases: OnceLock<Vec<(&'static str, String)>>,
+    locks: Vec<tokio::sync::Mutex<()>>,
+    quota_used: Mutex<u64>,
+    /// Bytes served per task not yet folded into the stored task.
+    progress: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    packages: Mutex<HashMap<String, (Arc<Package>, Instant)>>,
+    importing: Mutex<HashSet<String>>,
+    events: broadcast::Sender<Arc<TaskEvent>>,
+    due_changed: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A task id: creation time (ms, 6 bytes) then 10 random bytes, in hex, so ids sort by
+/// creation and cannot be guessed.
+fn new_id(now_ms: i64) -> String {
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(&now_ms.max(0).to_be_bytes()[2..]);
+    getrandom::fill(&mut b[6..]).expect("system random source");
+    hex::encode(b)
+}
+
+fn until(now: i64, at: i64) -> Duration {
+    Duration::from_millis((at - now).max(0) as u64)
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn MetaStore>,
+        repo: Arc<Repository>,
+        clock: Arc<dyn Clock>,
+        config: FotaConfig,
+    ) -> Engine {
+        Engine {
+            importer: Importer::new(&config),
+            store,
+            repo,
+            clock,
+            config,
+            bases: OnceLock::new(),
+            locks: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            quota_used: Mutex::new(0),
+            progress: Mutex::new(HashMap::new()),
+            packages: Mutex::new(HashMap::new()),
+            importing: Mutex::new(HashSet::new()),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            due_changed: Notify::new(),
+        }
+    }
+
+    /// Sets the public bases of package URIs; the first call wins.
+    pub fn set_bases(&self, bases: Vec<(&'static str, String)>) {
+        let _ = self.bases.set(bases);
+    }
+
+    fn bases(&self) -> &[(&'static str, String)] {
+        self.bases.get().map(Vec::as_slice).unwrap_or_default()
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
+        self.events.subscribe()
+    }
+
+    async fn lock_task(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let h = id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        self.locks[h % STRIPES].lock().await
+    }
+
+    /// Restores quota accounting, restarts interrupted imports and runs the timer until
+    /// `cancel` fires.
+    pub async fn start(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), FotaError> {
+        *lock(&self.quota_used) = self.store.quota_holders().await?;
+        for task in self.store.importing().await? {
+            self.spawn_import(task.id);
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.run_timers(cancel).await });
+        Ok(())
+    }
+
+    async fn run_timers(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let changed = self.due_changed.notified();
+            let now = self.clock.now_ms();
+            let next = match self.tick(now).await {
+                Ok(next) => next.unwrap_or(now + 3_600_000),
+                Err(e) => {
+                    tracing::warn!(error = %e, "FOTA timer pass failed");
+                    now + RETRY_AFTER.as_millis() as i64
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = changed => {}
+                _ = self.clock.sleep_until(next) => {}
+            }
+        }
+    }
+
+    /// Handles every task due by `now`; returns when the next one is due.
+    async fn tick(&self, now: i64) -> Result<Option<i64>, FotaError> {
+        loop {
+            let batch = self.store.due(now, DUE_BATCH).await?;
+            for task in &batch {
+                self.on_due(&task.id, now).await?;
+            }
+            if batch.len() < DUE_BATCH {
+                break;
+            }
+        }
+        Ok(self.store.next_due().await?)
+    }
+
+    async fn on_due(&self, id: &str, now: i64) -> Result<(), FotaError> {
+        let _g = self.lock_task(id).await;
+        let Some(mut t) = self.store.get_task(id).await? else {
+            return Ok(());
+        };
+        let before = t.clone();
+        if t.deadline_ms.is_some_and(|d| d <= now) {
+            t.set(Status::Failed, Some("timeout"), now);
+        } else if t.wake_ms.is_some_and(|w| w <= now) {
+            t.wake_ms = None;
+            if t.status == Status::Pending {
+                let cal = calendar(&t.options.schedule);
+                if cal.is_open(now) {
+                    t.set(Status::Pending, Some(waiting::DEVICE), now);
+                } else {
+                    t.wake_ms = cal.next_open(now);
+                    if t.reason.as_deref() != Some(waiting::WINDOW) {
+                        t.pause_clock(now);
+                        t.set(Status::Pending, Some(waiting::WINDOW), now);
+                    }
+                }
+            }
+        } else {
+            return Ok(());
+        }
+        self.commit(&before, &mut t).await
+    }
+
+    /// Persists a changed task and everything that follows from the change.
+    async fn commit(&self, before: &FotaTask, t: &mut FotaTask) -> Result<(), FotaError> {
+        let unsaved = lock(&self.progress).get(&t.id).cloned();
+        let folded = unsaved.as_ref().map_or(0, |p| p.swap(0, Ordering::Relaxed));
+        t.bytes_served += folded;
+        if let Err(e) = self.store.put_task(t).await {
+            if let Some(p) = unsaved {
+                p.fetch_add(folded, Ordering::Relaxed);
+            }
+            t.bytes_served -= folded;
+            if !before.holds_quota() && t.holds_quota() {
+                self.release_quota();
+            }
+            return Err(e.into());
+        }
+        if before.holds_quota() && !t.holds_quota() {
+            self.release_quota();
+        }
+        lock(&self.packages).remove(&t.id);
+        if !t.is_active() {
+            lock(&self.progress).remove(&t.id);
+            // Expired firmware this task kept alive may go now.
+            self.repo.expiry_changed.notify_one();
+        }
+        if before.due_ms() != t.due_ms() {
+            self.due_changed.notify_one();
+        }
+        if before.status != t.status || before.reason != t.reason || before.state != t.state {
+            let _ = self.events.send(Arc::new(TaskEvent::of(t, self.now_ms())));
+            tracing::info!(
+                fota_id = %t.id, device = %t.device_id, status = t.status.as_str(),
+                reason = t.reason.as_deref().unwrap_or(""), "FOTA task"
+            );
+        }
+        Ok(())
+    }
+
+    fn reserve_quota(&self) -> bool {
+        let mut used = lock(&self.quota_used);
+        if *used < self.config.quota {
+            *used += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn release_quota(&self) {
+        let mut used = lock(&self.quota_used);
+        *used = used.saturating_sub(1);
+    }
+
+    /// Bytes served to a task, including what is not yet stored.
+    pub fn bytes_served(&self, t: &FotaTask) -> u64 {
+        t.bytes_served
+            + lock(&self.progress)
+                .get(&t.id)
+                .map_or(0, |p| p.load(Ordering::Relaxed))
+    }
+
+    /// The schedule named in a request: built in, or stored.
+    async fn find_schedule(&self, name: &str) -> Result<Schedule, FotaError> {
+        if let Some(s) = schedule::built_in(name) {
+            return Ok(s);
+        }
+        self.store.get_schedule(name).await?.ok_or_else(|| {
+            RequestError::Invalid {
+                field: "schedule",
+                message: format!("no schedule named {name:?}"),
+            }
+            .into()
+        })
+    }
+
+    fn served_protocols(&self) -> String {
+        self.bases()
+            .iter()
+            .filter_map(|(scheme, _)| super::request::Protocol::of_scheme(scheme))
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether the device already runs the firmware, by what it last reported.
+    async fn runs_already(
+        &self,
+        device: &str,
+        record: &FirmwareRecord,
+    ) -> Result<Option<String>, FotaError> {
+        let (Some(want_name), Some(want_version)) = (&record.description, &record.version) else {
+            return Ok(None);
+        };
+        let Some(info) = self.store.get_device(device).await? else {
+            return Ok(None);
+        };
+        Ok(
+            (info.pkg_name.as_ref() == Some(want_name)
+                && info.pkg_version.as_ref() == Some(want_version))
+            .then(|| {
+                format!("device reported {want_name} {want_version} already (useCachedData); nothing to download")
+            }),
+        )
+    }
+
+    /// Creates a task from the seed's `scheduleFirmwareUpdate` payload.
+    pub async fn schedule(
+        self: &Arc<Self>,
+        device: &str,
+        body: &Value,
+    ) -> Result<FotaTask, FotaError> {
+        check_device(device)?;
+        let req = ScheduleRequest::parse(body)?;
+        let scheme = req.protocol.scheme();
+        let base = self
+            .bases()
+            .iter()
+            .find(|(s, _)| *s == scheme)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(|| FotaError::ProtocolNotServed {
+                requested: req.protocol.name(),
+                served: self.served_protocols(),
+            })?;
+        let sched = self.find_schedule(&req.schedule).await?;
+        if let Some(active) = self.store.active_task(device).await? {
+            return Err(FotaError::DeviceBusy {
+                device: device.to_owned(),
+                fota_id: active,
+            });
+        }
+        let record = match self.repo.resolve(&req.name).await {
+            Ok(r) => Some(r),
+            Err(FirmwareError::NotFound(_)) if req.firmware_url.is_some() => None,
+            Err(FirmwareError::NotFound(n)) => return Err(FotaError::NoFirmware(n)),
+            Err(e) => return Err(e.into()),
+        };
+        let now = self.now_ms();
+        let id = new_id(now);
+        let mut t = FotaTask {
+            package_uri: format!("{base}/p/{id}"),
+            id,
+            device_id: device.to_owned(),
+            firmware: req.name.to_string(),
+            options: TaskOptions {
+                timeout_ms: req.timeout.as_millis() as i64,
+                protocol: req.protocol,
+                firmware_url: req.firmware_url.as_ref().map(|u| u.to_string()),
+                retention_secs: req.retention.map(|d| d.as_secs()),
+                description: req.description.clone(),
+                use_quota: req.use_quota,
+                use_cached_data: req.use_cached_data,
+                resume_after_downlink_failure: req.resume_after_downlink_failure,
+                upgrade_strategy: req.upgrade_strategy,
+                schedule: sched,
+            },
+            status: Status::Pending,
+            reason: None,
+            note: None,
+            state: 0,
+            update_result: 0,
+            bytes_served: 0,
+            size: record.as_ref().map(|r| r.size),
+            created_ms: now,
+            started_ms: None,
+            finished_ms: None,
+            deadline_ms: None,
+            remaining_ms: None,
+            wake_ms: None,
+            history: Vec::new(),
+        };
+        match &record {
+            None => t.set(Status::Pending, Some(waiting::IMPORT), now),
+            Some(r) => match self.cached(&t, r).await? {
+                Some(note) => {
+                    t.note = Some(note);
+                    t.update_result = 1;
+                    t.set(Status::Succeeded, Some("cached-data"), now);
+                }
+                None => self.place(&mut t, now),
+            },
+        }
+        if let Some(active) = self.store.create_task(&t).await? {
+            return Err(FotaError::DeviceBusy {
+                device: device.to_owned(),
+                fota_id: active,
+            });
+        }
+        let _ = self.events.send(Arc::new(TaskEvent::of(&t, now)));
+        tracing::info!(fota_id = %t.id, device, firmware = %t.firmware, status = t.status.as_str(), "FOTA task scheduled");
+        if t.is_importing() {
+            self.spawn_import(t.id.clone());
+        }
+        if t.due_ms().is_some() {
+            self.due_changed.notify_one();
+        }
+        Ok(t)
+    }
+
+    async fn cached(&self, t: &FotaTask, r: &FirmwareRecord) -> Result<Option<String>, FotaError> {
+        if !t.options.use_cached_data {
+            return Ok(None);
+        }
+        self.runs_already(&t.device_id, r).await
+    }
+
+    /// A task whose firmware is ready waits for its window or for the device.
+    fn place(&self, t: &mut FotaTask, now: i64) {
+        let cal = calendar(&t.options.schedule);
+        if cal.is_open(now) {
+            t.set(Status::Pending, Some(waiting::DEVICE), now);
+        } else {
+            t.wake_ms = cal.next_open(now);
+            t.set(Status::Pending, Some(waiting::WINDOW), now);
+        }
+    }
+
+    fn spawn_import(self: &Arc<Self>, id: String) {
+        if !lock(&self.importing).insert(id.clone()) {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = this.run_import(&id).await {
+                tracing::warn!(fota_id = %id, error = %e, "FOTA import could not be recorded");
+            }
+            lock(&this.importing).remove(&id);
+        });
+    }
+
+    async fn run_import(&self, id: &str) -> Result<(), FotaError> {
+        let Some(t) = self.store.get_task(id).await? else {
+            return Ok(());
+        };
+        let url = t.options.firmware_url.as_deref().unwrap_or_default();
+        let outcome = match (FirmwareName::parse(&t.firmware), url::Url::parse(url)) {
+            (Ok(name), Ok(url)) => {
+                let description = Some(t.options.description.clone()).filter(|d| !d.is_empty());
+                let retention = t.options.retention_secs.map(Duration::from_secs);
+                self.import(&name, &url, retention, description, None)
+                    .await
+                    .map(|i| match i {
+                        Ingested::Created(r) | Ingested::Existing(r) => r,
+                    })
+            }
+            _ => Err(FotaError::NoFirmware(t.firmware.clone())),
+        };
+        let _g = self.lock_task(id).await;
+        let Some(mut t) = self.store.get_task(id).await? else {
+            return Ok(());
+        };
+        if !t.is_importing() {
+            return Ok(());
+        }
+        let before = t.clone();
+        let now = self.now_ms();
+        match outcome {
+            Ok(record) => {
+                t.size = Some(record.size);
+                match self.cached(&t, &record).await? {
+                    Some(note) => {
+                        t.note = Some(note);
+                        t.update_result = 1;
+                        t.set(Status::Succeeded, Some("cached-data"), now);
+                    }
+                    None => self.place(&mut t, now),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(fota_id = %id, error = %e, "FOTA import failed");
+                t.note = Some(e.to_string());
+                t.set(Status::Failed, Some("import-failed"), now);
+            }
+        }
+        self.commit(&before, &mut t).await
+    }
+
+    /// Downloads `url` into the repository under `name`, unless the name is stored already.
+    pub async fn import(
+        &self,
+        name: &FirmwareName,
+        url: &url::Url,
+        retention: Option<Duration>,
+        description: Option<String>,
+        version: Option<String>,
+    ) -> Result<Ingested, FotaError> {
+        if let Ok(r) = self.repo.resolve(name).await {
+            return Ok(Ingested::Existing(FirmwareRecord::clone(&r)));
+        }
+        let resp = self.importer.fetch(url).await?;
+        let req = UploadRequest {
+            retention,
+            description,
+            version,
+            content_length: resp.content_length(),
+            ..UploadRequest::default()
+        };
+        let body = futures_util::TryStreamExt::map_err(resp.bytes_stream(), |e| {
+            super::import::classify(url, e)
+        });
+        Ok(self.repo.ingest(name, req, body).await?)
+    }
+
+    /// What the device should do now.
+    pub async fn work(&self, device: &str) -> Result<Work, FotaError> {
+        check_device(device)?;
+        let poll = self.config.poll_interval.0;
+        let Some(id) = self.store.active_task(device).await? else {
+            return Ok(Work::Nothing { retry_after: poll });
+        };
+        let _g = self.lock_task(&id).await;
+        let Some(mut t) = self.store.get_task(&id).await? else {
+            return Ok(Work::Nothing { retry_after: poll });
+        };
+        let now = self.now_ms();
+        if t.status.is_final() {
+            return Ok(Work::Nothing { retry_after: poll });
+        }
+        let record = match self.repo.resolve_any(&t.firmware).await {
+            Ok(r) => r,
+            Err(FirmwareError::NotFound(_)) if t.is_importing() => {
+                return Ok(Work::Nothing {
+                    retry_after: IMPORT_RETRY,
+                })
+            }
+            Err(FirmwareError::NotFound(_)) => {
+                let before = t.clone();
+                t.note = Some(format!("firmware {:?} was deleted", t.firmware));
+                t.set(Status::Failed, Some("firmware-missing"), now);
+                self.commit(&before, &mut t).await?;
+                return Ok(Work::Nothing { retry_after: poll });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if t.status.is_started() {
+            return Ok(Work::Task {
+                task: Box::new(t),
+                record,
+            });
+        }
+        if t.is_importing() {
+            return Ok(Work::Nothing {
+                retry_after: IMPORT_RETRY,
+            });
+        }
+        let before = t.clone();
+        if let Some(wake) = t
+            .wake_ms
+            .filter(|w| *w > now && t.reason.as_deref() == Some(waiting::DEFERRED))
+        {
+            return Ok(Work::Nothing {
+                retry_after: until(now, wake),
+            });
+        }
+        if let Some(note) = self.cached(&t, &record).await? {
+            t.note = Some(note);
+            t.update_result = 1;
+            t.set(Status::Succeeded, Some("cached-data"), now);
+            self.commit(&before, &mut t).await?;
+            return Ok(Work::Nothing { retry_after: poll });
+        }
+        let cal = calendar(&t.options.schedule);
+        if !cal.is_open(now) {
+            t.pause_clock(now);
+            t.wake_ms = cal.next_open(now);
+            if t.reason.as_deref() != Some(waiting::WINDOW) {
+                t.set(Status::Pending, Some(waiting::WINDOW), now);
+            }
+            let retry_after = t.wake_ms.map_or(poll, |w| until(now, w));
+            if t != before {
+                self.commit(&before, &mut t).await?;
+            }
+            return Ok(Work::Nothing { retry_after });
+        }
+        if t.options.use_quota && !self.reserve_quota() {
+            t.pause_clock(now);
+            if t.reason.as_deref() != Some(waiting::QUOTA) {
+                t.set(Status::Pending, Some(waiting::QUOTA), now);
+            }
+            if t != before {
+                self.commit(&before, &mut t).await?;
+            }
+            return Ok(Work::Nothing { retry_after: poll });
+        }
+        t.size = Some(record.size);
+        t.deliver(now);
+        self.commit(&before, &mut t).await?;
+        Ok(Work::Task {
+            task: Box::new(t),
+            record,
+        })
+    }
+
+    /// Applies a device report.
+    pub async fn report(&self, id: &str, report: &Report) -> Result<FotaTask, FotaError> {
+        let _g = self.lock_task(id).await;
+        let mut t = self
+            .store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
+        let before = t.clone();
+        let now = self.now_ms();
+        let deferred_until = now.saturating_add(self.config.deferred_retry.0.as_millis() as i64);
+        t.apply(report, deferred_until, now)?;
+        if report.pkg_name.is_some() || report.pkg_version.is_some() {
+            self.store
+                .put_device(&DeviceInfo {
+                    device_id: t.device_id.clone(),
+                    pkg_name: report.pkg_name.clone(),
+                    pkg_version: report.pkg_version.clone(),
+                    reported_ms: now,
+                })
+                .await?;
+        }
+        if t != before {
+            self.commit(&before, &mut t).await?;
+        }
+        Ok(t)
+    }
+
+    /// Cancels a task that has not reached `updating`.
+    pub async fn cancel(&self, id: &str) -> Result<FotaTask, FotaError> {
+        let _g = self.lock_task(id).await;
+        let mut t = self
+            .store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
+        let before = t.clone();
+        t.cancel(self.now_ms())?;
+        self.commit(&before, &mut t).await?;
+        Ok(t)
+    }
+
+    pub async fn task(&self, id: &str) -> Result<FotaTask, FotaError> {
+        self.store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| FotaError::NotFound(id.to_owned()))
+    }
+
+    /// A page of tasks, optionally of one device and in one status, and the next cursor.
+    pub async fn list(
+        &self,
+        device: Option<&str>,
+        status: Option<Status>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<FotaTask>, Option<String>), FotaError> {
+        if let Some(d) = device {
+            check_device(d)?;
+        }
+        let page = self.store.list_tasks(device, after, limit).await?;
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|t| t.id.clone()))
+            .flatten();
+        let tasks = page
+            .into_iter()
+            .filter(|t| status.is_none_or(|s| t.status == s))
+            .collect();
+        Ok((tasks, next))
+    }
+
+    /// The firmware behind a task's package URI. A request for bytes moves a task that was
+    /// just delivered to `downloading`.
+    pub async fn package(&self, id: &str, for_bytes: bool) -> Result<Arc<Package>, FotaError> {
+        if let Some((p, at)) = lock(&self.packages).get(id) {
+            if at.elapsed() < PACKAGE_TTL {
+                return Ok(Arc::clone(p));
+            }
+        }
+        let mut t = self.task(id).await?;
+        if !t.status.is_started() {
+            return Err(FotaError::PackageUnavailable(
+                id.to_owned(),
+                t.status.as_str(),
+            ));
+        }
+        if t.status == Status::Delivering && for_bytes {
+            let _g = self.lock_task(id).await;
+            t = self.task(id).await?;
+            if t.status == Status::Delivering {
+                let before = t.clone();
+                let now = self.now_ms();
+                t.set(Status::Downloading, None, now);
+                self.commit(&before, &mut t).await?;
+            }
+        }
+        let record = self.repo.resolve_any(&t.firmware).await?;
+        let progress = Arc::clone(
+            lock(&self.progress)
+                .entry(t.id.clone())
+                .or_insert_with(|| Arc::new(AtomicU64::new(0))),
+        );
+        let p = Arc::new(Package {
+            task_id: t.id.clone(),
+            record,
+            progress,
+        });
+        if t.status != Status::Delivering {
+            let mut cache = lock(&self.packages);
+            if cache.len() >= 10_000 {
+                cache.clear();
+            }
+            cache.insert(t.id, (Arc::clone(&p), Instant::now()));
+        }
+        Ok(p)
+    }
+
+    /// Every schedule: the built-in ones, then the stored ones.
+    pub async fn schedules(&self) -> Result<Vec<Schedule>, FotaError> {
+        let mut all = schedule::built_ins();
+        all.extend(self.store.list_schedules().await?);
+        Ok(all)
+    }
+
+    pub async fn get_schedule(&self, name: &str) -> Result<Schedule, FotaError> {
+        if let Some(s) = schedule::built_in(name) {
+            return Ok(s);
+        }
+        self.store
+            .get_schedule(name)
+            .await?
+            .ok_or_else(|| ScheduleError::NotFound(name.to_owned()).into())
+    }
+
+    /// Creates or replaces a user-defined schedule. Tasks keep the schedule they were created
+    /// with.
+    pub async fn put_schedule(&self, name: &str, mut s: Schedule) -> Result<Schedule, FotaError> {
+        schedule::check_name(name)?;
+        if schedule::built_in(name).is_some() {
+            return Err(ScheduleError::BuiltIn(name.to_owned()).into());
+        }
+        s.name = name.to_owned();
+        s.built_in = false;
+        s.check()?;
+        self.store.put_schedule(&s).await?;
+        Ok(s)
+    }
+
+    pub async fn delete_schedule(&self, name: &str) -> Result<(), FotaError> {
+        if schedule::built_in(name).is_some() {
+            return Err(ScheduleError::BuiltIn(name.to_owned()).into());
+        }
+        if self.store.delete_schedule(name).await? {
+            Ok(())
+        } else {
+            Err(ScheduleError::NotFound(name.to_owned()).into())
+        }
+    }
+}
+
+/// A stored schedule was checked when it was saved; one that no longer compiles (a time zone
+/// gone from the system database) is treated as always open rather than blocking forever.
+fn calendar(s: &Schedule) -> Calendar {
+    s.calendar().unwrap_or_else(|e| {
+        tracing::warn!(schedule = %s.name, error = %e, "schedule does not compile; treating it as always open");
+        Calendar::always()
+    })
+}

@@ -1,0 +1,229 @@
+//! Server-side fetches of firmware (`firmwareUrl`, `POST /v1/imports`): streaming, bounded in
+//! time and redirects, and refusing internal addresses after DNS resolution and on every
+//! redirect, so a caller cannot make the service reach into the network it runs in.
+
+use std::error::Error as StdError;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::config::FotaConfig;
+
+/// Why an import failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{url} answered {status}")]
+    Upstream { url: String, status: u16 },
+    #[error("fetching {url} took longer than the import timeout")]
+    Timeout { url: String },
+    #[error("fetching {url} failed: {message}")]
+    Network { url: String, message: String },
+}
+
+impl ImportError {
+    pub fn code(&self) -> (&'static str, crate::error::Kind) {
+        use crate::error::Kind;
+        match self {
+            ImportError::Refused(_) => ("import-refused", Kind::Unprocessable),
+            ImportError::Upstream { .. } | ImportError::Network { .. } => {
+                ("import-failed", Kind::BadGateway)
+            }
+            ImportError::Timeout { .. } => ("import-timeout", Kind::BadGateway),
+        }
+    }
+}
+
+/// Refusal carried through reqwest's error chain.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refusal(String);
+
+/// Whether an address is one a server-side fetch must not reach by default: loopback,
+/// private, shared, link-local, multicast, broadcast, unspecified, and their IPv6 forms.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_unspecified()
+                || o[0] == 0
+                // 100.64.0.0/10, carrier-grade NAT (RFC 6598).
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                // fe80::/10 link-local, fc00::/7 unique local.
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xfe00) == 0xfc00
+        }
+    }
+}
+
+fn refusal(host: &str, ip: IpAddr) -> String {
+    format!(
+        "{host} resolves to {ip}, an internal address; imports from internal addresses are off (fota.import_allow_internal)"
+    )
+}
+
+/// A resolver that drops internal addresses, so the connection can only go to what was checked.
+struct GuardedResolver;
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = addrs
+                .iter()
+                .copied()
+                .filter(|a| !is_internal(a.ip()))
+                .collect();
+            match (allowed.is_empty(), addrs.first()) {
+                (true, Some(a)) => Err(Box::new(Refusal(refusal(&host, a.ip()))) as _),
+                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// An IP literal host that is internal.
+fn literal_refusal(url: &url::Url) -> Option<String> {
+    let ip = match url.host()? {
+        url::Host::Ipv4(v4) => IpAddr::V4(v4),
+        url::Host::Ipv6(v6) => IpAddr::V6(v6),
+        url::Host::Domain(_) => return None,
+    };
+    is_internal(ip).then(|| refusal(&ip.to_string(), ip))
+}
+
+/// The HTTP client of imports.
+pub struct Importer {
+    client: reqwest::Client,
+    allow_internal: bool,
+}
+
+impl Importer {
+    pub fn new(config: &FotaConfig) -> Importer {
+        let allow_internal = config.import_allow_internal;
+        let max = config.import_max_redirects as usize;
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > max {
+                let m = format!("more than {max} redirects");
+                return attempt.error(Refusal(m));
+            }
+            if !matches!(attempt.url().scheme(), "http" | "https") {
+                let m = format!("redirect to a non-HTTP URL {}", attempt.url());
+                return attempt.error(Refusal(m));
+            }
+            match literal_refusal(attempt.url()).filter(|_| !allow_internal) {
+                Some(m) => attempt.error(Refusal(m)),
+                None => attempt.follow(),
+            }
+        });
+        let mut builder = reqwest::Client::builder()
+            .redirect(policy)
+            .timeout(config.import_timeout.0)
+            .no_proxy()
+            .user_agent(concat!("fwrepo/", env!("CARGO_PKG_VERSION")));
+        if !allow_internal {
+            builder = builder.dns_resolver(Arc::new(GuardedResolver));
+        }
+        Importer {
+            client: builder
+                .build()
+                .expect("HTTP client configuration is static"),
+            allow_internal,
+        }
+    }
+
+    /// Starts a download; the body streams from the returned response.
+    pub async fn fetch(&self, url: &url::Url) -> Result<reqwest::Response, ImportError> {
+        if !self.allow_internal {
+            if let Some(m) = literal_refusal(url) {
+                return Err(ImportError::Refused(m));
+            }
+        }
+        let resp = self
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| classify(url, e))?;
+        if !resp.status().is_success() {
+            return Err(ImportError::Upstream {
+                url: resp.url().to_string(),
+                status: resp.status().as_u16(),
+            });
+        }
+        Ok(resp)
+    }
+}
+
+/// Maps a reqwest failure, finding our refusal inside its error chain.
+pub fn classify(url: &url::Url, e: reqwest::Error) -> ImportError {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<Refusal>() {
+            return ImportError::Refused(r.0.clone());
+        }
+        source = s.source();
+    }
+    if e.is_timeout() {
+        return ImportError::Timeout {
+            url: url.to_string(),
+        };
+    }
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message = format!("{message}: {s}");
+        source = s.source();
+    }
+    ImportError::Network {
+        url: url.to_string(),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_addresses() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_internal(a.parse().unwrap()), "{a}");
+        }
+        for a in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "100.128.0.1"] {
+            assert!(!is_internal(a.parse().unwrap()), "{a}");
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! FOTA routes: schedule, work requests, reports, status, list, cancel, the seed's direct
+//! methods, schedules and imports.
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::firmware::view;
+use super::{parse_name, AppState};
+use crate::firmware::Ingested;
+use crate::fota::report::{self, MAX_REPORT};
+use crate::fota::request::parse_url;
+use crate::fota::schedule::Schedule;
+use crate::fota::task::{FotaTask, Status};
+use crate::fota::view::{task_json, work_json};
+use crate::fota::{FotaError, Work};
+use crate::name::parse_duration;
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+fn json_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid-body", format!("invalid JSON: {e}")))
+}
+
+fn task_view(app: &AppState, t: &FotaTask) -> Json<Value> {
+    Json(task_json(t, app.engine.bytes_served(t)))
+}
+
+/// `POST /v1/devices/{deviceId}/fota`
+pub async fn schedule(
+    State(app): State<AppState>,
+    Path(device): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let t = app.engine.schedule(&device, &json_body(&body)?).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/v1/fota/{}", t.id))],
+        Json(json!({"fotaId": t.id})),
+    )
+        .into_response())
+}
+
+/// `GET /v1/devices/{deviceId}/fota`: the device's work, or 204 with a Retry-After hint.
+pub async fn work(
+    State(app): State<AppState>,
+    Path(device): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(match app.engine.work(&device).await? {
+        Work::Task { task, record } => Json(work_json(&task, &record)).into_response(),
+        Work::Nothing { retry_after } => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            (
+                StatusCode::NO_CONTENT,
+                [(header::RETRY_AFTER, secs.to_string())],
+            )
+                .into_response()
+        }
+    })
+}
+
+/// `POST /v1/fota/{fotaId}/report`: plain JSON, or a SenML pack as `application/senml+json`.
+pub async fn report(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    if body.len() > MAX_REPORT {
+        return Err(ApiError::new(
+            crate::error::Kind::TooLarge,
+            "too-large",
+            format!("a report is at most {MAX_REPORT} bytes"),
+        ));
+    }
+    let senml = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/senml+json"));
+    let parsed = if senml {
+        report::from_senml(&body)
+    } else {
+        report::from_json(&body)
+    };
+    let t = app
+        .engine
+        .report(&id, &parsed.map_err(FotaError::from)?)
+        .await?;
+    Ok(task_view(&app, &t))
+}
+
+/// `GET /v1/fota/{fotaId}`
+pub async fn status(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let t = app.engine.task(&id).await?;
+    Ok(task_view(&app, &t))
+}
+
+/// `POST /v1/fota/{fotaId}/cancel`
+pub async fn cancel(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let t = app.engine.cancel(&id).await?;
+    Ok(task_view(&app, &t))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListQuery {
+    device_id: Option<String>,
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/fota?deviceId=&status=&cursor=&limit=`
+pub async fn list(
+    State(app): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            Status::parse(s).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid-parameter",
+                    format!("status: {s:?} is not a task status"),
+                )
+            })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let (tasks, next) = app
+        .engine
+        .list(q.device_id.as_deref(), status, q.cursor.as_deref(), limit)
+        .await?;
+    let tasks: Vec<Value> = tasks
+        .iter()
+        .map(|t| task_json(t, app.engine.bytes_served(t)))
+        .collect();
+    Ok(Json(json!({"tasks": tasks, "next": next})))
+}
+
+/// The `fotaId` of a check or cancel payload, which must belong to `device`.
+async fn task_of(app: &AppState, device: &str, payload: &Value) -> Result<FotaTask, ApiError> {
+    let id = payload
+        .get("fotaId")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("invalid-parameter", "fotaId: is required"))?;
+    let t = app.engine.task(id).await?;
+    if t.device_id != device {
+        return Err(FotaError::NotFound(id.to_owned()).into());
+    }
+    Ok(t)
+}
+
+/// `POST /v1/devices/{deviceId}/methods/{method}`: the seed's direct methods, answered as a
+/// direct method result `{"status", "payload"}` so a bridge can forward it unchanged.
+pub async fn method(
+    State(app): State<AppState>,
+    Path((device, method)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let known = [
+        "scheduleFirmwareUpdate",
+        "checkFirmwareUpdateStatus",
+        "cancelFirmwareUpdate",
+    ];
+    if !known.contains(&method.as_str()) {
+        return Err(ApiError::new(
+            crate::error::Kind::NotFound,
+            "unknown-method",
+            format!("unknown method {method:?}; known: {}", known.join(", ")),
+        ));
+    }
+    let result: Result<Value, ApiError> = async {
+        let payload = json_body(&body)?;
+        match method.as_str() {
+            "scheduleFirmwareUpdate" => {
+                let t = app.engine.schedule(&device, &payload).await?;
+                Ok(json!({"fotaId": t.id}))
+            }
+            "checkFirmwareUpdateStatus" => {
+                let t = task_of(&app, &device, &payload).await?;
+                Ok(task_view(&app, &t).0)
+            }
+            _ => {
+                let t = task_of(&app, &device, &payload).await?;
+                let t = app.engine.cancel(&t.id).await?;
+                Ok(task_view(&app, &t).0)
+            }
+        }
+    }
+    .await;
+    Ok(Json(match result {
+        Ok(payload) => json!({"status": 200, "payload": payload}),
+        Err(e) => {
+            let status = e.status.as_u16();
+            let body = e.into_response();
+            let payload = axum::body::to_bytes(body.into_body(), 64 << 10)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .unwrap_or(Value::Null);
+            json!({"status": status, "payload": payload})
+        }
+    }))
+}
+
+/// `GET /v1/schedules`
+pub async fn schedules(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"schedules": app.engine.schedules().await?})))
+}
+
+/// `GET /v1/schedules/{name}`
+pub async fn get_schedule(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Schedule>, ApiError> {
+    Ok(Json(app.engine.get_schedule(&name).await?))
+}
+
+/// `PUT /v1/schedules/{name}`
+pub async fn put_schedule(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Schedule>, ApiError> {
+    let s: Schedule = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid-schedule", e.to_string()))?;
+    Ok(Json(app.engine.put_schedule(&name, s).await?))
+}
+
+/// `DELETE /v1/schedules/{name}`
+pub async fn delete_schedule(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.engine.delete_schedule(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ImportBody {
+    name: String,
+    url: String,
+    retention_period: Option<String>,
+    description: Option<String>,
+    version: Option<String>,
+}
+
+/// `POST /v1/imports`: fetches a URL into the repository under a name.
+pub async fn import(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let b: ImportBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid-parameter", e.to_string()))?;
+    let name = parse_name(&b.name)?;
+    let url = parse_url("url", &b.url).map_err(FotaError::from)?;
+    let retention = b
+        .retention_period
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid-parameter", format!("retentionPeriod: {e}")))?;
+    for (field, v) in [("description", &b.description), ("version", &b.version)] {
+        if let Some(v) = v {
+            crate::firmware::check_text(field, v)?;
+        }
+    }
+    let ingested = app
+        .engine
+        .import(&name, &url, retention, b.description, b.version)
+        .await?;
+    Ok(match ingested {
+        Ingested::Created(r) => (
+            StatusCode::CREATED,
+            [(header::LOCATION, format!("/v1/firmware/{}", r.name))],
+            Json(view(&app, &r)),
+        )
+            .into_response(),
+        Ingested::Existing(r) => (StatusCode::OK, Json(view(&app, &r))).into_response(),
+    })
+}
