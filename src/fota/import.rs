@@ -39,6 +39,11 @@ impl ImportError {
 #[error("{0}")]
 struct Refusal(String);
 
+/// A redirect chain longer than allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("more than {0} redirects")]
+struct RedirectLimit(usize);
+
 /// Whether an address is one a server-side fetch must not reach by default: loopback,
 /// private, shared, link-local, multicast, broadcast, unspecified, and their IPv6 forms.
 pub fn is_internal(ip: IpAddr) -> bool {
@@ -120,8 +125,7 @@ impl Importer {
         let max = config.import_max_redirects as usize;
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() > max {
-                let m = format!("more than {max} redirects");
-                return attempt.error(Refusal(m));
+                return attempt.error(RedirectLimit(max));
             }
             if !matches!(attempt.url().scheme(), "http" | "https") {
                 let m = format!("redirect to a non-HTTP URL {}", attempt.url());

@@ -58,7 +58,8 @@ pub struct Schedule {
     pub time_zone: String,
     /// Empty means always open (`always`).
     pub windows: Vec<Window>,
-    #[serde(default, skip_deserializing)]
+    /// Shown; ignored in a `PUT`, which always defines a user schedule.
+    #[serde(default)]
     pub built_in: bool,
 }
 

@@ -15,9 +15,9 @@ use tokio_util::codec::Framed;
 
 use crate::common::{client, image, sha256_hex, TestServer};
 
-type Conn = Framed<tokio::net::TcpStream, TcpCodec>;
+pub type Conn = Framed<tokio::net::TcpStream, TcpCodec>;
 
-async fn recv(c: &mut Conn) -> Message {
+pub async fn recv(c: &mut Conn) -> Message {
     tokio::time::timeout(Duration::from_secs(10), c.next())
         .await
         .expect("a message in time")
@@ -26,7 +26,7 @@ async fn recv(c: &mut Conn) -> Message {
 }
 
 /// Connects, checks the server's CSM arrives first, and sends ours.
-async fn connect(srv: &TestServer, max_message_size: u64, bert: bool) -> Conn {
+pub async fn connect(srv: &TestServer, max_message_size: u64, bert: bool) -> Conn {
     let s = tokio::net::TcpStream::connect(srv.coap_tcp.unwrap())
         .await
         .unwrap();
@@ -44,7 +44,7 @@ async fn connect(srv: &TestServer, max_message_size: u64, bert: bool) -> Conn {
     c
 }
 
-fn get(token: &'static [u8], path: &str) -> Message {
+pub fn get(token: &'static [u8], path: &str) -> Message {
     let mut m = Message::new(codes::GET, Bytes::from_static(token));
     for seg in path.split('/') {
         m.push(opt::URI_PATH, Bytes::copy_from_slice(seg.as_bytes()));

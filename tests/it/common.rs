@@ -38,9 +38,20 @@ pub fn config(root: &Path, sets: &[&str]) -> Config {
 
 impl TestServer {
     pub async fn start(root: &Path, sets: &[&str]) -> TestServer {
-        let running = server::start(&config(root, sets), CancellationToken::new())
-            .await
-            .expect("server starts");
+        let clock = std::sync::Arc::new(fwrepo::fota::SystemClock);
+        TestServer::start_with_clock(root, sets, clock).await
+    }
+
+    /// A server whose FOTA engine runs on `clock`.
+    pub async fn start_with_clock(
+        root: &Path,
+        sets: &[&str],
+        clock: std::sync::Arc<dyn fwrepo::fota::Clock>,
+    ) -> TestServer {
+        let running =
+            server::start_with_clock(&config(root, sets), CancellationToken::new(), clock)
+                .await
+                .expect("server starts");
         TestServer {
             base: format!("http://{}", running.http_addr),
             coap_tcp: running.coap_tcp_addr,
@@ -56,6 +67,16 @@ impl TestServer {
         client()
             .put(self.url(path))
             .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POST a JSON `body` at `path` with the shared client.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        client()
+            .post(self.url(path))
+            .json(body)
             .send()
             .await
             .unwrap()

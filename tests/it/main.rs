@@ -5,6 +5,8 @@ mod coap_protocol;
 mod common;
 mod crash;
 mod download;
+mod fota;
+mod fota_coap;
 mod lifecycle;
 mod spec;
 mod upload;
