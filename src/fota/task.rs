@@ -319,7 +319,7 @@ impl FotaTask {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn task(resume: bool) -> FotaTask {

@@ -235,5 +235,85 @@ pub(crate) mod suite {
         assert_eq!(store.next_expiry_after(0).await.unwrap(), None);
         assert_eq!(store.get("aa").await.unwrap(), None);
         assert_eq!(store.totals().await.unwrap(), (1, 10));
+        tasks(store).await;
+    }
+
+    /// Tasks and their indexes move together.
+    async fn tasks(store: &dyn MetaStore) {
+        use crate::fota::task::{tests::task, Status};
+        let mut t1 = task(false);
+        t1.id = "01".into();
+        t1.options.use_quota = true;
+        assert_eq!(store.create_task(&t1).await.unwrap(), None);
+        let mut other = t1.clone();
+        other.id = "02".into();
+        assert_eq!(
+            store.create_task(&other).await.unwrap(),
+            Some("01".into()),
+            "one active task per device"
+        );
+        assert_eq!(store.active_task("d").await.unwrap(), Some("01".into()));
+        assert!(store.firmware_in_use("fw").await.unwrap());
+        assert!(!store.firmware_in_use("f").await.unwrap());
+        assert_eq!(store.next_due().await.unwrap(), None);
+
+        t1.deliver(100);
+        store.put_task(&t1).await.unwrap();
+        assert_eq!(store.quota_holders().await.unwrap(), 1);
+        assert_eq!(store.next_due().await.unwrap(), Some(1100));
+        assert!(store.due(1099, 10).await.unwrap().is_empty());
+        assert_eq!(store.due(1100, 10).await.unwrap(), vec![t1.clone()]);
+
+        t1.set(Status::Failed, Some("timeout"), 1100);
+        store.put_task(&t1).await.unwrap();
+        assert_eq!(store.get_task("01").await.unwrap(), Some(t1.clone()));
+        assert_eq!(store.quota_holders().await.unwrap(), 0);
+        assert_eq!(store.next_due().await.unwrap(), None);
+        assert_eq!(store.active_task("d").await.unwrap(), None);
+        assert!(!store.firmware_in_use("fw").await.unwrap());
+
+        let mut t3 = task(false);
+        t3.id = "03".into();
+        t3.device_id = "e".into();
+        t3.set(Status::Pending, Some("import"), 5);
+        store.create_task(&t3).await.unwrap();
+        assert_eq!(store.importing().await.unwrap(), vec![t3.clone()]);
+        assert_eq!(store.create_task(&other).await.unwrap(), None);
+        let ids = |v: Vec<FotaTask>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(store.list_tasks(None, None, 10).await.unwrap()),
+            ["01", "02", "03"]
+        );
+        assert_eq!(
+            ids(store.list_tasks(Some("d"), None, 10).await.unwrap()),
+            ["01", "02"]
+        );
+        assert_eq!(
+            ids(store.list_tasks(Some("d"), Some("01"), 10).await.unwrap()),
+            ["02"]
+        );
+        assert_eq!(
+            ids(store.list_tasks(None, Some("02"), 10).await.unwrap()),
+            ["03"]
+        );
+
+        let info = DeviceInfo {
+            device_id: "d".into(),
+            pkg_name: Some("app".into()),
+            pkg_version: None,
+            reported_ms: 1,
+        };
+        store.put_device(&info).await.unwrap();
+        assert_eq!(store.get_device("d").await.unwrap(), Some(info));
+        let s = crate::fota::schedule::Schedule {
+            name: "n".into(),
+            time_zone: "UTC".into(),
+            windows: Vec::new(),
+            built_in: false,
+        };
+        store.put_schedule(&s).await.unwrap();
+        assert_eq!(store.list_schedules().await.unwrap(), vec![s.clone()]);
+        assert!(store.delete_schedule("n").await.unwrap());
+        assert!(!store.delete_schedule("n").await.unwrap());
     }
 }

@@ -79,9 +79,12 @@ impl SledStore {
             .map_err(backend)?
     }
 
+    /// Makes every write so far durable. sled's `flush_async` stalled for good under a few
+    /// dozen concurrent callers (bench/fota.sh); the blocking flush on the blocking pool does
+    /// not, and concurrent callers share the fsync that is in progress.
     pub(super) async fn flush(&self) -> Result<(), MetaError> {
-        self.db.flush_async().await.map_err(backend)?;
-        Ok(())
+        self.blocking(|s| s.db.flush().map(|_| ()).map_err(backend))
+            .await
     }
 
     /// Runs a transaction over both trees; `Abort(r)` returns `r` without committing.
