@@ -27,6 +27,26 @@ enum Command {
     Keygen(Layers),
     /// Print the effective configuration as TOML.
     Config(Layers),
+    /// The signing keys' public halves, for device builds.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// List the keys: id, active or retired, file.
+    List(Layers),
+    /// Print a public key as PEM, SPKI DER (binary) or the C array MCUboot embeds.
+    Export {
+        #[command(flatten)]
+        layers: Layers,
+        /// Key id; the active key when absent.
+        #[arg(long)]
+        key: Option<String>,
+        /// pem, der or c.
+        #[arg(long, default_value = "pem")]
+        format: crate::keys::PublicFormat,
+    },
 }
 
 /// The configuration layers every command reads.
@@ -101,6 +121,7 @@ pub fn main() -> ExitCode {
         Command::Config(layers) => layers.load().map(|c| {
             print!("{}", toml::to_string(&c).unwrap_or_default());
         }),
+        Command::Keys(command) => keys(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,6 +130,42 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn keys(command: KeysCommand) -> Result<(), String> {
+    use std::io::Write;
+    let (layers, export) = match &command {
+        KeysCommand::List(layers) => (layers, None),
+        KeysCommand::Export {
+            layers,
+            key,
+            format,
+        } => (layers, Some((key, *format))),
+    };
+    let config = layers.load()?;
+    let ring = crate::keys::KeyRing::load_or_create(&config.keys.dir, &config.keys.active)
+        .map_err(|e| e.to_string())?;
+    let Some((key, format)) = export else {
+        for k in ring.all() {
+            let state = if k.id == ring.active().id {
+                "active"
+            } else {
+                "retired"
+            };
+            println!("{}\t{state}\t{}", k.id, k.path.display());
+        }
+        return Ok(());
+    };
+    let entry = match key {
+        None => ring.active(),
+        Some(id) => ring
+            .get(id)
+            .ok_or_else(|| format!("key {id:?} is not in {}", config.keys.dir.display()))?,
+    };
+    let (_, bytes) = entry.export(format);
+    std::io::stdout()
+        .write_all(&bytes)
+        .map_err(|e| e.to_string())
 }
 
 fn init_logging(config: &Config) {

@@ -17,9 +17,11 @@ use tokio::sync::Notify;
 use crate::blob::{BlobError, BlobStore, ByteStream};
 use crate::cache::ImageCache;
 use crate::keys::KeyRing;
+use crate::mcuboot::RawOptions;
 use crate::meta::{FirmwareRecord, MetaError, MetaStore};
 use crate::metrics::Metrics;
 use crate::name::{FirmwareName, NameError};
+use crate::spool::{Spool, SpoolError};
 
 /// How long a resolved record is reused without asking the metadata store. Changes made
 /// through this process invalidate at once; the bound only matters for changes made by
@@ -64,6 +66,10 @@ pub enum FirmwareError {
     Blob(#[from] BlobError),
     #[error(transparent)]
     Meta(#[from] MetaError),
+    #[error(transparent)]
+    Mcuboot(#[from] crate::mcuboot::McubootError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 impl FirmwareError {
@@ -80,6 +86,14 @@ impl FirmwareError {
             FirmwareError::Interrupted(_) => ("upload-interrupted", Kind::BadRequest),
             FirmwareError::Blob(_) => ("storage-unavailable", Kind::Unavailable),
             FirmwareError::Meta(_) => ("metadata-unavailable", Kind::Unavailable),
+            FirmwareError::Mcuboot(e) => e.code(),
+            FirmwareError::Spool(SpoolError::TooLarge { .. }) => ("too-large", Kind::TooLarge),
+            FirmwareError::Spool(SpoolError::Interrupted(_)) => {
+                ("upload-interrupted", Kind::BadRequest)
+            }
+            FirmwareError::Spool(SpoolError::Io { .. }) => {
+                ("storage-unavailable", Kind::Unavailable)
+            }
         }
     }
 }
@@ -93,6 +107,8 @@ pub struct UploadRequest {
     pub expected_sha256: Option<[u8; 32]>,
     pub content_type: Option<String>,
     pub content_length: Option<u64>,
+    /// What the MCUboot image was built with, when fwrepo built it.
+    pub mcuboot: Option<crate::mcuboot::McubootInfo>,
 }
 
 /// The result of an ingest.
@@ -118,6 +134,7 @@ pub struct Repository {
     max_size: u64,
     metrics: Arc<Metrics>,
     images: ImageCache,
+    spool: Spool,
     records: Mutex<HashMap<String, (Arc<FirmwareRecord>, Instant)>>,
     /// Woken when an expiry appears or moves, so the sweeper recomputes its timer.
     pub(crate) expiry_changed: Notify,
@@ -148,6 +165,7 @@ impl Repository {
         max_size: u64,
         metrics: Arc<Metrics>,
         images: ImageCache,
+        spool: Spool,
     ) -> Repository {
         Repository {
             meta,
@@ -156,6 +174,7 @@ impl Repository {
             max_size,
             metrics,
             images,
+            spool,
             records: Mutex::new(HashMap::new()),
             expiry_changed: Notify::new(),
         }
@@ -371,6 +390,7 @@ impl Repository {
             signature_key_id: signature.key_id,
             signature: B64.encode(signature.value),
             blob_key: key.clone(),
+            mcuboot: req.mcuboot,
         };
         if let Some(old) = expired {
             self.remove_record(&old).await?;
@@ -395,6 +415,58 @@ impl Repository {
                 Err(e.into())
             }
         }
+    }
+
+    /// Builds an MCUboot image from a raw application binary and ingests it: the body is
+    /// spooled to disk, checked against the options, hashed and signed with the active key
+    /// (as `imgtool sign` does), then streamed into the repository like any upload.
+    pub async fn ingest_mcuboot<S, E>(
+        &self,
+        name: &FirmwareName,
+        mut req: UploadRequest,
+        options: &RawOptions,
+        body: S,
+    ) -> Result<Ingested, FirmwareError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let (options, version) = options.parse()?;
+        if req.content_length.is_some_and(|n| n > self.max_size) {
+            return Err(FirmwareError::TooLarge {
+                limit: self.max_size,
+            });
+        }
+        let spooled = self.spool.write(body, self.max_size).await?;
+        // `sha256` vouches for the bytes sent, not for the image built from them.
+        if let Some(expected) = req.expected_sha256.take() {
+            if expected != spooled.sha256 {
+                return Err(FirmwareError::DigestMismatch {
+                    expected: hex::encode(expected),
+                    actual: hex::encode(spooled.sha256),
+                });
+            }
+        }
+        let keys = Arc::clone(&self.keys);
+        let path = spooled.path().to_owned();
+        let plan = tokio::task::spawn_blocking(move || {
+            crate::mcuboot::plan(&path, options, version, keys.active())
+        })
+        .await
+        .map_err(|e| FirmwareError::Interrupted(e.to_string()))??;
+        req.version = Some(plan.info.options.version.clone());
+        req.content_length = Some(plan.len());
+        req.mcuboot = Some(plan.info.clone());
+        let stream = plan
+            .stream(spooled.path())
+            .await
+            .map_err(|e| SpoolError::Io {
+                path: spooled.path().to_owned(),
+                source: e,
+            })?;
+        let result = self.ingest(name, req, stream).await;
+        drop(spooled);
+        result
     }
 
     async fn consume<S, E>(

@@ -19,6 +19,7 @@ use crate::keys::{KeyError, KeyRing};
 use crate::meta::{self, MetaError};
 use crate::metrics::Metrics;
 use crate::retention;
+use crate::spool::{Spool, SpoolError};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub enum StartError {
     Firmware(#[from] FirmwareError),
     #[error(transparent)]
     Fota(#[from] FotaError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
     #[error("CoAP over TLS: {0}")]
     Tls(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -114,6 +117,7 @@ pub async fn start_with_clock(
         config.http.max_upload_size,
         Arc::clone(&metrics),
         ImageCache::new(config.cache.max_bytes, config.cache.max_image),
+        Spool::open(&config.storage.root.join("spool"))?,
     ));
     repo.sweep_orphans(config.storage.orphan_grace.0).await?;
     repo.init_metrics().await?;

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use super::error::ApiError;
 use super::{parse_name, AppState};
 use crate::firmware::{Change, Ingested, UploadRequest};
+use crate::mcuboot::{McubootInfo, RawOptions};
 use crate::meta::FirmwareRecord;
 use crate::name::{format_duration, parse_duration};
 
@@ -37,6 +38,10 @@ pub struct FirmwareView {
     expires_at: Option<String>,
     retention: Option<String>,
     signature: SignatureView,
+    /// `raw`, or `mcuboot` when fwrepo built the MCUboot image.
+    format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mcuboot: Option<McubootInfo>,
     /// One download URI per transport served.
     uris: std::collections::BTreeMap<&'static str, String>,
 }
@@ -74,6 +79,12 @@ pub fn view(app: &AppState, r: &FirmwareRecord) -> FirmwareView {
             key_id: r.signature_key_id.clone(),
             value: r.signature.clone(),
         },
+        format: if r.mcuboot.is_some() {
+            "mcuboot"
+        } else {
+            "raw"
+        },
+        mcuboot: r.mcuboot.clone(),
         uris: app
             .uri_bases
             .iter()
@@ -83,12 +94,22 @@ pub fn view(app: &AppState, r: &FirmwareRecord) -> FirmwareView {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UploadQuery {
     retention: Option<String>,
     description: Option<String>,
     version: Option<String>,
     sha256: Option<String>,
+    /// `raw` (default: stored as sent) or `mcuboot` (built and signed as `imgtool sign`).
+    format: Option<String>,
+    header_size: Option<String>,
+    pad_header: Option<String>,
+    align: Option<String>,
+    slot_size: Option<String>,
+    pad: Option<String>,
+    confirm: Option<String>,
+    security_counter: Option<String>,
+    hash: Option<String>,
 }
 
 pub async fn upload(
@@ -140,6 +161,17 @@ pub async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse().ok());
+    let mcuboot = RawOptions {
+        version: q.version.clone(),
+        header_size: q.header_size,
+        pad_header: q.pad_header,
+        align: q.align,
+        slot_size: q.slot_size,
+        pad: q.pad,
+        confirm: q.confirm,
+        security_counter: q.security_counter,
+        hash: q.hash,
+    };
     let req = UploadRequest {
         retention,
         description: q.description,
@@ -147,8 +179,27 @@ pub async fn upload(
         expected_sha256,
         content_type,
         content_length,
+        mcuboot: None,
     };
-    let ingested = app.repo.ingest(&name, req, body.into_data_stream()).await?;
+    let body = body.into_data_stream();
+    let ingested = match q.format.as_deref().unwrap_or("raw") {
+        "raw" => {
+            if let Some(option) = mcuboot.any() {
+                return Err(ApiError::bad_request(
+                    "invalid-parameter",
+                    format!("{option}: an MCUboot option; pass format=mcuboot"),
+                ));
+            }
+            app.repo.ingest(&name, req, body).await?
+        }
+        "mcuboot" => app.repo.ingest_mcuboot(&name, req, &mcuboot, body).await?,
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid-parameter",
+                format!("format: {other:?}; raw or mcuboot"),
+            ))
+        }
+    };
     Ok(match ingested {
         Ingested::Created(r) => (
             StatusCode::CREATED,

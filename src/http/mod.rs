@@ -75,6 +75,7 @@ pub fn routes() -> Routes {
     .add(M::GET, "/healthz", ops::healthz)
     .add(M::GET, "/metrics", ops::metrics)
     .add(M::GET, "/v1/keys", ops::keys)
+    .add(M::GET, "/v1/keys/{keyId}", ops::key)
     .add(M::GET, "/v1/firmware", firmware::list)
     .add(M::PUT, "/v1/firmware/{name}", firmware::upload)
     .add(M::GET, "/v1/firmware/{name}", firmware::resolve)

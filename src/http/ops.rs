@@ -1,14 +1,17 @@
 //! Operations routes: health, Prometheus metrics and the public keys.
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
 
+use super::error::ApiError;
 use super::AppState;
+use crate::keys::PublicFormat;
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
@@ -22,6 +25,36 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         )],
         app.metrics.render(),
     )
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyQuery {
+    format: Option<String>,
+}
+
+/// One public key as PEM (default), SPKI DER or a C array.
+pub async fn key(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<KeyQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let format: PublicFormat = q
+        .format
+        .as_deref()
+        .unwrap_or("pem")
+        .parse()
+        .map_err(|e: String| ApiError::bad_request("invalid-parameter", e))?;
+    let key = app.repo.keys().get(&id).ok_or_else(|| {
+        ApiError::new(
+            crate::error::Kind::NotFound,
+            "key-not-found",
+            format!("key {id:?} not found"),
+        )
+    })?;
+    let (content_type, bytes) = key.export(format);
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
 }
 
 pub async fn keys(State(app): State<AppState>) -> Json<Value> {

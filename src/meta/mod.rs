@@ -41,6 +41,9 @@ pub struct FirmwareRecord {
     pub signature: String,
     /// Object-store key of the bytes.
     pub blob_key: String,
+    /// Set when fwrepo built and signed the stored MCUboot image from a raw body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcuboot: Option<crate::mcuboot::McubootInfo>,
 }
 
 impl FirmwareRecord {
@@ -177,6 +180,7 @@ pub(crate) mod suite {
             signature_key_id: "k".into(),
             signature: "s".into(),
             blob_key: blob.into(),
+            mcuboot: None,
         }
     }
 

@@ -8,5 +8,6 @@ mod download;
 mod fota;
 mod fota_coap;
 mod lifecycle;
+mod mcuboot;
 mod spec;
 mod upload;
