@@ -22,7 +22,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the service.
-    Serve(Layers),
+    Serve {
+        #[command(flatten)]
+        layers: Layers,
+        /// Run open (no tokens) even when listening beyond loopback; prints a warning.
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Create a new Ed25519 signing key in the key directory and print its id.
     Keygen(Layers),
     /// Print the effective configuration as TOML.
@@ -30,6 +36,33 @@ enum Command {
     /// The signing keys' public halves, for device builds.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Access tokens: create (shown once), list, revoke. A running service sees changes at once.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token and print it; only its hash is kept.
+    Create {
+        #[command(flatten)]
+        layers: Layers,
+        /// admin, publisher, operator or reader.
+        #[arg(long)]
+        role: String,
+        /// Who or what holds it (shown in the audit log).
+        #[arg(long)]
+        name: String,
+    },
+    /// List tokens: id, name, role, creation time.
+    List(Layers),
+    /// Revoke a token by name or id.
+    Revoke {
+        #[command(flatten)]
+        layers: Layers,
+        /// The token's name or id.
+        token: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,7 +133,11 @@ impl Layers {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(layers) => layers.load().and_then(serve),
+        Command::Serve { layers, insecure } => layers.load().and_then(|mut c| {
+            c.auth.insecure |= insecure;
+            serve(c)
+        }),
+        Command::Token(command) => token(command),
         Command::Keygen(layers) => layers.load().and_then(|c| {
             let path = crate::keys::generate(&c.keys.dir).map_err(|e| e.to_string())?;
             let ring =
@@ -110,6 +147,9 @@ pub fn main() -> ExitCode {
                 .iter()
                 .find(|k| k.path == path)
                 .ok_or("new key not found after writing it")?;
+            crate::auth::AuditLog::open(Some(&c.audit_path())).record(
+                &crate::auth::AuditEvent::now(&cli_actor(), None, "key generate", &key.id),
+            );
             println!("{}", key.id);
             eprintln!(
                 "created {}; set keys.active = \"{}\" to sign with it",
@@ -130,6 +170,62 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Who changes things from the command line, for the audit log.
+fn cli_actor() -> String {
+    format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    )
+}
+
+fn token(command: TokenCommand) -> Result<(), String> {
+    use crate::auth::{AuditEvent, AuditLog, Role, TokenStore};
+    let layers = match &command {
+        TokenCommand::Create { layers, .. }
+        | TokenCommand::List(layers)
+        | TokenCommand::Revoke { layers, .. } => layers,
+    };
+    let config = layers.load()?;
+    let store = TokenStore::open(&config.tokens_path());
+    let audit = AuditLog::open(Some(&config.audit_path()));
+    let actor = cli_actor();
+    match command {
+        TokenCommand::Create { role, name, .. } => {
+            let role: Role = role
+                .parse()
+                .map_err(|e: crate::auth::AuthError| e.to_string())?;
+            let made = store.create(&name, role).map_err(|e| e.to_string())?;
+            audit.record(&AuditEvent::now(
+                &actor,
+                None,
+                "token create",
+                &format!("token {name} ({role})"),
+            ));
+            println!("{}", made.token);
+            eprintln!(
+                "token {:?} ({role}, id {}) created; it is shown only now. Send it as: Authorization: Bearer <token>",
+                made.info.name, made.info.id
+            );
+        }
+        TokenCommand::List(_) => {
+            for t in store.list().map_err(|e| e.to_string())? {
+                println!("{}\t{}\t{}\t{}", t.id, t.name, t.role, t.created_at);
+            }
+        }
+        TokenCommand::Revoke { token, .. } => {
+            let gone = store.revoke(&token).map_err(|e| e.to_string())?;
+            audit.record(&AuditEvent::now(
+                &actor,
+                None,
+                "token revoke",
+                &format!("token {} ({})", gone.name, gone.role),
+            ));
+            eprintln!("token {:?} ({}) revoked", gone.name, gone.id);
+        }
+    }
+    Ok(())
 }
 
 fn keys(command: KeysCommand) -> Result<(), String> {

@@ -58,6 +58,8 @@ impl<'de> Deserialize<'de> for Dur {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub http: HttpConfig,
+    pub https: HttpsConfig,
+    pub auth: AuthConfig,
     pub storage: StorageConfig,
     pub s3: S3Config,
     pub keys: KeysConfig,
@@ -273,6 +275,52 @@ impl Default for FotaConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct HttpsConfig {
+    /// Address of the HTTPS listener; on only when cert and key are set.
+    pub listen: String,
+    /// PEM certificate chain.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    /// Base of the https URIs handed out; empty means `https://<listen address>`.
+    pub public_url: String,
+}
+
+impl Default for HttpsConfig {
+    fn default() -> Self {
+        HttpsConfig {
+            listen: "127.0.0.1:8443".into(),
+            cert: String::new(),
+            key: String::new(),
+            public_url: String::new(),
+        }
+    }
+}
+
+impl HttpsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.listen.is_empty() && !self.cert.is_empty() && !self.key.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Token hashes (`fwrepo token create|list|revoke` and `/v1/tokens` write it); empty means
+    /// `<storage.root>/tokens.json`.
+    pub tokens_file: String,
+    /// Audit trail, one JSON line per change; empty means `<storage.root>/audit.log`.
+    pub audit_log: String,
+    /// Require each FOTA task's package URI token for downloads: `/p/{fotaId}` without it is
+    /// refused, and downloads by name (`/fw/{name}`) need a reader token over HTTP and are
+    /// refused over CoAP.
+    pub package_tokens: bool,
+    /// Run open (no tokens) even when listening beyond loopback (`serve --insecure`).
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: String,
@@ -287,6 +335,12 @@ impl Default for LogConfig {
             level: "info".into(),
         }
     }
+}
+
+fn addr(key: &str, listen: &str) -> Result<SocketAddr, ConfigError> {
+    listen
+        .parse()
+        .map_err(|_| ConfigError::Invalid(format!("{key} {listen:?} is not host:port")))
 }
 
 /// Where the blobs live, decided once from `storage.blobs`.
@@ -372,16 +426,34 @@ impl Config {
 
     /// Checks what serde cannot: addresses parse, URIs stay short enough for LwM2M.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.listen_addr()?;
-        let base = self.public_http_url()?;
-        // /5/0/1 Package URI holds 255 characters: base + "/fw/" + a 128-character name.
-        let longest = base.len() + "/fw/".len() + crate::name::MAX_NAME_LEN;
-        if longest > 255 {
-            return Err(ConfigError::Invalid(format!(
-                "http.public_url is {} characters; download URIs would reach {longest} of the 255 an LwM2M Package URI holds",
-                base.len()
-            )));
+        let mut bases = Vec::new();
+        if self.http_listen()?.is_some() {
+            bases.push(("http.public_url", self.public_http_url()?));
         }
+        if self.https.cert.is_empty() != self.https.key.is_empty() {
+            return Err(ConfigError::Invalid(
+                "https.cert and https.key go together".into(),
+            ));
+        }
+        if self.https.enabled() {
+            bases.push(("https.public_url", self.public_https_url()?));
+        }
+        if bases.is_empty() {
+            return Err(ConfigError::Invalid(
+                "neither HTTP nor HTTPS is on: set http.listen, or https.cert and https.key".into(),
+            ));
+        }
+        for (key, base) in bases {
+            // /5/0/1 Package URI holds 255 characters: base + "/fw/" + a 128-character name.
+            let longest = base.len() + "/fw/".len() + crate::name::MAX_NAME_LEN;
+            if longest > 255 {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} is {} characters; download URIs would reach {longest} of the 255 an LwM2M Package URI holds",
+                    base.len()
+                )));
+            }
+        }
+        self.listen_addrs()?;
         for (key, listen) in [
             ("coap.tcp_listen", &self.coap.tcp_listen),
             ("coap.udp_listen", &self.coap.udp_listen),
@@ -419,6 +491,71 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    pub fn tokens_path(&self) -> PathBuf {
+        if self.auth.tokens_file.is_empty() {
+            self.storage.root.join("tokens.json")
+        } else {
+            PathBuf::from(&self.auth.tokens_file)
+        }
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        if self.auth.audit_log.is_empty() {
+            self.storage.root.join("audit.log")
+        } else {
+            PathBuf::from(&self.auth.audit_log)
+        }
+    }
+
+    /// Every address the service listens on, for the open-mode check.
+    pub fn listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        let mut all = Vec::new();
+        if let Some(a) = self.http_listen()? {
+            all.push(a);
+        }
+        if self.https.enabled() {
+            all.push(self.https_listen()?);
+        }
+        for listen in [&self.coap.tcp_listen, &self.coap.udp_listen] {
+            if !listen.is_empty() {
+                all.push(addr("coap", listen)?);
+            }
+        }
+        if self.coap.tls_enabled() {
+            all.push(addr("coap.tls_listen", &self.coap.tls_listen)?);
+        }
+        Ok(all)
+    }
+
+    /// The HTTP listener's address; `None` when `http.listen` is empty (HTTPS only).
+    pub fn http_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.http.listen.is_empty() {
+            return Ok(None);
+        }
+        addr("http.listen", &self.http.listen).map(Some)
+    }
+
+    pub fn https_listen(&self) -> Result<SocketAddr, ConfigError> {
+        addr("https.listen", &self.https.listen)
+    }
+
+    /// The public HTTPS base URL without a trailing slash.
+    pub fn public_https_url(&self) -> Result<String, ConfigError> {
+        if self.https.public_url.is_empty() {
+            return Ok(format!("https://{}", self.https_listen()?));
+        }
+        let url = url::Url::parse(&self.https.public_url).map_err(|e| {
+            ConfigError::Invalid(format!("https.public_url {:?}: {e}", self.https.public_url))
+        })?;
+        if url.scheme() != "https" || url.query().is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "https.public_url {:?} must be an https URL without query",
+                self.https.public_url
+            )));
+        }
+        Ok(self.https.public_url.trim_end_matches('/').to_owned())
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {

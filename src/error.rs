@@ -7,6 +7,10 @@ use axum::http::StatusCode;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     BadRequest,
+    /// No credentials, or credentials not recognised.
+    Unauthorized,
+    /// Credentials recognised but not enough for this.
+    Forbidden,
     NotFound,
     MethodNotAllowed,
     Conflict,
@@ -24,6 +28,8 @@ impl Kind {
     pub fn http_status(self) -> StatusCode {
         match self {
             Kind::BadRequest => StatusCode::BAD_REQUEST,
+            Kind::Unauthorized => StatusCode::UNAUTHORIZED,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
             Kind::NotFound => StatusCode::NOT_FOUND,
             Kind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Kind::Conflict => StatusCode::CONFLICT,
@@ -41,6 +47,8 @@ impl Kind {
         use crate::coap::msg::code;
         match self {
             Kind::BadRequest => code(4, 0),
+            Kind::Unauthorized => code(4, 1),
+            Kind::Forbidden => code(4, 3),
             Kind::NotFound => code(4, 4),
             Kind::MethodNotAllowed => code(4, 5),
             Kind::Conflict => code(4, 9),

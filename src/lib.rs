@@ -1,5 +1,6 @@
 //! fwrepo: a firmware artifact repository and FOTA service.
 
+pub mod auth;
 pub mod blob;
 pub mod cache;
 pub mod cli;
@@ -17,3 +18,4 @@ pub mod name;
 pub mod retention;
 pub mod server;
 pub mod spool;
+pub mod tls;

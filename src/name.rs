@@ -108,7 +108,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, NameError> {
 pub fn format_duration(d: Duration) -> String {
     let secs = d.as_secs();
     for (unit, mult) in [('w', 604_800), ('d', 86_400), ('h', 3600), ('m', 60)] {
-        if secs != 0 && secs % mult == 0 {
+        if secs != 0 && secs.is_multiple_of(mult) {
             return format!("{}{unit}", secs / mult);
         }
     }

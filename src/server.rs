@@ -38,8 +38,12 @@ pub enum StartError {
     Fota(#[from] FotaError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
-    #[error("CoAP over TLS: {0}")]
+    #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("refusing to listen beyond loopback ({0}) with no access tokens: create one with `fwrepo token create --role admin --name <your-name>` (same --config/--storage as serve), or pass --insecure to run open")]
+    Insecure(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -49,8 +53,10 @@ pub enum StartError {
 
 /// A started service.
 pub struct Running {
-    /// Where the HTTP listener is bound (useful with port 0).
-    pub http_addr: SocketAddr,
+    /// Where the HTTP listener is bound (useful with port 0); `None` when HTTP is off.
+    pub http_addr: Option<SocketAddr>,
+    /// Where the HTTPS listener is bound, when on.
+    pub https_addr: Option<SocketAddr>,
     /// Where the CoAP listeners are bound, when on.
     pub coap_tcp_addr: Option<SocketAddr>,
     pub coap_udp_addr: Option<SocketAddr>,
@@ -92,6 +98,44 @@ impl Running {
     }
 }
 
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// Tokens, audit log and the open-mode decision; refuses to run open beyond loopback.
+fn access(config: &Config) -> Result<http::access::Access, StartError> {
+    let listeners = config.listen_addrs()?;
+    let open_allowed = crate::auth::open_allowed(&listeners, config.auth.insecure);
+    let tokens = crate::auth::TokenStore::open(&config.tokens_path());
+    if tokens.is_empty()? {
+        let outside: Vec<String> = listeners
+            .iter()
+            .filter(|a| !a.ip().is_loopback())
+            .map(ToString::to_string)
+            .collect();
+        if !open_allowed {
+            return Err(StartError::Insecure(outside.join(", ")));
+        }
+        if outside.is_empty() {
+            tracing::info!("no access tokens: open to loopback clients only");
+        } else {
+            tracing::warn!(listeners = %outside.join(", "), "--insecure: running OPEN beyond loopback with no access tokens; anyone who can connect may change firmware and tasks");
+        }
+    }
+    Ok(http::access::Access {
+        tokens,
+        audit: crate::auth::AuditLog::open(Some(&config.audit_path())),
+        open_allowed,
+        package_tokens: config.auth.package_tokens,
+    })
+}
+
 /// Starts the service; it runs until `cancel` fires.
 pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running, StartError> {
     start_with_clock(config, cancel, Arc::new(SystemClock)).await
@@ -104,6 +148,7 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> Result<Running, StartError> {
     config.validate()?;
+    let access = access(config)?;
     let keys = KeyRing::load_or_create(&config.keys.dir, &config.keys.active)?;
     let active = keys.active();
     tracing::info!(key_id = %active.id, public_key = %hex::encode(active.public_raw()), "signing key");
@@ -122,18 +167,33 @@ pub async fn start_with_clock(
     repo.sweep_orphans(config.storage.orphan_grace.0).await?;
     repo.init_metrics().await?;
 
-    let addr = config.listen_addr()?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let http_addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let mut http_base = config.public_http_url()?;
-    if config.http.public_url.is_empty() && addr.port() == 0 {
-        http_base = format!("http://{http_addr}");
-    }
-    let mut uri_bases = vec![("http", http_base)];
+    let mut uri_bases = Vec::new();
+    let http = match config.http_listen()? {
+        Some(addr) => {
+            let (listener, bound) = bind(addr).await?;
+            let mut base = config.public_http_url()?;
+            if config.http.public_url.is_empty() && addr.port() == 0 {
+                base = format!("http://{bound}");
+            }
+            uri_bases.push(("http", base));
+            Some((listener, bound))
+        }
+        None => None,
+    };
+    let https = if config.https.enabled() {
+        let addr = config.https_listen()?;
+        let tls = crate::tls::server_config(&config.https.cert, &config.https.key, b"http/1.1")
+            .map_err(StartError::Tls)?;
+        let (listener, bound) = bind(addr).await?;
+        let mut base = config.public_https_url()?;
+        if config.https.public_url.is_empty() && addr.port() == 0 {
+            base = format!("https://{bound}");
+        }
+        uri_bases.push(("https", base));
+        Some((listener, bound, tls))
+    } else {
+        None
+    };
     let mut tasks = Vec::new();
     let engine = Arc::new(Engine::new(
         meta,
@@ -145,6 +205,7 @@ pub async fn start_with_clock(
     uri_bases.extend(coap.uri_bases);
     tasks.extend(coap.tasks);
     engine.set_bases(uri_bases.clone());
+    engine.set_package_tokens(config.auth.package_tokens);
     engine.start(cancel.clone()).await?;
     let state = AppState {
         repo: Arc::clone(&repo),
@@ -152,31 +213,59 @@ pub async fn start_with_clock(
         uri_bases: Arc::new(uri_bases),
         engine,
         cancel: cancel.clone(),
+        access: Arc::new(access),
     };
-    // Headers and a small body go out as separate writes; without TCP_NODELAY, Nagle holds
-    // the body back until the client's delayed ACK (~40 ms), which caps ranged reads.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
     let app = http::router(state);
-    let shutdown = cancel.clone();
-    let http_task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP listener failed");
-        }
-    });
-    tracing::info!(%http_addr, "HTTP listening");
+    let mut http_addr = None;
+    if let Some((listener, bound)) = http {
+        // Headers and a small body go out as separate writes; without TCP_NODELAY, Nagle
+        // holds the body back until the client's delayed ACK (~40 ms), capping ranged reads.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
+        let shutdown = cancel.clone();
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve =
+                axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP listener failed");
+            }
+        }));
+        tracing::info!(http_addr = %bound, "HTTP listening");
+        http_addr = Some(bound);
+    }
+    let mut https_addr = None;
+    if let Some((listener, bound, tls)) = https {
+        let listener =
+            http::tls::TlsListener::new(listener, tls, cancel.clone()).map_err(|source| {
+                StartError::Bind {
+                    addr: bound,
+                    source,
+                }
+            })?;
+        let shutdown = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve =
+                axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTPS listener failed");
+            }
+        }));
+        tracing::info!(https_addr = %bound, "HTTPS listening");
+        https_addr = Some(bound);
+    }
     let sweeper = tokio::spawn(retention::run(
         Arc::clone(&repo),
         config.retention.sweep_interval.0,
         cancel.clone(),
     ));
-    tasks.extend([http_task, sweeper]);
+    tasks.push(sweeper);
     Ok(Running {
         http_addr,
+        https_addr,
         coap_tcp_addr: coap.tcp_addr,
         coap_udp_addr: coap.udp_addr,
         coap_tls_addr: coap.tls_addr,

@@ -70,6 +70,11 @@ pub async fn handle(ctx: &CoapContext, req: &Message, cap: Capacity) -> Message 
             resp.payload = Bytes::from_static(WELL_KNOWN_CORE.as_bytes());
             resp
         }
+        (codes::GET, [b"fw", _]) if ctx.engine.package_tokens() => error(
+            req,
+            crate::error::Kind::Unauthorized.coap_code(),
+            "downloads by name need a token here; use the task's package URI",
+        ),
         (codes::GET, [b"fw", name]) => {
             let Some(name) = text(name).and_then(|n| FirmwareName::parse(&n).ok()) else {
                 return error(req, codes::NOT_FOUND, "no such firmware");
@@ -79,9 +84,10 @@ pub async fn handle(ctx: &CoapContext, req: &Message, cap: Capacity) -> Message 
                 Err(e) => domain_error(req, e.code().1, &e),
             }
         }
-        (codes::GET, [b"p", id]) => {
+        (codes::GET, [b"p", id, rest @ ..]) if rest.len() <= 1 => {
             let id = text(id).unwrap_or_default();
-            match ctx.engine.package(&id, true).await {
+            let token = rest.first().map(|t| text(t).unwrap_or_default());
+            match ctx.engine.package(&id, token.as_deref(), true).await {
                 Ok(p) => blocks(ctx, req, &Arc::clone(&p.record), Some(&p), cap).await,
                 Err(e) => domain_error(req, e.code().1, &e),
             }
@@ -90,7 +96,7 @@ pub async fn handle(ctx: &CoapContext, req: &Message, cap: Capacity) -> Message 
         (codes::POST, [b"fota", id, b"report"]) => {
             report(ctx, req, &text(id).unwrap_or_default()).await
         }
-        (_, [b".well-known", b"core"] | [b"fw", _] | [b"p", _] | [b"fota", _]) => {
+        (_, [b".well-known", b"core"] | [b"fw", _] | [b"p", _] | [b"p", _, _] | [b"fota", _]) => {
             error(req, codes::METHOD_NOT_ALLOWED, "only GET is served here")
         }
         (_, [b"fota", _, b"report"]) => error(req, codes::METHOD_NOT_ALLOWED, "reports are POSTed"),

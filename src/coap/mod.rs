@@ -141,20 +141,6 @@ pub async fn start(
 
 /// rustls with the configured certificate chain and key, offering ALPN `coap` (RFC 8323 §4.1).
 fn tls_acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, StartError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| StartError::Tls(format!("{cert}: {e}")))?;
-    if certs.is_empty() {
-        return Err(StartError::Tls(format!("{cert}: no certificate")));
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| StartError::Tls(format!("{key}: {e}")))?;
-    let mut tls = tokio_rustls::rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![b"coap".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+    let tls = crate::tls::server_config(cert, key, b"coap").map_err(StartError::Tls)?;
+    Ok(tokio_rustls::TlsAcceptor::from(tls))
 }

@@ -3,7 +3,7 @@
 //! publishes the transition as an event.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,7 @@ pub enum Work {
 
 /// A task's firmware, resolved for serving bytes on its package URI.
 pub struct Package {
+    capability: String,
     pub task_id: String,
     pub record: Arc<FirmwareRecord>,
     progress: Arc<AtomicU64>,
@@ -70,6 +71,8 @@ pub struct Engine {
     importer: Importer,
     /// Public base per URI scheme, set once the listeners are bound.
     bases: OnceLock<Vec<(&'static str, String)>>,
+    /// `auth.package_tokens`: a package URI works only with its capability.
+    package_tokens: AtomicBool,
     locks: Vec<tokio::sync::Mutex<()>>,
     quota_used: Mutex<u64>,
     /// Bytes served per task not yet folded into the stored task.
@@ -93,6 +96,23 @@ fn new_id(now_ms: i64) -> String {
     hex::encode(b)
 }
 
+/// 128 random bits, base64url: the package URI's last segment.
+fn new_capability() -> String {
+    use base64::Engine as _;
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("system random source");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Compares without an early exit, so the time taken does not tell how much matched.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 fn until(now: i64, at: i64) -> Duration {
     Duration::from_millis((at - now).max(0) as u64)
 }
@@ -111,6 +131,7 @@ impl Engine {
             clock,
             config,
             bases: OnceLock::new(),
+            package_tokens: AtomicBool::new(false),
             locks: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             quota_used: Mutex::new(0),
             progress: Mutex::new(HashMap::new()),
@@ -124,6 +145,15 @@ impl Engine {
     /// Sets the public bases of package URIs; the first call wins.
     pub fn set_bases(&self, bases: Vec<(&'static str, String)>) {
         let _ = self.bases.set(bases);
+    }
+
+    /// Requires each package URI's capability (`auth.package_tokens`).
+    pub fn set_package_tokens(&self, on: bool) {
+        self.package_tokens.store(on, Ordering::Relaxed);
+    }
+
+    pub fn package_tokens(&self) -> bool {
+        self.package_tokens.load(Ordering::Relaxed)
     }
 
     fn bases(&self) -> &[(&'static str, String)] {
@@ -355,8 +385,10 @@ impl Engine {
         };
         let now = self.now_ms();
         let id = new_id(now);
+        let capability = new_capability();
         let mut t = FotaTask {
-            package_uri: format!("{base}/p/{id}"),
+            package_uri: format!("{base}/p/{id}/{capability}"),
+            capability,
             id,
             device_id: device.to_owned(),
             firmware: req.name.to_string(),
@@ -680,15 +712,34 @@ impl Engine {
         Ok((tasks, next))
     }
 
+    /// A wrong token is always refused; a missing one only with `auth.package_tokens`.
+    fn check_capability(&self, capability: &str, token: Option<&str>) -> Result<(), FotaError> {
+        match token {
+            Some(t) if !capability.is_empty() && same_secret(t, capability) => Ok(()),
+            Some(_) => Err(FotaError::PackageToken),
+            None if self.package_tokens() => Err(FotaError::PackageToken),
+            None => Ok(()),
+        }
+    }
+
     /// The firmware behind a task's package URI. A request for bytes moves a task that was
     /// just delivered to `downloading`.
-    pub async fn package(&self, id: &str, for_bytes: bool) -> Result<Arc<Package>, FotaError> {
-        if let Some((p, at)) = lock(&self.packages).get(id) {
-            if at.elapsed() < PACKAGE_TTL {
-                return Ok(Arc::clone(p));
-            }
+    pub async fn package(
+        &self,
+        id: &str,
+        token: Option<&str>,
+        for_bytes: bool,
+    ) -> Result<Arc<Package>, FotaError> {
+        let cached = lock(&self.packages)
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < PACKAGE_TTL)
+            .map(|(p, _)| Arc::clone(p));
+        if let Some(p) = cached {
+            self.check_capability(&p.capability, token)?;
+            return Ok(p);
         }
         let mut t = self.task(id).await?;
+        self.check_capability(&t.capability, token)?;
         if !t.status.is_started() {
             return Err(FotaError::PackageUnavailable(
                 id.to_owned(),
@@ -712,6 +763,7 @@ impl Engine {
                 .or_insert_with(|| Arc::new(AtomicU64::new(0))),
         );
         let p = Arc::new(Package {
+            capability: t.capability.clone(),
             task_id: t.id.clone(),
             record,
             progress,

@@ -49,6 +49,8 @@ pub enum FotaError {
     NoFirmware(String),
     #[error("the package of task {0} is not available while the task is {1}")]
     PackageUnavailable(String, &'static str),
+    #[error("this package URI needs its token: use the packageUri the task was delivered with")]
+    PackageToken,
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error("invalid report: {0}")]
@@ -76,6 +78,7 @@ impl FotaError {
             FotaError::NotFound(_) => ("fota-not-found", Kind::NotFound),
             FotaError::NoFirmware(_) => ("firmware-not-found", Kind::NotFound),
             FotaError::PackageUnavailable(..) => ("package-unavailable", Kind::NotFound),
+            FotaError::PackageToken => ("package-token-invalid", Kind::Unauthorized),
             FotaError::Transition(TransitionError::Finished(_)) => {
                 ("task-finished", Kind::Conflict)
             }

@@ -147,6 +147,10 @@ pub struct FotaTask {
     /// Last reported /5/0/5 Update Result.
     pub update_result: u8,
     pub package_uri: String,
+    /// The capability in the package URI's last segment; the URI works only with it when
+    /// `auth.package_tokens` is on, and only while the task runs.
+    #[serde(default)]
+    pub capability: String,
     /// Bytes served on the package URI (all attempts).
     pub bytes_served: u64,
     pub size: Option<u64>,
@@ -345,6 +349,7 @@ pub(crate) mod tests {
             state: 0,
             update_result: 0,
             package_uri: String::new(),
+            capability: String::new(),
             bytes_served: 0,
             size: None,
             created_ms: 0,

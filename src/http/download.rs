@@ -108,7 +108,27 @@ pub async fn package(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let package = app.engine.package(&id, method == Method::GET).await?;
+    serve_package(app, &id, None, method, headers).await
+}
+
+/// `GET`/`HEAD /p/{fotaId}/{token}`: the package URI with its capability.
+pub async fn package_with_token(
+    State(app): State<AppState>,
+    Path((id, token)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    serve_package(app, &id, Some(&token), method, headers).await
+}
+
+async fn serve_package(
+    app: AppState,
+    id: &str,
+    token: Option<&str>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let package = app.engine.package(id, token, method == Method::GET).await?;
     let record = Arc::clone(&package.record);
     let tally = Tally {
         metrics: Arc::clone(&app.metrics),

@@ -56,6 +56,13 @@ impl From<FirmwareError> for ApiError {
     }
 }
 
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> ApiError {
+        let (code, kind) = e.code();
+        ApiError::domain(code, kind, &e)
+    }
+}
+
 impl From<FotaError> for ApiError {
     fn from(e: FotaError) -> ApiError {
         let (code, kind) = e.code();

@@ -1,5 +1,6 @@
 //! The HTTP API: routes, shared state, request metrics and JSON fallbacks.
 
+pub mod access;
 mod download;
 pub mod error;
 mod events;
@@ -7,6 +8,8 @@ mod firmware;
 mod fota;
 mod ops;
 pub mod range;
+pub mod tls;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -20,6 +23,7 @@ use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{Role, Rule};
 use crate::firmware::Repository;
 use crate::fota::Engine;
 use crate::metrics::Metrics;
@@ -39,77 +43,165 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// Fires at shutdown; long-lived responses (event streams) end with it.
     pub cancel: tokio_util::sync::CancellationToken,
+    pub access: Arc<access::Access>,
 }
 
 /// The router and the list of (method, path) it serves, kept in one place so the OpenAPI
 /// document can be checked against it.
 pub struct Routes {
     router: Router<AppState>,
-    table: Vec<(Method, &'static str)>,
+    table: Vec<(Method, &'static str, Rule)>,
 }
 
 impl Routes {
-    fn add<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Routes
+    /// Serves `handler` at `method path` under `rule`: no route without an access rule.
+    fn add<H, T>(mut self, method: Method, path: &'static str, rule: Rule, handler: H) -> Routes
     where
         H: Handler<T, AppState>,
         T: 'static,
     {
         let filter = MethodFilter::try_from(method.clone()).expect("standard method");
         self.router = self.router.route(path, on(filter, handler));
-        self.table.push((method, path));
+        self.table.push((method, path, rule));
         self
     }
 
-    /// Every (method, path) pair served, with axum's `{param}` syntax.
-    pub fn table(&self) -> &[(Method, &'static str)] {
+    /// Every (method, path, rule) served, with axum's `{param}` syntax.
+    pub fn table(&self) -> &[(Method, &'static str, Rule)] {
         &self.table
     }
 }
 
 pub fn routes() -> Routes {
     use Method as M;
+    use Role::{Admin, Operator, Publisher, Reader};
+    use Rule::{Device, DeviceByName, Public};
+    let role = Rule::Role;
     Routes {
         router: Router::new(),
         table: Vec::new(),
     }
-    .add(M::GET, "/healthz", ops::healthz)
-    .add(M::GET, "/metrics", ops::metrics)
-    .add(M::GET, "/v1/keys", ops::keys)
-    .add(M::GET, "/v1/keys/{keyId}", ops::key)
-    .add(M::GET, "/v1/firmware", firmware::list)
-    .add(M::PUT, "/v1/firmware/{name}", firmware::upload)
-    .add(M::GET, "/v1/firmware/{name}", firmware::resolve)
-    .add(M::PATCH, "/v1/firmware/{name}", firmware::change)
-    .add(M::DELETE, "/v1/firmware/{name}", firmware::delete)
-    .add(M::GET, "/v1/firmware/{name}/signature", firmware::signature)
-    .add(M::GET, "/v1/firmware/{name}/content", download::content)
-    .add(M::HEAD, "/v1/firmware/{name}/content", download::content)
-    .add(M::GET, "/fw/{name}", download::content)
-    .add(M::HEAD, "/fw/{name}", download::content)
-    .add(M::GET, "/p/{fotaId}", download::package)
-    .add(M::HEAD, "/p/{fotaId}", download::package)
-    .add(M::POST, "/v1/imports", fota::import)
-    .add(M::POST, "/v1/devices/{deviceId}/fota", fota::schedule)
-    .add(M::GET, "/v1/devices/{deviceId}/fota", fota::work)
+    .add(M::GET, "/healthz", Public, ops::healthz)
+    .add(M::GET, "/metrics", role(Reader), ops::metrics)
+    .add(M::GET, "/v1/keys", role(Reader), ops::keys)
+    .add(M::GET, "/v1/keys/{keyId}", role(Reader), ops::key)
+    .add(M::GET, "/v1/tokens", role(Admin), tokens::list)
+    .add(M::POST, "/v1/tokens", role(Admin), tokens::create)
+    .add(M::DELETE, "/v1/tokens/{token}", role(Admin), tokens::revoke)
+    .add(M::GET, "/v1/firmware", role(Reader), firmware::list)
+    .add(
+        M::PUT,
+        "/v1/firmware/{name}",
+        role(Publisher),
+        firmware::upload,
+    )
+    .add(
+        M::GET,
+        "/v1/firmware/{name}",
+        role(Reader),
+        firmware::resolve,
+    )
+    .add(
+        M::PATCH,
+        "/v1/firmware/{name}",
+        role(Publisher),
+        firmware::change,
+    )
+    .add(
+        M::DELETE,
+        "/v1/firmware/{name}",
+        role(Admin),
+        firmware::delete,
+    )
+    .add(
+        M::GET,
+        "/v1/firmware/{name}/signature",
+        role(Reader),
+        firmware::signature,
+    )
+    .add(
+        M::GET,
+        "/v1/firmware/{name}/content",
+        role(Reader),
+        download::content,
+    )
+    .add(
+        M::HEAD,
+        "/v1/firmware/{name}/content",
+        role(Reader),
+        download::content,
+    )
+    .add(M::GET, "/fw/{name}", DeviceByName, download::content)
+    .add(M::HEAD, "/fw/{name}", DeviceByName, download::content)
+    .add(M::GET, "/p/{fotaId}", Device, download::package)
+    .add(M::HEAD, "/p/{fotaId}", Device, download::package)
+    .add(
+        M::GET,
+        "/p/{fotaId}/{token}",
+        Device,
+        download::package_with_token,
+    )
+    .add(
+        M::HEAD,
+        "/p/{fotaId}/{token}",
+        Device,
+        download::package_with_token,
+    )
+    .add(M::POST, "/v1/imports", role(Publisher), fota::import)
+    .add(
+        M::POST,
+        "/v1/devices/{deviceId}/fota",
+        role(Operator),
+        fota::schedule,
+    )
+    .add(M::GET, "/v1/devices/{deviceId}/fota", Device, fota::work)
     .add(
         M::POST,
         "/v1/devices/{deviceId}/methods/{method}",
+        role(Operator),
         fota::method,
     )
-    .add(M::GET, "/v1/fota", fota::list)
-    .add(M::GET, "/v1/fota/{fotaId}", fota::status)
-    .add(M::POST, "/v1/fota/{fotaId}/report", fota::report)
-    .add(M::POST, "/v1/fota/{fotaId}/cancel", fota::cancel)
-    .add(M::GET, "/v1/schedules", fota::schedules)
-    .add(M::GET, "/v1/schedules/{name}", fota::get_schedule)
-    .add(M::PUT, "/v1/schedules/{name}", fota::put_schedule)
-    .add(M::DELETE, "/v1/schedules/{name}", fota::delete_schedule)
-    .add(M::GET, "/v1/events", events::events)
+    .add(M::GET, "/v1/fota", role(Reader), fota::list)
+    .add(M::GET, "/v1/fota/{fotaId}", role(Reader), fota::status)
+    .add(M::POST, "/v1/fota/{fotaId}/report", Device, fota::report)
+    .add(
+        M::POST,
+        "/v1/fota/{fotaId}/cancel",
+        role(Operator),
+        fota::cancel,
+    )
+    .add(M::GET, "/v1/schedules", role(Reader), fota::schedules)
+    .add(
+        M::GET,
+        "/v1/schedules/{name}",
+        role(Reader),
+        fota::get_schedule,
+    )
+    .add(
+        M::PUT,
+        "/v1/schedules/{name}",
+        role(Operator),
+        fota::put_schedule,
+    )
+    .add(
+        M::DELETE,
+        "/v1/schedules/{name}",
+        role(Operator),
+        fota::delete_schedule,
+    )
+    .add(M::GET, "/v1/events", role(Reader), events::events)
 }
 
 /// The complete service with its middleware.
 pub fn router(state: AppState) -> Router {
     let routes = routes();
+    let mut rules: access::Rules = std::collections::HashMap::new();
+    for (method, path, rule) in &routes.table {
+        rules
+            .entry(*path)
+            .or_default()
+            .push((method.clone(), *rule));
+    }
     routes
         .router
         .fallback(|| async { ApiError::not_found() })
@@ -121,6 +213,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(
+            (state.clone(), Arc::new(rules)),
+            access::enforce,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,

@@ -53,7 +53,7 @@ impl TestServer {
                 .await
                 .expect("server starts");
         TestServer {
-            base: format!("http://{}", running.http_addr),
+            base: format!("http://{}", running.http_addr.expect("HTTP on")),
             coap_tcp: running.coap_tcp_addr,
             coap_udp: running.coap_udp_addr,
             coap_tls: running.coap_tls_addr,

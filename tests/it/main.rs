@@ -1,5 +1,6 @@
 //! Integration tests: real fwrepo servers on 127.0.0.1 ephemeral ports.
 
+mod access;
 mod coap_interop;
 mod coap_protocol;
 mod common;

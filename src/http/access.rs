@@ -1,0 +1,131 @@
+//! Access control at the HTTP edge: each route's rule (declared with the route in `routes()`),
+//! bearer tokens checked against the token file, and an audit event for every change.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::{AuditEvent, AuditLog, AuthError, Caller, Role, Rule, TokenStore};
+
+/// What the access layer needs, shared by every request.
+pub struct Access {
+    pub tokens: TokenStore,
+    pub audit: AuditLog,
+    /// Every listener is on loopback, or the operator passed `--insecure`: with no tokens
+    /// at all, the service runs open.
+    pub open_allowed: bool,
+    /// `auth.package_tokens`: downloads by name need a reader token.
+    pub package_tokens: bool,
+}
+
+/// A short description of what a change did, set by handlers whose path alone does not say
+/// (token operations), for the audit event.
+#[derive(Clone)]
+pub struct AuditDetail(pub String);
+
+/// The rules of the served routes, by matched path then method.
+pub type Rules = HashMap<&'static str, Vec<(Method, Rule)>>;
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Who the caller is, or why they may not go on.
+pub fn decide(
+    access: &Access,
+    rule: Rule,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<Caller, AuthError> {
+    let need = match rule {
+        Rule::Public | Rule::Device => return Ok(Caller::Anonymous),
+        Rule::DeviceByName if !access.package_tokens => return Ok(Caller::Anonymous),
+        Rule::DeviceByName => Role::Reader,
+        Rule::Role(role) => role,
+    };
+    if access.open_allowed && access.tokens.is_empty()? {
+        return Ok(Caller::Anonymous);
+    }
+    let token = bearer(headers).ok_or(AuthError::Missing)?;
+    let info = access.tokens.check(token)?;
+    if !info.role.covers(need) {
+        return Err(AuthError::Forbidden {
+            have: info.role,
+            need,
+            action: format!("{method} {path}"),
+        });
+    }
+    Ok(Caller::Token {
+        name: info.name,
+        role: info.role,
+    })
+}
+
+/// The middleware: the decision before the handler, so a refusal never depends on whether
+/// the resource exists; the audit event after it.
+pub async fn enforce(
+    State((app, rules)): State<(AppState, Arc<Rules>)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(path) = req.extensions().get::<MatchedPath>().cloned() else {
+        return next.run(req).await;
+    };
+    let rule = rules.get(path.as_str()).and_then(|by_method| {
+        by_method
+            .iter()
+            .find(|(m, _)| m == req.method())
+            .map(|(_, r)| *r)
+    });
+    // No rule for this method: the router answers 405 without running a handler.
+    let Some(rule) = rule else {
+        return next.run(req).await;
+    };
+    let access = &app.access;
+    let method = req.method().clone();
+    let caller = match decide(access, rule, &method, path.as_str(), req.headers()) {
+        Ok(c) => c,
+        Err(e) => {
+            let unauthenticated = matches!(e, AuthError::Missing | AuthError::Unknown);
+            let mut resp = ApiError::from(e).into_response();
+            if unauthenticated {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"fwrepo\""),
+                );
+            }
+            return resp;
+        }
+    };
+    let audited = matches!(rule, Rule::Role(_)) && !matches!(method, Method::GET | Method::HEAD);
+    let target = req.uri().path().to_owned();
+    req.extensions_mut().insert(caller.clone());
+    let resp = next.run(req).await;
+    if audited {
+        let role = match &caller {
+            Caller::Token { role, .. } => Some(role.as_str()),
+            Caller::Anonymous => None,
+        };
+        let mut event = AuditEvent::now(
+            caller.name(),
+            role,
+            &format!("{method} {}", path.as_str()),
+            &target,
+        );
+        if let Some(AuditDetail(detail)) = resp.extensions().get::<AuditDetail>() {
+            event.target = format!("{target} ({detail})");
+        }
+        event.status = Some(resp.status().as_u16());
+        access.audit.record(&event);
+    }
+    resp
+}
