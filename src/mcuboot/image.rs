@@ -119,17 +119,10 @@ fn tlv_area(magic: u16, entries: &[u8]) -> Vec<u8> {
 }
 
 /// Feeds the signed region (head, body, protected TLVs) to `sink`, reading the body from disk.
-fn feed(
-    spool: &mut File,
-    head: &[u8],
-    body_offset: u64,
-    body_len: u64,
-    protected: &[u8],
-    sink: &mut dyn FnMut(&[u8]),
-) -> std::io::Result<()> {
-    sink(head);
-    spool.seek(SeekFrom::Start(body_offset))?;
-    let mut left = body_len;
+fn feed(spool: &mut File, r: &Region<'_>, sink: &mut dyn FnMut(&[u8])) -> std::io::Result<()> {
+    sink(r.head);
+    spool.seek(SeekFrom::Start(r.body_offset))?;
+    let mut left = r.body_len;
     let mut buf = vec![0u8; CHUNK];
     while left > 0 {
         let want = left.min(CHUNK as u64) as usize;
@@ -137,8 +130,27 @@ fn feed(
         sink(&buf[..want]);
         left -= want as u64;
     }
-    sink(protected);
+    sink(r.protected);
     Ok(())
+}
+
+/// The signed region: header area, the body in the spool, protected TLVs.
+struct Region<'a> {
+    head: &'a [u8],
+    body_offset: u64,
+    body_len: u64,
+    protected: &'a [u8],
+}
+
+/// The region's digest and the public key's, with `D`.
+fn hashes<D: Digest>(
+    file: &mut File,
+    r: &Region<'_>,
+    public: &[u8],
+) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    let mut h = D::new();
+    feed(file, r, &mut |b| h.update(b))?;
+    Ok((h.finalize().to_vec(), D::digest(public).to_vec()))
 }
 
 /// Size of the trailer MCUboot's swap upgrade needs (imgtool's `_trailer_size`, no encryption).
@@ -214,42 +226,21 @@ pub fn plan(
     head.resize(header_size as usize, fill);
 
     let public = key.spki_der();
-    let (hash_tlv, digest, key_hash) = match options.hash {
-        HashMode::Sha256 => {
-            let mut h = Sha256::new();
-            feed(
-                &mut file,
-                &head,
-                body_offset,
-                body_len,
-                &protected,
-                &mut |b| h.update(b),
-            )?;
-            (
-                TLV_SHA256,
-                h.finalize().to_vec(),
-                Sha256::digest(&public).to_vec(),
-            )
-        }
+    let region = Region {
+        head: &head,
+        body_offset,
+        body_len,
+        protected: &protected,
+    };
+    // The image hash and KEYHASH use the same algorithm (imgtool hashes the key with it).
+    let (hash_tlv, (digest, key_hash)) = match options.hash {
+        HashMode::Sha256 => (TLV_SHA256, hashes::<Sha256>(&mut file, &region, &public)?),
         HashMode::Sha512 | HashMode::Pure => {
-            let mut h = Sha512::new();
-            feed(
-                &mut file,
-                &head,
-                body_offset,
-                body_len,
-                &protected,
-                &mut |b| h.update(b),
-            )?;
-            (
-                TLV_SHA512,
-                h.finalize().to_vec(),
-                Sha512::digest(&public).to_vec(),
-            )
+            (TLV_SHA512, hashes::<Sha512>(&mut file, &region, &public)?)
         }
     };
     let signature = match options.hash {
-        HashMode::Pure => sign_region(&mut file, key, &head, body_offset, body_len, &protected)?,
+        HashMode::Pure => sign_region(&mut file, key, &region)?,
         _ => key.signing.sign(&digest).to_bytes(),
     };
 
@@ -303,14 +294,7 @@ pub fn plan(
 
 /// Pure Ed25519 over the whole signed region without holding it in memory: the message is
 /// fed to the signer twice (nonce, then challenge), each time read from the spool.
-fn sign_region(
-    file: &mut File,
-    key: &KeyEntry,
-    head: &[u8],
-    body_offset: u64,
-    body_len: u64,
-    protected: &[u8],
-) -> Result<[u8; 64], McubootError> {
+fn sign_region(file: &mut File, key: &KeyEntry, r: &Region<'_>) -> Result<[u8; 64], McubootError> {
     let file = std::cell::RefCell::new(file);
     let failure = std::cell::RefCell::new(None);
     let esk = ExpandedSecretKey::from(&key.signing.to_bytes());
@@ -318,15 +302,7 @@ fn sign_region(
         &esk,
         |h| {
             let mut file = file.borrow_mut();
-            feed(
-                &mut file,
-                head,
-                body_offset,
-                body_len,
-                protected,
-                &mut |b| ed25519_dalek::Digest::update(h, b),
-            )
-            .map_err(|e| {
+            feed(&mut file, r, &mut |b| ed25519_dalek::Digest::update(h, b)).map_err(|e| {
                 *failure.borrow_mut() = Some(e);
                 ed25519_dalek::SignatureError::new()
             })

@@ -11,7 +11,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::coap_protocol::{connect, get, recv};
-use crate::common::{client, config, have_tool, image, sha256_hex, tool, TestServer};
+use crate::common::{
+    client, config, have_tool, image, sha256_hex, test_certificate, tool, TestServer,
+};
 
 /// Every route and who may use it. A route the router serves that is missing here fails
 /// `every_role_against_every_route`, so no route goes without a decided rule.
@@ -590,37 +592,7 @@ async fn package_tokens_guard_device_downloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_downloads_with_ranges_and_plain_http_off() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let (cert, key) = test_certificate(dir.path());
     let sets = [
         "http.listen=".to_owned(),
         "https.listen=127.0.0.1:0".to_owned(),

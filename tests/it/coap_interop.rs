@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::common::{have_tool, image, sha256_hex, tool, TestServer};
+use crate::common::{have_tool, image, sha256_hex, test_certificate, tool, TestServer};
 
 const SIZES: [(&str, usize); 2] = [("one-mib.bin", 1 << 20), ("sixteen-mib.bin", 16 << 20)];
 
@@ -23,37 +23,7 @@ struct Setup {
 /// A server with both images and a test certificate for coaps+tcp made here.
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args([
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ])
-        .output()
-        .expect("openssl runs");
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let (cert, key) = test_certificate(dir.path());
     let sets = [
         format!("coap.tls_cert={}", cert.display()),
         format!("coap.tls_key={}", key.display()),
