@@ -10,5 +10,6 @@ mod fota;
 mod fota_coap;
 mod lifecycle;
 mod mcuboot;
+mod s3;
 mod spec;
 mod upload;
