@@ -357,7 +357,16 @@ async fn public_key_exports_match_imgtool_getpub() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_options_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    // What a crash mid-signing leaves in the spool is cleared at start-up.
+    let spool = dir.path().join("storage/spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    std::fs::write(spool.join("0123.part"), b"half an upload").unwrap();
     let srv = TestServer::start(dir.path(), &[]).await;
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "spool cleared at start"
+    );
     let body = image(4096, 3);
     let cases = [
         ("format=mcuboot", "invalid-mcuboot-option", "version"),
