@@ -355,6 +355,8 @@ pub enum BlobBackend {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetaBackend {
     Sled(PathBuf),
+    /// A PostgreSQL connection URL (`postgres://user:password@host:port/database`).
+    Postgres(String),
 }
 
 impl Config {
@@ -626,8 +628,14 @@ impl Config {
         if let Some(path) = spec.strip_prefix("sled:") {
             return Ok(MetaBackend::Sled(PathBuf::from(path)));
         }
+        if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            spec.parse::<tokio_postgres::Config>().map_err(|e| {
+                ConfigError::Invalid(format!("storage.metadata: not a PostgreSQL URL: {e}"))
+            })?;
+            return Ok(MetaBackend::Postgres(spec.clone()));
+        }
         Err(ConfigError::Invalid(format!(
-            "storage.metadata {spec:?}: expected sled:<path>"
+            "storage.metadata {spec:?}: expected sled:<path> or postgres://user:password@host:port/database"
         )))
     }
 }

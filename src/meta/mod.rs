@@ -1,6 +1,7 @@
 //! Metadata: small traits, one per concern, behind `Arc<dyn MetaStore>`, so a second backend
 //! (PostgreSQL) is a second implementation and callers do not change.
 
+mod postgres;
 mod sled_store;
 mod sled_tasks;
 
@@ -158,6 +159,7 @@ impl<T: FirmwareCatalog + ExpiryIndex + TaskStore + DeviceStore + ScheduleStore>
 pub async fn open(backend: &MetaBackend) -> Result<Arc<dyn MetaStore>, MetaError> {
     match backend {
         MetaBackend::Sled(path) => Ok(Arc::new(sled_store::SledStore::open(path.clone()).await?)),
+        MetaBackend::Postgres(url) => Ok(Arc::new(postgres::PgStore::open(url).await?)),
     }
 }
 

@@ -290,3 +290,26 @@ pub fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     );
     (cert, key)
 }
+
+/// A new, empty database on the PostgreSQL that scripts/test starts (`FWREPO_TEST_POSTGRES`);
+/// `None` (a loud skip) without one, a failure under CI.
+pub async fn fresh_postgres() -> Option<String> {
+    let Ok(admin) = std::env::var("FWREPO_TEST_POSTGRES") else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("FWREPO_TEST_POSTGRES is required under CI=true (scripts/test sets it)");
+        }
+        eprintln!("SKIPPED: FWREPO_TEST_POSTGRES is not set; scripts/test starts PostgreSQL");
+        return None;
+    };
+    let (db, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("the test PostgreSQL answers");
+    tokio::spawn(conn);
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).unwrap();
+    let name = format!("it_{}", hex::encode(id));
+    db.batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    Some(format!("{}/{name}", admin.rsplit_once('/').unwrap().0))
+}

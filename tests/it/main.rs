@@ -10,6 +10,7 @@ mod fota;
 mod fota_coap;
 mod lifecycle;
 mod mcuboot;
+mod postgres;
 mod s3;
 mod spec;
 mod upload;

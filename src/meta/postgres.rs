@@ -1,0 +1,608 @@
+//! The metadata store in PostgreSQL, for several fwrepo instances sharing one database (with
+//! S3 blobs). Records and tasks are stored as JSON text beside the columns the indexes need;
+//! every write is one statement or one transaction, committed (durable) before it returns.
+//! The schema is created on first start.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use tokio::sync::{Mutex, MutexGuard};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::{
+    DeviceInfo, DeviceStore, ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError,
+    ScheduleStore, TaskStore,
+};
+use crate::fota::schedule::Schedule;
+use crate::fota::task::FotaTask;
+
+/// Connections kept open; each request takes one for the length of its statement.
+const POOL_SIZE: usize = 8;
+
+/// Tables and indexes. `COLLATE "C"` keeps names and ids in byte order, as listings and
+/// cursors expect; partial indexes hold exactly the tasks each engine query looks for.
+/// Instances starting together serialize on an advisory lock, so concurrent
+/// `CREATE ... IF NOT EXISTS` cannot collide.
+const SCHEMA: &str = r#"
+BEGIN;
+SELECT pg_advisory_xact_lock(7366436516046733);
+CREATE TABLE IF NOT EXISTS fwrepo_firmware (
+    name          TEXT COLLATE "C" PRIMARY KEY,
+    blob_key      TEXT NOT NULL,
+    size          BIGINT NOT NULL,
+    expires_at_ms BIGINT,
+    record        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fwrepo_firmware_expiry
+    ON fwrepo_firmware (expires_at_ms, name) WHERE expires_at_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS fwrepo_tasks (
+    id          TEXT COLLATE "C" PRIMARY KEY,
+    device_id   TEXT COLLATE "C" NOT NULL,
+    firmware    TEXT NOT NULL,
+    active      BOOLEAN NOT NULL,
+    due_ms      BIGINT,
+    holds_quota BOOLEAN NOT NULL,
+    importing   BOOLEAN NOT NULL,
+    task        TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS fwrepo_tasks_active_device
+    ON fwrepo_tasks (device_id) WHERE active;
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_device ON fwrepo_tasks (device_id, id);
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_due ON fwrepo_tasks (due_ms, id) WHERE due_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_quota ON fwrepo_tasks (id) WHERE holds_quota;
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_importing ON fwrepo_tasks (id) WHERE importing;
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_firmware ON fwrepo_tasks (firmware) WHERE active;
+CREATE TABLE IF NOT EXISTS fwrepo_devices (
+    device_id TEXT PRIMARY KEY,
+    info      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fwrepo_schedules (
+    name     TEXT COLLATE "C" PRIMARY KEY,
+    schedule TEXT NOT NULL
+);
+COMMIT;
+"#;
+
+fn backend(e: impl std::fmt::Display) -> MetaError {
+    MetaError::Backend(format!("postgres: {e}"))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, json: &str) -> Result<T, MetaError> {
+    serde_json::from_str(json).map_err(|e| MetaError::Corrupt {
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<String, MetaError> {
+    serde_json::to_string(value).map_err(backend)
+}
+
+/// The JSON in column `col` of each row, decoded.
+fn rows<T: serde::de::DeserializeOwned>(rows: &[Row], col: &str) -> Result<Vec<T>, MetaError> {
+    rows.iter()
+        .map(|r| decode(col, r.get::<_, &str>(col)))
+        .collect()
+}
+
+/// A few connections, each re-established when it breaks (a database restart costs the
+/// requests in flight, not the process).
+pub struct PgStore {
+    config: tokio_postgres::Config,
+    slots: Vec<Mutex<Option<Client>>>,
+    next: AtomicUsize,
+}
+
+impl PgStore {
+    /// Connects and creates the schema if it is not there.
+    pub async fn open(url: &str) -> Result<PgStore, MetaError> {
+        let config: tokio_postgres::Config = url.parse().map_err(backend)?;
+        let store = PgStore {
+            config,
+            slots: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        };
+        let conn = store.conn().await?;
+        conn.client().batch_execute(SCHEMA).await.map_err(backend)?;
+        drop(conn);
+        Ok(store)
+    }
+
+    async fn conn(&self) -> Result<Conn<'_>, MetaError> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let free = (0..POOL_SIZE).find_map(|k| self.slots[(start + k) % POOL_SIZE].try_lock().ok());
+        let mut slot = match free {
+            Some(s) => s,
+            None => self.slots[start % POOL_SIZE].lock().await,
+        };
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            let (client, connection) = self.config.connect(NoTls).await.map_err(backend)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "PostgreSQL connection ended");
+                }
+            });
+            *slot = Some(client);
+        }
+        Ok(Conn(slot))
+    }
+}
+
+/// A connection taken from the pool.
+struct Conn<'a>(MutexGuard<'a, Option<Client>>);
+
+impl Conn<'_> {
+    fn client(&self) -> &Client {
+        self.0.as_ref().expect("connected")
+    }
+}
+
+#[async_trait]
+impl FirmwareCatalog for PgStore {
+    async fn get(&self, name: &str) -> Result<Option<FirmwareRecord>, MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_opt(
+                "SELECT record FROM fwrepo_firmware WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(backend)?;
+        row.map(|r| decode(name, r.get(0))).transpose()
+    }
+
+    async fn insert_new(
+        &self,
+        record: &FirmwareRecord,
+    ) -> Result<Option<FirmwareRecord>, MetaError> {
+        let json = encode(record)?;
+        let c = self.conn().await?;
+        let inserted = c
+            .client()
+            .execute(
+                "INSERT INTO fwrepo_firmware (name, blob_key, size, expires_at_ms, record)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+                &[
+                    &record.name,
+                    &record.blob_key,
+                    &(record.size as i64),
+                    &record.expires_at_ms,
+                    &json,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        drop(c);
+        if inserted == 1 {
+            return Ok(None);
+        }
+        // Taken: the holder (or, had it just gone, try once more).
+        match self.get(&record.name).await? {
+            Some(holder) => Ok(Some(holder)),
+            None => Box::pin(self.insert_new(record)).await,
+        }
+    }
+
+    async fn update(&self, record: &FirmwareRecord) -> Result<bool, MetaError> {
+        let json = encode(record)?;
+        let c = self.conn().await?;
+        let n = c
+            .client()
+            .execute(
+                "UPDATE fwrepo_firmware SET size = $3, expires_at_ms = $4, record = $5
+                 WHERE name = $1 AND blob_key = $2",
+                &[
+                    &record.name,
+                    &record.blob_key,
+                    &(record.size as i64),
+                    &record.expires_at_ms,
+                    &json,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    async fn remove(&self, name: &str, blob_key: &str) -> Result<bool, MetaError> {
+        let c = self.conn().await?;
+        let n = c
+            .client()
+            .execute(
+                "DELETE FROM fwrepo_firmware WHERE name = $1 AND blob_key = $2",
+                &[&name, &blob_key],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FirmwareRecord>, MetaError> {
+        let c = self.conn().await?;
+        let found = c
+            .client()
+            .query(
+                "SELECT record FROM fwrepo_firmware
+                 WHERE name >= $1 AND left(name, char_length($1)) = $1
+                   AND ($2::TEXT IS NULL OR name > $2)
+                 ORDER BY name LIMIT $3",
+                &[&prefix, &after, &(limit.min(i64::MAX as usize) as i64)],
+            )
+            .await
+            .map_err(backend)?;
+        rows(&found, "record")
+    }
+
+    async fn totals(&self) -> Result<(u64, u64), MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_one(
+                "SELECT count(*), coalesce(sum(size), 0)::BIGINT FROM fwrepo_firmware",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+    }
+}
+
+#[async_trait]
+impl ExpiryIndex for PgStore {
+    async fn next_expiry_after(&self, after_ms: i64) -> Result<Option<i64>, MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_one(
+                "SELECT min(expires_at_ms) FROM fwrepo_firmware WHERE expires_at_ms > $1",
+                &[&after_ms],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.get(0))
+    }
+
+    async fn expired(
+        &self,
+        now_ms: i64,
+        after: Option<&FirmwareRecord>,
+        limit: usize,
+    ) -> Result<Vec<FirmwareRecord>, MetaError> {
+        let (after_at, after_name) = match after {
+            Some(r) => (r.expires_at_ms.unwrap_or(0), r.name.as_str()),
+            None => (i64::MIN, ""),
+        };
+        let c = self.conn().await?;
+        let found = c
+            .client()
+            .query(
+                "SELECT record FROM fwrepo_firmware
+                 WHERE expires_at_ms <= $1 AND (expires_at_ms, name) > ($2, $3)
+                 ORDER BY expires_at_ms, name LIMIT $4",
+                &[&now_ms, &after_at, &after_name, &(limit as i64)],
+            )
+            .await
+            .map_err(backend)?;
+        rows(&found, "record")
+    }
+}
+
+/// A task's JSON and due time, computed once per write.
+struct TaskRow {
+    json: String,
+    due: Option<i64>,
+}
+
+impl TaskRow {
+    fn of(t: &FotaTask) -> Result<TaskRow, MetaError> {
+        Ok(TaskRow {
+            json: encode(t)?,
+            due: t.due_ms(),
+        })
+    }
+}
+
+const INSERT_TASK: &str = "INSERT INTO fwrepo_tasks
+    (id, device_id, firmware, active, due_ms, holds_quota, importing, task)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+#[async_trait]
+impl TaskStore for PgStore {
+    async fn create_task(&self, task: &FotaTask) -> Result<Option<String>, MetaError> {
+        let row = TaskRow::of(task)?;
+        let c = self.conn().await?;
+        // One statement: the unique index on active tasks per device decides a race.
+        let inserted = c
+            .client()
+            .execute(
+                INSERT_TASK,
+                &[
+                    &task.id,
+                    &task.device_id,
+                    &task.firmware,
+                    &task.is_active(),
+                    &row.due,
+                    &task.holds_quota(),
+                    &task.is_importing(),
+                    &row.json,
+                ],
+            )
+            .await;
+        match inserted {
+            Ok(_) => Ok(None),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                let active = c
+                    .client()
+                    .query_opt(
+                        "SELECT id FROM fwrepo_tasks WHERE device_id = $1 AND active",
+                        &[&task.device_id],
+                    )
+                    .await
+                    .map_err(backend)?;
+                match active {
+                    Some(r) => Ok(Some(r.get(0))),
+                    None => Err(backend(e)),
+                }
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_opt("SELECT task FROM fwrepo_tasks WHERE id = $1", &[&id])
+            .await
+            .map_err(backend)?;
+        row.map(|r| decode(id, r.get(0))).transpose()
+    }
+
+    async fn put_task(&self, task: &FotaTask) -> Result<(), MetaError> {
+        let row = TaskRow::of(task)?;
+        let c = self.conn().await?;
+        c.client()
+            .execute(
+                &format!(
+                    "{INSERT_TASK} ON CONFLICT (id) DO UPDATE SET device_id = $2, firmware = $3,
+                     active = $4, due_ms = $5, holds_quota = $6, importing = $7, task = $8"
+                ),
+                &[
+                    &task.id,
+                    &task.device_id,
+                    &task.firmware,
+                    &task.is_active(),
+                    &row.due,
+                    &task.holds_quota(),
+                    &task.is_importing(),
+                    &row.json,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_opt(
+                "SELECT id FROM fwrepo_tasks WHERE device_id = $1 AND active",
+                &[&device_id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn list_tasks(
+        &self,
+        device_id: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FotaTask>, MetaError> {
+        let c = self.conn().await?;
+        let found = c
+            .client()
+            .query(
+                "SELECT task FROM fwrepo_tasks
+                 WHERE ($1::TEXT IS NULL OR device_id = $1) AND ($2::TEXT IS NULL OR id > $2)
+                 ORDER BY id LIMIT $3",
+                &[&device_id, &after, &(limit.min(i64::MAX as usize) as i64)],
+            )
+            .await
+            .map_err(backend)?;
+        rows(&found, "task")
+    }
+
+    async fn next_due(&self) -> Result<Option<i64>, MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_one("SELECT min(due_ms) FROM fwrepo_tasks", &[])
+            .await
+            .map_err(backend)?;
+        Ok(row.get(0))
+    }
+
+    async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<FotaTask>, MetaError> {
+        let c = self.conn().await?;
+        let found = c
+            .client()
+            .query(
+                "SELECT task FROM fwrepo_tasks WHERE due_ms <= $1 ORDER BY due_ms, id LIMIT $2",
+                &[&now_ms, &(limit.min(i64::MAX as usize) as i64)],
+            )
+            .await
+            .map_err(backend)?;
+        rows(&found, "task")
+    }
+
+    async fn quota_holders(&self) -> Result<u64, MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_one("SELECT count(*) FROM fwrepo_tasks WHERE holds_quota", &[])
+            .await
+            .map_err(backend)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn importing(&self) -> Result<Vec<FotaTask>, MetaError> {
+        let c = self.conn().await?;
+        let found = c
+            .client()
+            .query(
+                "SELECT task FROM fwrepo_tasks WHERE importing ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        rows(&found, "task")
+    }
+
+    async fn firmware_in_use(&self, name: &str) -> Result<bool, MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM fwrepo_tasks WHERE firmware = $1 AND active)",
+                &[&name],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.get(0))
+    }
+}
+
+#[async_trait]
+impl DeviceStore for PgStore {
+    async fn get_device(&self, device_id: &str) -> Result<Option<DeviceInfo>, MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_opt(
+                "SELECT info FROM fwrepo_devices WHERE device_id = $1",
+                &[&device_id],
+            )
+            .await
+            .map_err(backend)?;
+        row.map(|r| decode(device_id, r.get(0))).transpose()
+    }
+
+    async fn put_device(&self, info: &DeviceInfo) -> Result<(), MetaError> {
+        let json = encode(info)?;
+        let c = self.conn().await?;
+        c.client()
+            .execute(
+                "INSERT INTO fwrepo_devices (device_id, info) VALUES ($1, $2)
+                 ON CONFLICT (device_id) DO UPDATE SET info = $2",
+                &[&info.device_id, &json],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ScheduleStore for PgStore {
+    async fn get_schedule(&self, name: &str) -> Result<Option<Schedule>, MetaError> {
+        let c = self.conn().await?;
+        let row = c
+            .client()
+            .query_opt(
+                "SELECT schedule FROM fwrepo_schedules WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(backend)?;
+        row.map(|r| decode(name, r.get(0))).transpose()
+    }
+
+    async fn put_schedule(&self, schedule: &Schedule) -> Result<(), MetaError> {
+        let json = encode(schedule)?;
+        let c = self.conn().await?;
+        c.client()
+            .execute(
+                "INSERT INTO fwrepo_schedules (name, schedule) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET schedule = $2",
+                &[&schedule.name, &json],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn list_schedules(&self) -> Result<Vec<Schedule>, MetaError> {
+        let c = self.conn().await?;
+        let found = c
+            .client()
+            .query("SELECT schedule FROM fwrepo_schedules ORDER BY name", &[])
+            .await
+            .map_err(backend)?;
+        rows(&found, "schedule")
+    }
+
+    async fn delete_schedule(&self, name: &str) -> Result<bool, MetaError> {
+        let c = self.conn().await?;
+        let n = c
+            .client()
+            .execute("DELETE FROM fwrepo_schedules WHERE name = $1", &[&name])
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A fresh database on the server scripts/test starts (`FWREPO_TEST_POSTGRES`, a URL to
+    /// a database this test may create others from); `None` (skip) without one, except
+    /// under CI where PostgreSQL must be there.
+    pub async fn fresh_database() -> Option<String> {
+        let Ok(admin) = std::env::var("FWREPO_TEST_POSTGRES") else {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("FWREPO_TEST_POSTGRES is required under CI=true (scripts/test sets it)");
+            }
+            eprintln!("SKIPPED: FWREPO_TEST_POSTGRES is not set; run scripts/test");
+            return None;
+        };
+        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .expect("test PostgreSQL reachable");
+        tokio::spawn(conn);
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).unwrap();
+        let db = format!("fwrepo_test_{}", hex::encode(id));
+        client
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').expect("URL with a database").0;
+        Some(format!("{base}/{db}"))
+    }
+
+    #[tokio::test]
+    async fn postgres_passes_the_suite() {
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let store = super::PgStore::open(&url).await.unwrap();
+        crate::meta::suite::run(&store).await;
+        // Opening again finds the schema in place.
+        let again = super::PgStore::open(&url).await.unwrap();
+        crate::meta::FirmwareCatalog::get(&again, "a")
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
