@@ -565,15 +565,15 @@ impl ScheduleStore for PgStore {
 
 #[cfg(test)]
 mod tests {
-    /// A fresh database on the server scripts/test starts (`FWREPO_TEST_POSTGRES`, a URL to
+    /// A fresh database on the server scripts/test starts (`TEST_POSTGRES_URL`, a URL to
     /// a database this test may create others from); `None` (skip) without one, except
     /// under CI where PostgreSQL must be there.
     pub async fn fresh_database() -> Option<String> {
-        let Ok(admin) = std::env::var("FWREPO_TEST_POSTGRES") else {
+        let Ok(admin) = std::env::var("TEST_POSTGRES_URL") else {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("FWREPO_TEST_POSTGRES is required under CI=true (scripts/test sets it)");
+                panic!("TEST_POSTGRES_URL is required under CI=true (scripts/test sets it)");
             }
-            eprintln!("SKIPPED: FWREPO_TEST_POSTGRES is not set; run scripts/test");
+            eprintln!("SKIPPED: TEST_POSTGRES_URL is not set; run scripts/test");
             return None;
         };
         let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)

@@ -291,14 +291,14 @@ pub fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
-/// A new, empty database on the PostgreSQL that scripts/test starts (`FWREPO_TEST_POSTGRES`);
+/// A new, empty database on the PostgreSQL that scripts/test starts (`TEST_POSTGRES_URL`);
 /// `None` (a loud skip) without one, a failure under CI.
 pub async fn fresh_postgres() -> Option<String> {
-    let Ok(admin) = std::env::var("FWREPO_TEST_POSTGRES") else {
+    let Ok(admin) = std::env::var("TEST_POSTGRES_URL") else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("FWREPO_TEST_POSTGRES is required under CI=true (scripts/test sets it)");
+            panic!("TEST_POSTGRES_URL is required under CI=true (scripts/test sets it)");
         }
-        eprintln!("SKIPPED: FWREPO_TEST_POSTGRES is not set; scripts/test starts PostgreSQL");
+        eprintln!("SKIPPED: TEST_POSTGRES_URL is not set; scripts/test starts PostgreSQL");
         return None;
     };
     let (db, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
