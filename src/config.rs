@@ -776,4 +776,20 @@ mod tests {
         c.storage.blobs = "ftp://x".into();
         assert!(c.blob_backend().is_err());
     }
+
+    #[test]
+    fn metadata_backends() {
+        let mut c = Config::default();
+        assert_eq!(
+            c.meta_backend().unwrap(),
+            MetaBackend::Sled("storage/metadata".into())
+        );
+        let url = "postgres://fwrepo:secret@db.example:5432/fwrepo";
+        c.storage.metadata = url.into();
+        assert_eq!(c.meta_backend().unwrap(), MetaBackend::Postgres(url.into()));
+        c.storage.metadata = "postgres://host:notaport/db".into();
+        assert!(c.meta_backend().is_err());
+        c.storage.metadata = "mysql://x".into();
+        assert!(c.meta_backend().is_err());
+    }
 }
