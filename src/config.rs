@@ -629,7 +629,7 @@ impl Config {
             return Ok(MetaBackend::Sled(PathBuf::from(path)));
         }
         if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-            spec.parse::<tokio_postgres::Config>().map_err(|e| {
+            crate::meta::pg_tls::parse(spec).map_err(|e| {
                 ConfigError::Invalid(format!("storage.metadata: not a PostgreSQL URL: {e}"))
             })?;
             return Ok(MetaBackend::Postgres(spec.clone()));
@@ -789,6 +789,12 @@ mod tests {
         assert_eq!(c.meta_backend().unwrap(), MetaBackend::Postgres(url.into()));
         c.storage.metadata = "postgres://host:notaport/db".into();
         assert!(c.meta_backend().is_err());
+        let tls = "postgres://fwrepo@db.example/fwrepo?sslmode=verify-full&sslrootcert=/etc/ca.pem";
+        c.storage.metadata = tls.into();
+        assert_eq!(c.meta_backend().unwrap(), MetaBackend::Postgres(tls.into()));
+        c.storage.metadata = "postgres://db.example/fwrepo?sslmode=verify-full".into();
+        let e = c.meta_backend().unwrap_err().to_string();
+        assert!(e.contains("sslrootcert"), "{e}");
         c.storage.metadata = "mysql://x".into();
         assert!(c.meta_backend().is_err());
     }

@@ -10,6 +10,8 @@ use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row};
 
+use super::pg_tls::{self, PgTls};
+
 use super::{
     DeviceInfo, DeviceStore, ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError,
     ScheduleStore, TaskStore,
@@ -64,7 +66,19 @@ CREATE TABLE IF NOT EXISTS fwrepo_schedules (
 COMMIT;
 "#;
 
-fn backend(e: impl std::fmt::Display) -> MetaError {
+/// The error with its causes: tokio-postgres says "db error" or "error performing TLS
+/// handshake" and keeps the why in the source chain.
+fn backend(e: impl std::error::Error) -> MetaError {
+    let mut text = format!("postgres: {e}");
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    MetaError::Backend(text)
+}
+
+fn setting(e: String) -> MetaError {
     MetaError::Backend(format!("postgres: {e}"))
 }
 
@@ -90,6 +104,7 @@ fn rows<T: serde::de::DeserializeOwned>(rows: &[Row], col: &str) -> Result<Vec<T
 /// requests in flight, not the process).
 pub struct PgStore {
     config: tokio_postgres::Config,
+    tls: Option<PgTls>,
     slots: Vec<Mutex<Option<Client>>>,
     next: AtomicUsize,
 }
@@ -97,9 +112,11 @@ pub struct PgStore {
 impl PgStore {
     /// Connects and creates the schema if it is not there.
     pub async fn open(url: &str) -> Result<PgStore, MetaError> {
-        let config: tokio_postgres::Config = url.parse().map_err(backend)?;
+        let target = pg_tls::parse(url).map_err(setting)?;
+        let tls = target.connector().map_err(setting)?;
         let store = PgStore {
-            config,
+            config: target.config,
+            tls,
             slots: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
         };
@@ -117,15 +134,29 @@ impl PgStore {
             None => self.slots[start % POOL_SIZE].lock().await,
         };
         if slot.as_ref().is_none_or(Client::is_closed) {
-            let (client, connection) = self.config.connect(NoTls).await.map_err(backend)?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!(error = %e, "PostgreSQL connection ended");
+            let client = match &self.tls {
+                Some(tls) => {
+                    let (client, connection) =
+                        self.config.connect(tls.clone()).await.map_err(backend)?;
+                    tokio::spawn(watch(connection));
+                    client
                 }
-            });
+                None => {
+                    let (client, connection) = self.config.connect(NoTls).await.map_err(backend)?;
+                    tokio::spawn(watch(connection));
+                    client
+                }
+            };
             *slot = Some(client);
         }
         Ok(Conn(slot))
+    }
+}
+
+/// Drives a connection until it ends, saying why if that was not a clean close.
+async fn watch<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::warn!(error = %e, "PostgreSQL connection ended");
     }
 }
 
@@ -589,6 +620,93 @@ mod tests {
             .unwrap();
         let base = admin.rsplit_once('/').expect("URL with a database").0;
         Some(format!("{base}/{db}"))
+    }
+
+    /// The CA that signed the test server's certificate (`TEST_POSTGRES_CA`, set by
+    /// scripts/test, whose server has TLS on with a certificate for `localhost` only).
+    fn test_ca() -> Option<String> {
+        match std::env::var("TEST_POSTGRES_CA") {
+            Ok(ca) => Some(ca),
+            Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("TEST_POSTGRES_CA is required under CI=true (scripts/test sets it)")
+            }
+            Err(_) => {
+                eprintln!("SKIPPED: TEST_POSTGRES_CA is not set; run scripts/test");
+                None
+            }
+        }
+    }
+
+    /// Whether the store's connection to the server is encrypted, as the server sees it.
+    async fn encrypted(url: &str) -> Result<bool, crate::meta::MetaError> {
+        let store = super::PgStore::open(url).await?;
+        let conn = store.conn().await?;
+        let row = conn
+            .client()
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(super::backend)?;
+        Ok(row.get(0))
+    }
+
+    #[tokio::test]
+    async fn tls_as_libpq_chooses_it() {
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let Some(ca) = test_ca() else {
+            return;
+        };
+        assert!(url.contains("//fwrepo@127.0.0.1:"), "{url}");
+        let by_name = url.replacen("@127.0.0.1:", "@localhost:", 1);
+
+        // verify-full: the chain and the name the certificate carries.
+        let full = format!("{by_name}?sslmode=verify-full&sslrootcert={ca}");
+        assert!(encrypted(&full).await.unwrap());
+        // By address the name does not match: verify-full refuses, verify-ca accepts.
+        let e = encrypted(&format!("{url}?sslmode=verify-full&sslrootcert={ca}"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("certificate not valid for name"), "{e}");
+        let chain = format!("{url}?sslmode=verify-ca&sslrootcert={ca}");
+        assert!(encrypted(&chain).await.unwrap());
+
+        // A root that did not sign the server's certificate is refused by both.
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other-ca.pem");
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=another CA", "-keyout"])
+            .arg(dir.path().join("other-ca.key"))
+            .arg("-out")
+            .arg(&other)
+            .output()
+            .expect("openssl runs");
+        assert!(made.status.success(), "{made:?}");
+        let other = other.display();
+        for mode in ["verify-full", "verify-ca", "require"] {
+            let e = encrypted(&format!("{by_name}?sslmode={mode}&sslrootcert={other}"))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("UnknownIssuer"), "{mode}: {e}");
+        }
+
+        // require and prefer (the default) encrypt without checking; disable does not.
+        assert!(encrypted(&format!("{url}?sslmode=require")).await.unwrap());
+        assert!(encrypted(&url).await.unwrap());
+        assert!(!encrypted(&format!("{url}?sslmode=disable")).await.unwrap());
     }
 
     #[tokio::test]
