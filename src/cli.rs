@@ -181,14 +181,25 @@ fn cli_actor() -> String {
 }
 
 fn token(command: TokenCommand) -> Result<(), String> {
-    use crate::auth::{AuditEvent, AuditLog, Role, TokenStore};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(token_async(command))
+}
+
+async fn token_async(command: TokenCommand) -> Result<(), String> {
+    use crate::auth::{AuditEvent, AuditLog, Role};
     let layers = match &command {
         TokenCommand::Create { layers, .. }
         | TokenCommand::List(layers)
         | TokenCommand::Revoke { layers, .. } => layers,
     };
     let config = layers.load()?;
-    let store = TokenStore::open(&config.tokens_path());
+    let backend = config.meta_backend().map_err(|e| e.to_string())?;
+    let store = crate::meta::open_tokens(&backend, &config.tokens_path())
+        .await
+        .map_err(|e| e.to_string())?;
     let audit = AuditLog::open(Some(&config.audit_path()));
     let actor = cli_actor();
     match command {
@@ -196,7 +207,7 @@ fn token(command: TokenCommand) -> Result<(), String> {
             let role: Role = role
                 .parse()
                 .map_err(|e: crate::auth::AuthError| e.to_string())?;
-            let made = store.create(&name, role).map_err(|e| e.to_string())?;
+            let made = store.create(&name, role).await.map_err(|e| e.to_string())?;
             audit.record(&AuditEvent::now(
                 &actor,
                 None,
@@ -205,17 +216,19 @@ fn token(command: TokenCommand) -> Result<(), String> {
             ));
             println!("{}", made.token);
             eprintln!(
-                "token {:?} ({role}, id {}) created; it is shown only now. Send it as: Authorization: Bearer <token>",
-                made.info.name, made.info.id
+                "token {:?} ({role}, id {}) created in {}; it is shown only now. Send it as: Authorization: Bearer <token>",
+                made.info.name,
+                made.info.id,
+                store.describe()
             );
         }
         TokenCommand::List(_) => {
-            for t in store.list().map_err(|e| e.to_string())? {
+            for t in store.list().await.map_err(|e| e.to_string())? {
                 println!("{}\t{}\t{}\t{}", t.id, t.name, t.role, t.created_at);
             }
         }
         TokenCommand::Revoke { token, .. } => {
-            let gone = store.revoke(&token).map_err(|e| e.to_string())?;
+            let gone = store.revoke(&token).await.map_err(|e| e.to_string())?;
             audit.record(&AuditEvent::now(
                 &actor,
                 None,

@@ -307,7 +307,8 @@ impl HttpsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Token hashes (`fwrepo token create|list|revoke` and `/v1/tokens` write it); empty means
-    /// `<storage.root>/tokens.json`.
+    /// `<storage.root>/tokens.json`. Not used when the metadata is in PostgreSQL, which then
+    /// keeps the tokens.
     pub tokens_file: String,
     /// Audit trail, one JSON line per change; empty means `<storage.root>/audit.log`.
     pub audit_log: String,

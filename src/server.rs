@@ -109,11 +109,18 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
 }
 
 /// Tokens, audit log and the open-mode decision; refuses to run open beyond loopback.
-fn access(config: &Config) -> Result<http::access::Access, StartError> {
+async fn access(config: &Config) -> Result<http::access::Access, StartError> {
     let listeners = config.listen_addrs()?;
     let open_allowed = crate::auth::open_allowed(&listeners, config.auth.insecure);
-    let tokens = crate::auth::TokenStore::open(&config.tokens_path());
-    if tokens.is_empty()? {
+    let backend = config.meta_backend()?;
+    let tokens = meta::open_tokens(&backend, &config.tokens_path()).await?;
+    if matches!(backend, crate::config::MetaBackend::Postgres(_)) {
+        let file = crate::auth::TokenStore::file(&config.tokens_path());
+        if !file.is_empty().await.unwrap_or(true) {
+            tracing::warn!(file = %config.tokens_path().display(), "the metadata is in PostgreSQL, so tokens are too; the tokens in this file are not used (create them again with `fwrepo token create`)");
+        }
+    }
+    if tokens.is_empty().await? {
         let outside: Vec<String> = listeners
             .iter()
             .filter(|a| !a.ip().is_loopback())
@@ -148,7 +155,7 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> Result<Running, StartError> {
     config.validate()?;
-    let access = access(config)?;
+    let access = access(config).await?;
     let keys = KeyRing::load_or_create(&config.keys.dir, &config.keys.active)?;
     let active = keys.active();
     tracing::info!(key_id = %active.id, public_key = %hex::encode(active.public_raw()), "signing key");

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 pub use audit::{AuditEvent, AuditLog};
-pub use tokens::{NewToken, TokenInfo, TokenStore};
+#[cfg(test)]
+pub(crate) use tokens::tests as tokens_tests;
+pub use tokens::{NewToken, StoredToken, TokenInfo, TokenStore, TokenTable};
 
 /// Why an access decision or a token operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +32,7 @@ pub enum AuthError {
     NameTaken(String),
     #[error("no token named or numbered {0:?}")]
     NotFound(String),
-    #[error("token file {path}: {message}")]
+    #[error("token store {path}: {message}")]
     Store { path: String, message: String },
 }
 

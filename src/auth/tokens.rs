@@ -1,22 +1,25 @@
-//! Bearer tokens in a small JSON file beside the data: only SHA-256 hashes are stored, the
-//! token itself is shown once. The command line and the HTTP API both write the file (under
-//! an exclusive lock, replaced atomically), and a running server notices a change on the next
-//! request, so revocation needs no restart.
+//! Bearer tokens: only SHA-256 hashes are stored, the token itself is shown once. They live
+//! where the metadata can be shared: in a small JSON file beside sled data (the command line
+//! and the server both write it, under an exclusive lock, replaced atomically; a running
+//! server notices a change on the next request), or in PostgreSQL's `fwrepo_tokens` when the
+//! metadata is there, so every instance sees a revocation at once.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{AuthError, Role};
+use crate::meta::MetaError;
 
 /// Prefix of every token, so a leaked one is recognisable (secret scanners, logs).
 const TOKEN_PREFIX: &str = "fwr_";
@@ -24,22 +27,35 @@ const TOKEN_PREFIX: &str = "fwr_";
 /// interval between two writes, so the stamp alone could miss the second one.
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// What the file keeps of a token.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What is kept of a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Stored {
-    id: String,
-    name: String,
-    role: Role,
-    created_at: String,
+pub struct StoredToken {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at: String,
     /// SHA-256 of the token, hex.
-    sha256: String,
+    pub sha256: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    tokens: Vec<Stored>,
+    tokens: Vec<StoredToken>,
+}
+
+/// Tokens in a shared database table (PostgreSQL).
+#[async_trait]
+pub trait TokenTable: Send + Sync {
+    async fn any_token(&self) -> Result<bool, MetaError>;
+    async fn token_by_hash(&self, sha256: &str) -> Result<Option<StoredToken>, MetaError>;
+    /// In creation order.
+    async fn list_tokens(&self) -> Result<Vec<StoredToken>, MetaError>;
+    /// Adds a token unless one has its name; `false` then.
+    async fn insert_token(&self, token: &StoredToken) -> Result<bool, MetaError>;
+    /// Removes the token with this name, or else with this id.
+    async fn remove_token(&self, name_or_id: &str) -> Result<Option<StoredToken>, MetaError>;
 }
 
 /// What anyone may see of a token.
@@ -61,8 +77,8 @@ pub struct NewToken {
     pub info: TokenInfo,
 }
 
-impl From<&Stored> for TokenInfo {
-    fn from(s: &Stored) -> TokenInfo {
+impl From<&StoredToken> for TokenInfo {
+    fn from(s: &StoredToken) -> TokenInfo {
         TokenInfo {
             id: s.id.clone(),
             name: s.name.clone(),
@@ -86,9 +102,26 @@ struct Loaded {
 }
 
 /// The token file and what was last read from it.
-pub struct TokenStore {
+struct TokenFile {
     path: PathBuf,
     loaded: RwLock<Loaded>,
+}
+
+/// Where the tokens are.
+#[derive(Clone)]
+pub struct TokenStore(Backend);
+
+#[derive(Clone)]
+enum Backend {
+    File(Arc<TokenFile>),
+    Table(Arc<dyn TokenTable>),
+}
+
+fn table_error(e: MetaError) -> AuthError {
+    AuthError::Store {
+        path: "PostgreSQL".into(),
+        message: e.to_string(),
+    }
 }
 
 fn store_error(path: &Path, message: impl std::fmt::Display) -> AuthError {
@@ -117,18 +150,124 @@ fn check_name(name: &str) -> Result<(), AuthError> {
     }
 }
 
+/// A fresh token for `name` with `role`, and what is stored of it.
+fn mint(name: &str, role: Role) -> Result<(String, StoredToken), AuthError> {
+    check_name(name)?;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| AuthError::Invalid(e.to_string()))?;
+    let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
+    let digest = hash(&token);
+    let created_at = jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .map_or_else(|_| jiff::Timestamp::now().to_string(), |t| t.to_string());
+    let stored = StoredToken {
+        id: hex::encode(&digest[..4]),
+        name: name.to_owned(),
+        role,
+        created_at,
+        sha256: hex::encode(digest),
+    };
+    Ok((token, stored))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AuthError> + Send + 'static,
+) -> Result<T, AuthError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AuthError::Invalid(e.to_string()))?
+}
+
 impl TokenStore {
-    pub fn open(path: &Path) -> TokenStore {
-        TokenStore {
+    /// Tokens in the JSON file at `path`.
+    pub fn file(path: &Path) -> TokenStore {
+        TokenStore(Backend::File(Arc::new(TokenFile {
             path: path.to_owned(),
             loaded: RwLock::new(Loaded::default()),
+        })))
+    }
+
+    /// Tokens in a shared table.
+    pub fn table(table: Arc<dyn TokenTable>) -> TokenStore {
+        TokenStore(Backend::Table(table))
+    }
+
+    /// Where the tokens are, for messages.
+    pub fn describe(&self) -> String {
+        match &self.0 {
+            Backend::File(f) => f.path.display().to_string(),
+            Backend::Table(_) => "PostgreSQL (table fwrepo_tokens)".into(),
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Whether no token exists (the service may then run open on loopback).
+    pub async fn is_empty(&self) -> Result<bool, AuthError> {
+        match &self.0 {
+            Backend::File(f) => f.is_empty(),
+            Backend::Table(t) => Ok(!t.any_token().await.map_err(table_error)?),
+        }
     }
 
+    /// The token's name and role.
+    pub async fn check(&self, token: &str) -> Result<TokenInfo, AuthError> {
+        match &self.0 {
+            Backend::File(f) => f.check(token),
+            Backend::Table(t) => t
+                .token_by_hash(&hex::encode(hash(token)))
+                .await
+                .map_err(table_error)?
+                .map(|s| TokenInfo::from(&s))
+                .ok_or(AuthError::Unknown),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<TokenInfo>, AuthError> {
+        let stored = match &self.0 {
+            Backend::File(f) => {
+                let f = f.clone();
+                blocking(move || Ok(f.read_file()?.tokens)).await?
+            }
+            Backend::Table(t) => t.list_tokens().await.map_err(table_error)?,
+        };
+        Ok(stored.iter().map(TokenInfo::from).collect())
+    }
+
+    /// Makes a token for `name` with `role`.
+    pub async fn create(&self, name: &str, role: Role) -> Result<NewToken, AuthError> {
+        let (token, stored) = mint(name, role)?;
+        let info = TokenInfo::from(&stored);
+        match &self.0 {
+            Backend::File(f) => {
+                let f = f.clone();
+                blocking(move || f.create(stored)).await?;
+            }
+            Backend::Table(t) => {
+                if !t.insert_token(&stored).await.map_err(table_error)? {
+                    return Err(AuthError::NameTaken(name.to_owned()));
+                }
+            }
+        }
+        Ok(NewToken { token, info })
+    }
+
+    /// Removes the token with this name or id.
+    pub async fn revoke(&self, name_or_id: &str) -> Result<TokenInfo, AuthError> {
+        match &self.0 {
+            Backend::File(f) => {
+                let (f, key) = (f.clone(), name_or_id.to_owned());
+                blocking(move || f.revoke(&key)).await
+            }
+            Backend::Table(t) => t
+                .remove_token(name_or_id)
+                .await
+                .map_err(table_error)?
+                .map(|s| TokenInfo::from(&s))
+                .ok_or_else(|| AuthError::NotFound(name_or_id.to_owned())),
+        }
+    }
+}
+
+impl TokenFile {
     fn stamp(&self) -> Result<Option<Stamp>, AuthError> {
         match fs::metadata(&self.path) {
             Ok(m) => Ok(Some(Stamp {
@@ -172,8 +311,7 @@ impl TokenStore {
         Ok(())
     }
 
-    /// Whether no token exists (the service may then run open on loopback).
-    pub fn is_empty(&self) -> Result<bool, AuthError> {
+    fn is_empty(&self) -> Result<bool, AuthError> {
         self.refresh()?;
         Ok(self
             .loaded
@@ -183,8 +321,7 @@ impl TokenStore {
             .is_empty())
     }
 
-    /// The token's name and role.
-    pub fn check(&self, token: &str) -> Result<TokenInfo, AuthError> {
+    fn check(&self, token: &str) -> Result<TokenInfo, AuthError> {
         self.refresh()?;
         self.loaded
             .read()
@@ -195,51 +332,26 @@ impl TokenStore {
             .ok_or(AuthError::Unknown)
     }
 
-    pub fn list(&self) -> Result<Vec<TokenInfo>, AuthError> {
-        Ok(self
-            .read_file()?
-            .tokens
-            .iter()
-            .map(TokenInfo::from)
-            .collect())
-    }
-
-    /// Makes a token for `name` with `role`; blocking (file lock and fsync).
-    pub fn create(&self, name: &str, role: Role) -> Result<NewToken, AuthError> {
-        check_name(name)?;
-        let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).map_err(|e| store_error(&self.path, e))?;
-        let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
-        let digest = hash(&token);
-        let created_at = jiff::Timestamp::now()
-            .round(jiff::Unit::Second)
-            .map_or_else(|_| jiff::Timestamp::now().to_string(), |t| t.to_string());
-        let stored = Stored {
-            id: hex::encode(&digest[..4]),
-            name: name.to_owned(),
-            role,
-            created_at,
-            sha256: hex::encode(digest),
-        };
-        let info = TokenInfo::from(&stored);
+    /// Adds a token; blocking (file lock and fsync).
+    fn create(&self, stored: StoredToken) -> Result<(), AuthError> {
         self.change(|file| {
-            if file.tokens.iter().any(|t| t.name == name) {
-                return Err(AuthError::NameTaken(name.to_owned()));
+            if file.tokens.iter().any(|t| t.name == stored.name) {
+                return Err(AuthError::NameTaken(stored.name.clone()));
             }
             file.tokens.push(stored);
             Ok(())
-        })?;
-        Ok(NewToken { token, info })
+        })
     }
 
-    /// Removes the token with this name or id; blocking.
-    pub fn revoke(&self, name_or_id: &str) -> Result<TokenInfo, AuthError> {
+    /// Removes the token with this name, or else with this id; blocking.
+    fn revoke(&self, name_or_id: &str) -> Result<TokenInfo, AuthError> {
         let mut removed = None;
         self.change(|file| {
             let at = file
                 .tokens
                 .iter()
-                .position(|t| t.name == name_or_id || t.id == name_or_id)
+                .position(|t| t.name == name_or_id)
+                .or_else(|| file.tokens.iter().position(|t| t.id == name_or_id))
                 .ok_or_else(|| AuthError::NotFound(name_or_id.to_owned()))?;
             removed = Some(TokenInfo::from(&file.tokens.remove(at)));
             Ok(())
@@ -286,39 +398,71 @@ impl TokenStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn create_check_list_revoke() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens.json");
-        let store = TokenStore::open(&path);
-        assert!(store.is_empty().unwrap());
-        let ci = store.create("ci", Role::Publisher).unwrap();
+    /// What every token store must do; `other` is a second handle on the same tokens (another
+    /// process or instance).
+    pub(crate) async fn behaves(store: &TokenStore, other: &TokenStore) {
+        assert!(store.is_empty().await.unwrap());
+        let ci = store.create("ci", Role::Publisher).await.unwrap();
         assert!(ci.token.starts_with(TOKEN_PREFIX));
-        assert_eq!(store.check(&ci.token).unwrap().role, Role::Publisher);
-        assert!(matches!(store.check("fwr_nope"), Err(AuthError::Unknown)));
+        assert_eq!(store.check(&ci.token).await.unwrap().role, Role::Publisher);
+        assert!(!store.is_empty().await.unwrap());
         assert!(matches!(
-            store.create("ci", Role::Reader),
+            store.check("fwr_nope").await,
+            Err(AuthError::Unknown)
+        ));
+        assert!(matches!(
+            other.create("ci", Role::Reader).await,
             Err(AuthError::NameTaken(_))
         ));
         assert!(matches!(
-            store.create("a b", Role::Reader),
+            store.create("a b", Role::Reader).await,
             Err(AuthError::Invalid(_))
         ));
-        // A second handle on the same file (another process) sees the change at once.
-        let other = TokenStore::open(&path);
-        assert_eq!(other.check(&ci.token).unwrap().name, "ci");
+        let ops = other.create("ops", Role::Admin).await.unwrap();
+        let names: Vec<String> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["ci", "ops"]);
+        // The other handle sees the change at once, and its revocation counts here at once.
+        assert_eq!(other.check(&ci.token).await.unwrap().name, "ci");
+        assert_eq!(other.revoke(&ci.info.id).await.unwrap(), ci.info);
+        assert!(matches!(
+            store.check(&ci.token).await,
+            Err(AuthError::Unknown)
+        ));
+        assert!(matches!(
+            store.revoke("ci").await,
+            Err(AuthError::NotFound(_))
+        ));
+        assert_eq!(store.revoke("ops").await.unwrap().role, Role::Admin);
+        assert!(matches!(
+            other.check(&ops.token).await,
+            Err(AuthError::Unknown)
+        ));
+        assert!(store.is_empty().await.unwrap());
+        assert!(store.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn token_file_behaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = TokenStore::file(&path);
+        behaves(&store, &TokenStore::file(&path)).await;
+        let made = store.create("kept", Role::Reader).await.unwrap();
         let stored = fs::read_to_string(&path).unwrap();
-        assert!(!stored.contains(&ci.token), "only the hash is stored");
-        other.revoke(&ci.info.id).unwrap();
-        assert!(matches!(store.check(&ci.token), Err(AuthError::Unknown)));
-        assert!(store.list().unwrap().is_empty());
-        assert!(matches!(store.revoke("ci"), Err(AuthError::NotFound(_))));
+        assert!(stored.contains(&made.info.id));
+        assert!(!stored.contains(&made.token), "only the hash is stored");
         // A corrupt file is an error, never an empty (open) set.
         fs::write(&path, b"{").unwrap();
-        let corrupt = TokenStore::open(&path);
-        assert!(corrupt.is_empty().is_err());
+        let corrupt = TokenStore::file(&path);
+        assert!(corrupt.is_empty().await.is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! Access control at the HTTP edge: each route's rule (declared with the route in `routes()`),
-//! bearer tokens checked against the token file, and an audit event for every change.
+//! bearer tokens checked against the token store, and an audit event for every change.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,7 +39,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Who the caller is, or why they may not go on.
-pub fn decide(
+pub async fn decide(
     access: &Access,
     rule: Rule,
     method: &Method,
@@ -52,11 +52,11 @@ pub fn decide(
         Rule::DeviceByName => Role::Reader,
         Rule::Role(role) => role,
     };
-    if access.open_allowed && access.tokens.is_empty()? {
+    if access.open_allowed && access.tokens.is_empty().await? {
         return Ok(Caller::Anonymous);
     }
     let token = bearer(headers).ok_or(AuthError::Missing)?;
-    let info = access.tokens.check(token)?;
+    let info = access.tokens.check(token).await?;
     if !info.role.covers(need) {
         return Err(AuthError::Forbidden {
             have: info.role,
@@ -92,7 +92,7 @@ pub async fn enforce(
     };
     let access = &app.access;
     let method = req.method().clone();
-    let caller = match decide(access, rule, &method, path.as_str(), req.headers()) {
+    let caller = match decide(access, rule, &method, path.as_str(), req.headers()).await {
         Ok(c) => c,
         Err(e) => {
             let unauthenticated = matches!(e, AuthError::Missing | AuthError::Unknown);

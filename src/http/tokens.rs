@@ -11,7 +11,7 @@ use serde_json::json;
 use super::access::AuditDetail;
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::{AuthError, Role};
+use crate::auth::Role;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,23 +20,13 @@ pub struct CreateToken {
     role: String,
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, AuthError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(crate::error::Kind::Internal, "internal", e.to_string()))?
-        .map_err(ApiError::from)
-}
-
 pub async fn create(
     State(app): State<AppState>,
     body: Result<Json<CreateToken>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
     let role: Role = req.role.parse()?;
-    let access = app.access.clone();
-    let made = blocking(move || access.tokens.create(&req.name, role)).await?;
+    let made = app.access.tokens.create(&req.name, role).await?;
     let detail = AuditDetail(format!("token {} ({})", made.info.name, made.info.role));
     let mut resp = (StatusCode::CREATED, Json(made)).into_response();
     resp.extensions_mut().insert(detail);
@@ -44,8 +34,7 @@ pub async fn create(
 }
 
 pub async fn list(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let access = app.access.clone();
-    let tokens = blocking(move || access.tokens.list()).await?;
+    let tokens = app.access.tokens.list().await?;
     Ok(Json(json!({ "tokens": tokens })).into_response())
 }
 
@@ -53,8 +42,7 @@ pub async fn revoke(
     State(app): State<AppState>,
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
-    let access = app.access.clone();
-    let gone = blocking(move || access.tokens.revoke(&token)).await?;
+    let gone = app.access.tokens.revoke(&token).await?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.extensions_mut()
         .insert(AuditDetail(format!("token {} ({})", gone.name, gone.role)));

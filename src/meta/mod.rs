@@ -164,6 +164,21 @@ pub async fn open(backend: &MetaBackend) -> Result<Arc<dyn MetaStore>, MetaError
     }
 }
 
+/// Where the bearer tokens live for this metadata backend: beside sled, the token file (the
+/// command line changes it while the server holds sled's lock); with PostgreSQL, its table,
+/// so every instance sharing the database sees a new or revoked token at once.
+pub async fn open_tokens(
+    backend: &MetaBackend,
+    file: &std::path::Path,
+) -> Result<crate::auth::TokenStore, MetaError> {
+    match backend {
+        MetaBackend::Sled(_) => Ok(crate::auth::TokenStore::file(file)),
+        MetaBackend::Postgres(url) => Ok(crate::auth::TokenStore::table(Arc::new(
+            postgres::PgStore::open(url).await?,
+        ))),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod suite {
     //! The behaviour every backend must show; each backend's tests call `run`.

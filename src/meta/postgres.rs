@@ -16,6 +16,7 @@ use super::{
     DeviceInfo, DeviceStore, ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError,
     ScheduleStore, TaskStore,
 };
+use crate::auth::{StoredToken, TokenTable};
 use crate::fota::schedule::Schedule;
 use crate::fota::task::FotaTask;
 
@@ -62,6 +63,13 @@ CREATE TABLE IF NOT EXISTS fwrepo_devices (
 CREATE TABLE IF NOT EXISTS fwrepo_schedules (
     name     TEXT COLLATE "C" PRIMARY KEY,
     schedule TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fwrepo_tokens (
+    seq    BIGSERIAL,
+    id     TEXT PRIMARY KEY,
+    name   TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL UNIQUE,
+    token  TEXT NOT NULL
 );
 COMMIT;
 "#;
@@ -594,6 +602,73 @@ impl ScheduleStore for PgStore {
     }
 }
 
+#[async_trait]
+impl TokenTable for PgStore {
+    async fn any_token(&self) -> Result<bool, MetaError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .client()
+            .query_one("SELECT EXISTS (SELECT 1 FROM fwrepo_tokens)", &[])
+            .await
+            .map_err(backend)?;
+        Ok(row.get(0))
+    }
+
+    async fn token_by_hash(&self, sha256: &str) -> Result<Option<StoredToken>, MetaError> {
+        let conn = self.conn().await?;
+        let found = conn
+            .client()
+            .query_opt(
+                "SELECT token FROM fwrepo_tokens WHERE sha256 = $1",
+                &[&sha256],
+            )
+            .await
+            .map_err(backend)?;
+        found
+            .map(|r| decode("token", r.get::<_, &str>(0)))
+            .transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<StoredToken>, MetaError> {
+        let conn = self.conn().await?;
+        let found = conn
+            .client()
+            .query("SELECT token FROM fwrepo_tokens ORDER BY seq", &[])
+            .await
+            .map_err(backend)?;
+        rows(&found, "token")
+    }
+
+    async fn insert_token(&self, token: &StoredToken) -> Result<bool, MetaError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .client()
+            .execute(
+                "INSERT INTO fwrepo_tokens (id, name, sha256, token) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[&token.id, &token.name, &token.sha256, &encode(token)?],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    async fn remove_token(&self, name_or_id: &str) -> Result<Option<StoredToken>, MetaError> {
+        let conn = self.conn().await?;
+        let gone = conn
+            .client()
+            .query_opt(
+                "DELETE FROM fwrepo_tokens WHERE id = (SELECT id FROM fwrepo_tokens \
+                 WHERE name = $1 OR id = $1 ORDER BY name = $1 DESC LIMIT 1) RETURNING token",
+                &[&name_or_id],
+            )
+            .await
+            .map_err(backend)?;
+        gone.map(|r| decode(name_or_id, r.get::<_, &str>(0)))
+            .transpose()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// A fresh database on the server scripts/test starts (`TEST_POSTGRES_URL`, a URL to
@@ -707,6 +782,38 @@ mod tests {
         assert!(encrypted(&format!("{url}?sslmode=require")).await.unwrap());
         assert!(encrypted(&url).await.unwrap());
         assert!(!encrypted(&format!("{url}?sslmode=disable")).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn tokens_in_postgres_behave() {
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let store = crate::auth::TokenStore::table(std::sync::Arc::new(
+            super::PgStore::open(&url).await.unwrap(),
+        ));
+        let other = crate::auth::TokenStore::table(std::sync::Arc::new(
+            super::PgStore::open(&url).await.unwrap(),
+        ));
+        crate::auth::tokens_tests::behaves(&store, &other).await;
+        // Only the hash is stored.
+        let made = store
+            .create("kept", crate::auth::Role::Reader)
+            .await
+            .unwrap();
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let all: String = client
+            .query_one(
+                "SELECT string_agg(id || name || sha256 || token, '') FROM fwrepo_tokens",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(all.contains(&made.info.id) && !all.contains(&made.token));
     }
 
     #[tokio::test]

@@ -69,14 +69,14 @@ struct Tokens {
 }
 
 /// Tokens written to the data root before the server starts, as `fwrepo token create` does.
-fn make_tokens(root: &Path) -> Tokens {
-    let store = TokenStore::open(&root.join("storage/tokens.json"));
-    let make = |name: &str, role| store.create(name, role).unwrap().token;
+async fn make_tokens(root: &Path) -> Tokens {
+    let store = TokenStore::file(&root.join("storage/tokens.json"));
+    let make = async |name: &str, role| store.create(name, role).await.unwrap().token;
     Tokens {
-        admin: make("root", Role::Admin),
-        publisher: make("ci", Role::Publisher),
-        operator: make("lwm2m-server", Role::Operator),
-        reader: make("dashboard", Role::Reader),
+        admin: make("root", Role::Admin).await,
+        publisher: make("ci", Role::Publisher).await,
+        operator: make("lwm2m-server", Role::Operator).await,
+        reader: make("dashboard", Role::Reader).await,
     }
 }
 
@@ -147,7 +147,7 @@ async fn every_role_against_every_route() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let t = make_tokens(dir.path());
+    let t = make_tokens(dir.path()).await;
     let srv = TestServer::start(dir.path(), &[]).await;
     // Something for every parameter to point at.
     let (s, _) = send(
@@ -248,7 +248,7 @@ async fn every_role_against_every_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_do_not_reveal_whether_firmware_exists() {
     let dir = tempfile::tempdir().unwrap();
-    let t = make_tokens(dir.path());
+    let t = make_tokens(dir.path()).await;
     let srv = TestServer::start(dir.path(), &[]).await;
     let (s, _) = send(
         &srv,
@@ -284,7 +284,7 @@ async fn refusals_do_not_reveal_whether_firmware_exists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_takes_effect_at_once_and_changes_are_audited() {
     let dir = tempfile::tempdir().unwrap();
-    let t = make_tokens(dir.path());
+    let t = make_tokens(dir.path()).await;
     let srv = TestServer::start(dir.path(), &[]).await;
 
     // Over HTTP: create, use, revoke, refused.
@@ -513,7 +513,7 @@ async fn refuses_to_run_open_beyond_loopback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn package_tokens_guard_device_downloads() {
     let dir = tempfile::tempdir().unwrap();
-    let t = make_tokens(dir.path());
+    let t = make_tokens(dir.path()).await;
     let srv = TestServer::start(dir.path(), &["auth.package_tokens=true"]).await;
     let data = image(5000, 9);
     let (s, _) = send(
