@@ -258,6 +258,9 @@ pub struct FotaConfig {
     /// Let imports reach loopback, private, link-local and multicast addresses. Off by default
     /// so a caller cannot make the service fetch from the network it runs in.
     pub import_allow_internal: bool,
+    /// With metadata shared by several instances (PostgreSQL), how often each looks for
+    /// deadlines and windows that other instances set.
+    pub shared_timer_poll: Dur,
 }
 
 impl Default for FotaConfig {
@@ -269,6 +272,7 @@ impl Default for FotaConfig {
             import_timeout: Dur(Duration::from_secs(600)),
             import_max_redirects: 5,
             import_allow_internal: false,
+            shared_timer_poll: Dur(Duration::from_secs(5)),
         }
     }
 }

@@ -1,8 +1,10 @@
-//! The engine behind the FOTA routes: every task change goes through `commit`, which persists
-//! the task with its indexes, keeps quota accounting and the package cache in step, and
-//! publishes the transition as an event.
+//! The engine behind the FOTA routes: every task change goes through `commit`, which stores
+//! the task with its indexes only if nobody stored it since it was read (its revision), takes
+//! a quota slot in the same store step, keeps the package cache in step, and publishes the
+//! transition as an event. Several instances may share the store.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,11 +22,13 @@ use super::view::TaskEvent;
 use super::{check_device, FotaError};
 use crate::config::FotaConfig;
 use crate::firmware::{FirmwareError, Ingested, Repository, UploadRequest};
-use crate::meta::{DeviceInfo, FirmwareRecord, MetaStore};
+use crate::meta::{DeviceInfo, FirmwareRecord, MetaStore, Put};
 use crate::name::FirmwareName;
 
 /// Lock stripes: operations on one task are serialised, different tasks rarely contend.
 const STRIPES: usize = 64;
+/// Fresh reads a step gets when the task keeps changing under it.
+const STALE_RETRIES: usize = 16;
 /// How long a package lookup is reused for the next block or range of the same task.
 const PACKAGE_TTL: Duration = Duration::from_secs(1);
 /// Tasks handled per batch when timers fire.
@@ -74,7 +78,6 @@ pub struct Engine {
     /// `auth.package_tokens`: a package URI works only with its capability.
     package_tokens: AtomicBool,
     locks: Vec<tokio::sync::Mutex<()>>,
-    quota_used: Mutex<u64>,
     /// Bytes served per task not yet folded into the stored task.
     progress: Mutex<HashMap<String, Arc<AtomicU64>>>,
     packages: Mutex<HashMap<String, (Arc<Package>, Instant)>>,
@@ -113,6 +116,20 @@ fn same_secret(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Runs a read-change-store step again, on a fresh read, while another writer (a concurrent
+/// request, another instance) stored the task first.
+async fn retried<T, F: Future<Output = Result<T, FotaError>>>(
+    mut step: impl FnMut() -> F,
+) -> Result<T, FotaError> {
+    for _ in 0..STALE_RETRIES {
+        match step().await {
+            Err(FotaError::Stale(_)) => continue,
+            other => return other,
+        }
+    }
+    step().await
+}
+
 fn until(now: i64, at: i64) -> Duration {
     Duration::from_millis((at - now).max(0) as u64)
 }
@@ -133,7 +150,6 @@ impl Engine {
             bases: OnceLock::new(),
             package_tokens: AtomicBool::new(false),
             locks: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-            quota_used: Mutex::new(0),
             progress: Mutex::new(HashMap::new()),
             packages: Mutex::new(HashMap::new()),
             importing: Mutex::new(HashSet::new()),
@@ -178,7 +194,6 @@ impl Engine {
     /// Restores quota accounting, restarts interrupted imports and runs the timer until
     /// `cancel` fires.
     pub async fn start(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), FotaError> {
-        *lock(&self.quota_used) = self.store.quota_holders().await?;
         for task in self.store.importing().await? {
             self.spawn_import(task.id);
         }
@@ -191,13 +206,17 @@ impl Engine {
         loop {
             let changed = self.due_changed.notified();
             let now = self.clock.now_ms();
-            let next = match self.tick(now).await {
+            let mut next = match self.tick(now).await {
                 Ok(next) => next.unwrap_or(now + 3_600_000),
                 Err(e) => {
                     tracing::warn!(error = %e, "FOTA timer pass failed");
                     now + RETRY_AFTER.as_millis() as i64
                 }
             };
+            if self.store.shared() {
+                // Other instances set deadlines and windows this one is not told of.
+                next = next.min(now + self.config.shared_timer_poll.0.as_millis() as i64);
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = changed => {}
@@ -211,7 +230,7 @@ impl Engine {
         loop {
             let batch = self.store.due(now, DUE_BATCH).await?;
             for task in &batch {
-                self.on_due(&task.id, now).await?;
+                retried(|| self.on_due(&task.id, now)).await?;
             }
             if batch.len() < DUE_BATCH {
                 break;
@@ -248,23 +267,28 @@ impl Engine {
         self.commit(&before, &mut t).await
     }
 
-    /// Persists a changed task and everything that follows from the change.
+    /// Persists a changed task and everything that follows from the change. Refused when the
+    /// stored task changed since `before` was read ([`FotaError::Stale`]; the step is run
+    /// again on a fresh read) and when the change takes a quota slot none is left for
+    /// ([`FotaError::QuotaFull`]).
     async fn commit(&self, before: &FotaTask, t: &mut FotaTask) -> Result<(), FotaError> {
         let unsaved = lock(&self.progress).get(&t.id).cloned();
         let folded = unsaved.as_ref().map_or(0, |p| p.swap(0, Ordering::Relaxed));
         t.bytes_served += folded;
-        if let Err(e) = self.store.put_task(t).await {
+        t.revision = before.revision + 1;
+        let quota = (!before.holds_quota() && t.holds_quota()).then_some(self.config.quota);
+        let put = self.store.put_task(t, before.revision, quota).await;
+        if !matches!(put, Ok(Put::Stored)) {
             if let Some(p) = unsaved {
                 p.fetch_add(folded, Ordering::Relaxed);
             }
             t.bytes_served -= folded;
-            if !before.holds_quota() && t.holds_quota() {
-                self.release_quota();
-            }
-            return Err(e.into());
-        }
-        if before.holds_quota() && !t.holds_quota() {
-            self.release_quota();
+            t.revision = before.revision;
+            return Err(match put {
+                Err(e) => e.into(),
+                Ok(Put::QuotaFull) => FotaError::QuotaFull,
+                Ok(_) => FotaError::Stale(t.id.clone()),
+            });
         }
         lock(&self.packages).remove(&t.id);
         if !t.is_active() {
@@ -283,21 +307,6 @@ impl Engine {
             );
         }
         Ok(())
-    }
-
-    fn reserve_quota(&self) -> bool {
-        let mut used = lock(&self.quota_used);
-        if *used < self.config.quota {
-            *used += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn release_quota(&self) {
-        let mut used = lock(&self.quota_used);
-        *used = used.saturating_sub(1);
     }
 
     /// Bytes served to a task, including what is not yet stored.
@@ -418,6 +427,7 @@ impl Engine {
             remaining_ms: None,
             wake_ms: None,
             history: Vec::new(),
+            revision: 0,
         };
         match &record {
             None => t.set(Status::Pending, Some(waiting::IMPORT), now),
@@ -495,6 +505,19 @@ impl Engine {
             }
             _ => Err(FotaError::NoFirmware(t.firmware.clone())),
         };
+        let outcome = outcome.map_err(|e| {
+            tracing::warn!(fota_id = %id, error = %e, "FOTA import failed");
+            e.to_string()
+        });
+        retried(|| self.finish_import(id, &outcome)).await
+    }
+
+    /// Records an import's outcome in its task.
+    async fn finish_import(
+        &self,
+        id: &str,
+        outcome: &Result<FirmwareRecord, String>,
+    ) -> Result<(), FotaError> {
         let _g = self.lock_task(id).await;
         let Some(mut t) = self.store.get_task(id).await? else {
             return Ok(());
@@ -507,7 +530,7 @@ impl Engine {
         match outcome {
             Ok(record) => {
                 t.size = Some(record.size);
-                match self.cached(&t, &record).await? {
+                match self.cached(&t, record).await? {
                     Some(note) => {
                         t.note = Some(note);
                         t.update_result = 1;
@@ -517,8 +540,7 @@ impl Engine {
                 }
             }
             Err(e) => {
-                tracing::warn!(fota_id = %id, error = %e, "FOTA import failed");
-                t.note = Some(e.to_string());
+                t.note = Some(e.clone());
                 t.set(Status::Failed, Some("import-failed"), now);
             }
         }
@@ -554,6 +576,10 @@ impl Engine {
     /// What the device should do now.
     pub async fn work(&self, device: &str) -> Result<Work, FotaError> {
         check_device(device)?;
+        retried(|| self.work_once(device)).await
+    }
+
+    async fn work_once(&self, device: &str) -> Result<Work, FotaError> {
         let poll = self.config.poll_interval.0;
         let Some(id) = self.store.active_task(device).await? else {
             return Ok(Work::Nothing { retry_after: poll });
@@ -622,27 +648,34 @@ impl Engine {
             }
             return Ok(Work::Nothing { retry_after });
         }
-        if t.options.use_quota && !self.reserve_quota() {
-            t.pause_clock(now);
-            if t.reason.as_deref() != Some(waiting::QUOTA) {
-                t.set(Status::Pending, Some(waiting::QUOTA), now);
-            }
-            if t != before {
-                self.commit(&before, &mut t).await?;
-            }
-            return Ok(Work::Nothing { retry_after: poll });
-        }
         t.size = Some(record.size);
         t.deliver(now);
-        self.commit(&before, &mut t).await?;
-        Ok(Work::Task {
-            task: Box::new(t),
-            record,
-        })
+        match self.commit(&before, &mut t).await {
+            Ok(()) => Ok(Work::Task {
+                task: Box::new(t),
+                record,
+            }),
+            Err(FotaError::QuotaFull) => {
+                let mut t = before.clone();
+                t.pause_clock(now);
+                if t.reason.as_deref() != Some(waiting::QUOTA) {
+                    t.set(Status::Pending, Some(waiting::QUOTA), now);
+                }
+                if t != before {
+                    self.commit(&before, &mut t).await?;
+                }
+                Ok(Work::Nothing { retry_after: poll })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Applies a device report.
     pub async fn report(&self, id: &str, report: &Report) -> Result<FotaTask, FotaError> {
+        retried(|| self.report_once(id, report)).await
+    }
+
+    async fn report_once(&self, id: &str, report: &Report) -> Result<FotaTask, FotaError> {
         let _g = self.lock_task(id).await;
         let mut t = self
             .store
@@ -671,6 +704,10 @@ impl Engine {
 
     /// Cancels a task that has not reached `updating`.
     pub async fn cancel(&self, id: &str) -> Result<FotaTask, FotaError> {
+        retried(|| self.cancel_once(id)).await
+    }
+
+    async fn cancel_once(&self, id: &str) -> Result<FotaTask, FotaError> {
         let _g = self.lock_task(id).await;
         let mut t = self
             .store
@@ -725,6 +762,15 @@ impl Engine {
     /// The firmware behind a task's package URI. A request for bytes moves a task that was
     /// just delivered to `downloading`.
     pub async fn package(
+        &self,
+        id: &str,
+        token: Option<&str>,
+        for_bytes: bool,
+    ) -> Result<Arc<Package>, FotaError> {
+        retried(|| self.package_once(id, token, for_bytes)).await
+    }
+
+    async fn package_once(
         &self,
         id: &str,
         token: Option<&str>,

@@ -63,6 +63,10 @@ pub enum FotaError {
     Firmware(#[from] FirmwareError),
     #[error(transparent)]
     Meta(#[from] MetaError),
+    #[error("FOTA task {0} kept changing under concurrent requests; try again")]
+    Stale(String),
+    #[error("every quota slot is taken")]
+    QuotaFull,
 }
 
 impl FotaError {
@@ -88,6 +92,8 @@ impl FotaError {
             FotaError::Import(e) => e.code(),
             FotaError::Firmware(e) => e.code(),
             FotaError::Meta(_) => ("metadata-unavailable", Kind::Unavailable),
+            FotaError::Stale(_) => ("concurrent-change", Kind::Conflict),
+            FotaError::QuotaFull => ("quota-full", Kind::Conflict),
         }
     }
 }

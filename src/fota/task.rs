@@ -164,6 +164,9 @@ pub struct FotaTask {
     /// When to look at a waiting task again (a window opens, a deferral ends).
     pub wake_ms: Option<i64>,
     pub history: Vec<Transition>,
+    /// Bumped by every stored change; a change made from an older read is refused.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// Why a report or command is refused by the state machine.
@@ -359,6 +362,7 @@ pub(crate) mod tests {
             remaining_ms: None,
             wake_ms: None,
             history: Vec::new(),
+            revision: 0,
         }
     }
 

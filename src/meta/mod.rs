@@ -108,11 +108,22 @@ pub struct DeviceInfo {
 /// quota holders, imports in progress and firmware in use.
 #[async_trait]
 pub trait TaskStore: Send + Sync {
+    /// Whether other instances change these tasks too (their deadlines must be looked for).
+    fn shared(&self) -> bool {
+        false
+    }
     /// Stores a new task unless its device has an active one; returns that one's id then.
     async fn create_task(&self, task: &FotaTask) -> Result<Option<String>, MetaError>;
     async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError>;
-    /// Replaces a task and moves its index entries; durable when it returns.
-    async fn put_task(&self, task: &FotaTask) -> Result<(), MetaError>;
+    /// Replaces a task that is still at revision `expected` (`task.revision` is the new one)
+    /// and moves its index entries; durable when it returns. With `quota`, the task takes a
+    /// quota slot, and only if fewer than that many tasks hold one.
+    async fn put_task(
+        &self,
+        task: &FotaTask,
+        expected: u64,
+        quota: Option<u64>,
+    ) -> Result<Put, MetaError>;
     async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError>;
     /// Tasks in id (creation) order after `after`, of one device or all.
     async fn list_tasks(
@@ -131,6 +142,16 @@ pub trait TaskStore: Send + Sync {
     async fn importing(&self) -> Result<Vec<FotaTask>, MetaError>;
     /// Whether an active task delivers the firmware `name`.
     async fn firmware_in_use(&self, name: &str) -> Result<bool, MetaError>;
+}
+
+/// What became of a task update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Stored,
+    /// Someone changed the task since it was read (another request, another instance).
+    Stale,
+    /// Every quota slot is taken.
+    QuotaFull,
 }
 
 /// What devices reported, for `useCachedData`.
@@ -280,14 +301,41 @@ pub(crate) mod suite {
         assert_eq!(store.next_due().await.unwrap(), None);
 
         t1.deliver(100);
-        store.put_task(&t1).await.unwrap();
+        t1.revision = 1;
+        assert_eq!(store.put_task(&t1, 0, Some(1)).await.unwrap(), Put::Stored);
         assert_eq!(store.quota_holders().await.unwrap(), 1);
+        // A change made from an older read is refused.
+        let mut late = t1.clone();
+        late.set(Status::Cancelled, None, 100);
+        assert_eq!(store.put_task(&late, 0, None).await.unwrap(), Put::Stale);
+        assert_eq!(store.get_task("01").await.unwrap(), Some(t1.clone()));
         assert_eq!(store.next_due().await.unwrap(), Some(1100));
         assert!(store.due(1099, 10).await.unwrap().is_empty());
         assert_eq!(store.due(1100, 10).await.unwrap(), vec![t1.clone()]);
 
+        // With the one slot taken, another task cannot take it, and is not stored.
+        let mut q = task(false);
+        q.id = "00".into();
+        q.device_id = "q".into();
+        q.options.use_quota = true;
+        assert_eq!(store.create_task(&q).await.unwrap(), None);
+        let pending = q.clone();
+        q.deliver(100);
+        q.revision = 1;
+        assert_eq!(
+            store.put_task(&q, 0, Some(1)).await.unwrap(),
+            Put::QuotaFull
+        );
+        assert_eq!(store.get_task("00").await.unwrap(), Some(pending));
+        assert_eq!(store.put_task(&q, 0, Some(2)).await.unwrap(), Put::Stored);
+        assert_eq!(store.quota_holders().await.unwrap(), 2);
+        q.set(Status::Cancelled, None, 100);
+        q.revision = 2;
+        assert_eq!(store.put_task(&q, 1, None).await.unwrap(), Put::Stored);
+
         t1.set(Status::Failed, Some("timeout"), 1100);
-        store.put_task(&t1).await.unwrap();
+        t1.revision = 2;
+        assert_eq!(store.put_task(&t1, 1, None).await.unwrap(), Put::Stored);
         assert_eq!(store.get_task("01").await.unwrap(), Some(t1.clone()));
         assert_eq!(store.quota_holders().await.unwrap(), 0);
         assert_eq!(store.next_due().await.unwrap(), None);
@@ -304,7 +352,7 @@ pub(crate) mod suite {
         let ids = |v: Vec<FotaTask>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
         assert_eq!(
             ids(store.list_tasks(None, None, 10).await.unwrap()),
-            ["01", "02", "03"]
+            ["00", "01", "02", "03"]
         );
         assert_eq!(
             ids(store.list_tasks(Some("d"), None, 10).await.unwrap()),

@@ -13,7 +13,7 @@ use tokio_postgres::{Client, NoTls, Row};
 use super::pg_tls::{self, PgTls};
 
 use super::{
-    DeviceInfo, DeviceStore, ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError,
+    DeviceInfo, DeviceStore, ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError, Put,
     ScheduleStore, TaskStore,
 };
 use crate::auth::{StoredToken, TokenTable};
@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS fwrepo_tasks (
     importing   BOOLEAN NOT NULL,
     task        TEXT NOT NULL
 );
+ALTER TABLE fwrepo_tasks ADD COLUMN IF NOT EXISTS revision BIGINT NOT NULL DEFAULT 0;
 CREATE UNIQUE INDEX IF NOT EXISTS fwrepo_tasks_active_device
     ON fwrepo_tasks (device_id) WHERE active;
 CREATE INDEX IF NOT EXISTS fwrepo_tasks_device ON fwrepo_tasks (device_id, id);
@@ -174,6 +175,10 @@ struct Conn<'a>(MutexGuard<'a, Option<Client>>);
 impl Conn<'_> {
     fn client(&self) -> &Client {
         self.0.as_ref().expect("connected")
+    }
+
+    fn client_mut(&mut self) -> &mut Client {
+        self.0.as_mut().expect("connected")
     }
 }
 
@@ -348,12 +353,23 @@ impl TaskRow {
     }
 }
 
+const UPDATE_TASK: &str = "UPDATE fwrepo_tasks SET device_id = $2, firmware = $3,
+    active = $4, due_ms = $5, holds_quota = $6, importing = $7, task = $8, revision = $9
+    WHERE id = $1 AND revision = $10";
+
+/// The advisory lock taking a quota slot holds.
+const QUOTA_LOCK: i64 = 7366436516046734;
+
 const INSERT_TASK: &str = "INSERT INTO fwrepo_tasks
     (id, device_id, firmware, active, due_ms, holds_quota, importing, task)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 #[async_trait]
 impl TaskStore for PgStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn create_task(&self, task: &FotaTask) -> Result<Option<String>, MetaError> {
         let row = TaskRow::of(task)?;
         let c = self.conn().await?;
@@ -404,29 +420,54 @@ impl TaskStore for PgStore {
         row.map(|r| decode(id, r.get(0))).transpose()
     }
 
-    async fn put_task(&self, task: &FotaTask) -> Result<(), MetaError> {
+    async fn put_task(
+        &self,
+        task: &FotaTask,
+        expected: u64,
+        quota: Option<u64>,
+    ) -> Result<Put, MetaError> {
         let row = TaskRow::of(task)?;
-        let c = self.conn().await?;
-        c.client()
-            .execute(
-                &format!(
-                    "{INSERT_TASK} ON CONFLICT (id) DO UPDATE SET device_id = $2, firmware = $3,
-                     active = $4, due_ms = $5, holds_quota = $6, importing = $7, task = $8"
-                ),
-                &[
-                    &task.id,
-                    &task.device_id,
-                    &task.firmware,
-                    &task.is_active(),
-                    &row.due,
-                    &task.holds_quota(),
-                    &task.is_importing(),
-                    &row.json,
-                ],
-            )
+        let (revision, expected) = (task.revision as i64, expected as i64);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+            &task.id,
+            &task.device_id,
+            &task.firmware,
+            &task.is_active(),
+            &row.due,
+            &task.holds_quota(),
+            &task.is_importing(),
+            &row.json,
+            &revision,
+            &expected,
+        ];
+        let mut c = self.conn().await?;
+        let Some(limit) = quota else {
+            let n = c
+                .client()
+                .execute(UPDATE_TASK, &params)
+                .await
+                .map_err(backend)?;
+            return Ok(if n == 1 { Put::Stored } else { Put::Stale });
+        };
+        // Instances taking a slot queue on one lock; counting the holders and storing the
+        // task then commit together.
+        let tx = c.client_mut().transaction().await.map_err(backend)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&QUOTA_LOCK])
             .await
             .map_err(backend)?;
-        Ok(())
+        let holders: i64 = tx
+            .query_one("SELECT count(*) FROM fwrepo_tasks WHERE holds_quota", &[])
+            .await
+            .map_err(backend)?
+            .get(0);
+        if holders as u64 >= limit {
+            return Ok(Put::QuotaFull);
+        }
+        if tx.execute(UPDATE_TASK, &params).await.map_err(backend)? != 1 {
+            return Ok(Put::Stale);
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(Put::Stored)
     }
 
     async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError> {

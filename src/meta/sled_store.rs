@@ -23,6 +23,9 @@ pub struct SledStore {
     pub(super) devices: sled::Tree,
     /// Schedule name → JSON schedule.
     pub(super) schedules: sled::Tree,
+    /// Held while a task takes a quota slot: counting the holders and storing the task are
+    /// one step (one process owns a sled database).
+    pub(super) quota_gate: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 pub(super) fn backend(e: impl std::fmt::Display) -> MetaError {
@@ -62,6 +65,7 @@ impl SledStore {
                 task_index: db.open_tree("fota_index").map_err(backend)?,
                 devices: db.open_tree("devices").map_err(backend)?,
                 schedules: db.open_tree("schedules").map_err(backend)?,
+                quota_gate: Default::default(),
                 db,
             })
         })

@@ -11,7 +11,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 
 use super::sled_store::{backend, SledStore};
-use super::{DeviceInfo, DeviceStore, MetaError, ScheduleStore, TaskStore};
+use super::{DeviceInfo, DeviceStore, MetaError, Put, ScheduleStore, TaskStore};
 use crate::fota::schedule::Schedule;
 use crate::fota::task::FotaTask;
 
@@ -59,15 +59,13 @@ fn entries(t: &FotaTask) -> Vec<Vec<u8>> {
     out
 }
 
-type Abort = ConflictableTransactionError<Option<String>>;
-
-fn write(
+fn write<T>(
     tasks: &TransactionalTree,
     index: &TransactionalTree,
     old: Option<&FotaTask>,
     new: &FotaTask,
     json: &[u8],
-) -> Result<(), Abort> {
+) -> Result<(), ConflictableTransactionError<T>> {
     if let Some(old) = old {
         for k in entries(old) {
             index.remove(k)?;
@@ -87,10 +85,10 @@ fn write(
 }
 
 impl SledStore {
-    fn transact_tasks(
+    fn transact_tasks<T>(
         &self,
-        f: impl Fn(&TransactionalTree, &TransactionalTree) -> Result<Option<String>, Abort>,
-    ) -> Result<Option<String>, MetaError> {
+        f: impl Fn(&TransactionalTree, &TransactionalTree) -> Result<T, ConflictableTransactionError<T>>,
+    ) -> Result<T, MetaError> {
         match (&self.tasks, &self.task_index).transaction(|(t, i)| f(t, i)) {
             Ok(v) | Err(TransactionError::Abort(v)) => Ok(v),
             Err(TransactionError::Storage(e)) => Err(backend(e)),
@@ -143,20 +141,39 @@ impl TaskStore for SledStore {
         self.blocking(move |s| s.load(id.as_bytes())).await
     }
 
-    async fn put_task(&self, task: &FotaTask) -> Result<(), MetaError> {
+    async fn put_task(
+        &self,
+        task: &FotaTask,
+        expected: u64,
+        quota: Option<u64>,
+    ) -> Result<Put, MetaError> {
         let task = task.clone();
         let json = serde_json::to_vec(&task).map_err(backend)?;
-        self.blocking(move |s| {
-            s.transact_tasks(|t, i| {
-                let old = t
-                    .get(task.id.as_bytes())?
-                    .and_then(|v| serde_json::from_slice::<FotaTask>(&v).ok());
-                write(t, i, old.as_ref(), &task, &json)?;
-                Ok(None)
+        let put = self
+            .blocking(move |s| {
+                let _gate = quota.map(|_| s.quota_gate.lock().unwrap_or_else(|e| e.into_inner()));
+                if let Some(limit) = quota {
+                    let holders = s.task_index.scan_prefix([b'q']).count() as u64;
+                    if holders >= limit {
+                        return Ok(Put::QuotaFull);
+                    }
+                }
+                s.transact_tasks(|t, i| {
+                    let old = t
+                        .get(task.id.as_bytes())?
+                        .and_then(|v| serde_json::from_slice::<FotaTask>(&v).ok());
+                    if old.as_ref().map_or(0, |o| o.revision) != expected {
+                        return Err(ConflictableTransactionError::Abort(Put::Stale));
+                    }
+                    write(t, i, old.as_ref(), &task, &json)?;
+                    Ok(Put::Stored)
+                })
             })
-        })
-        .await?;
-        self.flush().await
+            .await?;
+        if put == Put::Stored {
+            self.flush().await?;
+        }
+        Ok(put)
     }
 
     async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError> {

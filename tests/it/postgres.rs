@@ -244,3 +244,142 @@ async fn instances_share_tokens_in_postgres() {
     a.stop().await;
     b.stop().await;
 }
+
+async fn fota_id(r: reqwest::Response) -> String {
+    assert_eq!(r.status(), StatusCode::CREATED);
+    r.json::<Value>().await.unwrap()["fotaId"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn status(srv: &TestServer, id: &str) -> (String, Value) {
+    let v: Value = srv
+        .get(&format!("/v1/fota/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    (v["status"].as_str().unwrap().to_owned(), v)
+}
+
+/// Two instances serving FOTA traffic from one database: the quota counts across them,
+/// concurrent changes to one task through both have exactly one winner, and a deadline set
+/// through one is kept by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_the_fota_engine() {
+    let Some(url) = fresh_postgres().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let shared = [
+        format!("storage.metadata={url}"),
+        format!("storage.blobs=file:{}", dir.path().join("blobs").display()),
+        format!("keys.dir={}", dir.path().join("keys").display()),
+        "fota.quota=1".to_owned(),
+        "fota.shared_timer_poll=1s".to_owned(),
+    ];
+    let sets: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let a = TestServer::start(&dir.path().join("a"), &sets).await;
+    let b = TestServer::start(&dir.path().join("b"), &sets).await;
+    let r = a.put("/v1/firmware/fw?version=1", image(50_000, 3)).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let report = |srv: &TestServer, id: &str, state: u8, result: u8| {
+        client()
+            .post(srv.url(&format!("/v1/fota/{id}/report")))
+            .json(&json!({"state": state, "result": result}))
+            .send()
+    };
+
+    // One quota slot for both instances.
+    let quota = json!({"name": "fw", "protocolType": "HTTP", "useQuota": true});
+    let q1 = fota_id(a.post("/v1/devices/q1/fota", &quota).await).await;
+    let q2 = fota_id(b.post("/v1/devices/q2/fota", &quota).await).await;
+    assert_eq!(a.get("/v1/devices/q1/fota").await.status(), StatusCode::OK);
+    assert_eq!(
+        b.get("/v1/devices/q2/fota").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let (s, v) = status(&a, &q2).await;
+    assert_eq!((s.as_str(), &v["reason"]), ("pending", &json!("quota")));
+    for (state, result) in [(2, 0), (3, 0), (0, 1)] {
+        let r = report(&b, &q1, state, result).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    assert_eq!(status(&a, &q1).await.0, "succeeded");
+    assert_eq!(a.get("/v1/devices/q2/fota").await.status(), StatusCode::OK);
+    assert_eq!(status(&b, &q2).await.0, "delivering");
+
+    // Cancel through one instance while the device reports `updating` through the other:
+    // exactly one of them wins, and the task shows the winner.
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let dev = format!("race-{i}");
+        let id = fota_id(
+            a.post(
+                &format!("/v1/devices/{dev}/fota"),
+                &json!({"name": "fw", "protocolType": "HTTP"}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(
+            a.get(&format!("/v1/devices/{dev}/fota")).await.status(),
+            StatusCode::OK
+        );
+        let r = report(&a, &id, 2, 0).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        ids.push(id);
+    }
+    let races = ids.iter().map(|id| {
+        let cancel = client()
+            .post(a.url(&format!("/v1/fota/{id}/cancel")))
+            .send();
+        let updating = report(&b, id, 3, 0);
+        async move {
+            let (c, u) = tokio::join!(cancel, updating);
+            (c.unwrap().status(), u.unwrap().status())
+        }
+    });
+    let outcomes = futures_util::future::join_all(races).await;
+    for (id, (cancel, updating)) in ids.iter().zip(outcomes) {
+        let (s, v) = status(&b, id).await;
+        let last = v["history"].as_array().unwrap().last().unwrap()["status"].clone();
+        match (cancel, updating) {
+            (StatusCode::OK, StatusCode::CONFLICT) => assert_eq!(s, "cancelled"),
+            (StatusCode::CONFLICT, StatusCode::OK) => assert_eq!(s, "updating"),
+            other => panic!("{id}: both or neither won: {other:?}, task {v}"),
+        }
+        assert_eq!(last, json!(s), "{v}");
+    }
+
+    // A deadline set through A is kept by B after A is gone.
+    let t = fota_id(
+        a.post(
+            "/v1/devices/slow/fota",
+            &json!({"name": "fw", "protocolType": "HTTP", "timeout": "2s"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        a.get("/v1/devices/slow/fota").await.status(),
+        StatusCode::OK
+    );
+    a.stop().await;
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = status(&b, &t).await.0;
+        if seen != "delivering" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (s, v) = status(&b, &t).await;
+    assert_eq!(
+        (s.as_str(), &v["reason"]),
+        ("failed", &json!("timeout")),
+        "{seen}"
+    );
+    b.stop().await;
+}
