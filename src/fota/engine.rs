@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +83,8 @@ pub struct Engine {
     packages: Mutex<HashMap<String, (Arc<Package>, Instant)>>,
     importing: Mutex<HashSet<String>>,
     events: broadcast::Sender<Arc<TaskEvent>>,
+    /// Names this instance in announcements, so it skips its own when they come back.
+    origin: String,
     due_changed: Notify,
 }
 
@@ -142,6 +144,7 @@ impl Engine {
         config: FotaConfig,
     ) -> Engine {
         Engine {
+            origin: new_capability(),
             importer: Importer::new(&config),
             store,
             repo,
@@ -180,6 +183,44 @@ impl Engine {
         self.clock.now_ms()
     }
 
+    /// Sends a transition to this instance's subscribers and announces it to the others.
+    async fn publish(&self, event: TaskEvent) {
+        let event = Arc::new(event);
+        let _ = self.events.send(Arc::clone(&event));
+        if self.store.shared() {
+            let message = json!({"origin": self.origin, "event": &*event}).to_string();
+            if let Err(e) = self.store.announce(&message).await {
+                tracing::warn!(error = %e, "could not announce a FOTA transition to other instances");
+            }
+        }
+    }
+
+    /// Passes on what other instances announce: their transitions reach this instance's
+    /// subscribers, and a change of theirs may move a deadline this instance times.
+    fn follow_others(self: &Arc<Self>, cancel: CancellationToken) {
+        let Some(mut announced) = self.store.announcements(cancel) else {
+            return;
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            while let Some(message) = announced.recv().await {
+                #[derive(serde::Deserialize)]
+                struct Announcement {
+                    origin: String,
+                    event: TaskEvent,
+                }
+                match serde_json::from_str::<Announcement>(&message) {
+                    Ok(a) if a.origin == this.origin => {}
+                    Ok(a) => {
+                        let _ = this.events.send(Arc::new(a.event));
+                        this.due_changed.notify_one();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "unreadable FOTA announcement"),
+                }
+            }
+        });
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
         self.events.subscribe()
     }
@@ -197,6 +238,7 @@ impl Engine {
         for task in self.store.importing().await? {
             self.spawn_import(task.id);
         }
+        self.follow_others(cancel.clone());
         let this = Arc::clone(self);
         tokio::spawn(async move { this.run_timers(cancel).await });
         Ok(())
@@ -300,7 +342,7 @@ impl Engine {
             self.due_changed.notify_one();
         }
         if before.status != t.status || before.reason != t.reason || before.state != t.state {
-            let _ = self.events.send(Arc::new(TaskEvent::of(t, self.now_ms())));
+            self.publish(TaskEvent::of(t, self.now_ms())).await;
             tracing::info!(
                 fota_id = %t.id, device = %t.device_id, status = t.status.as_str(),
                 reason = t.reason.as_deref().unwrap_or(""), "FOTA task"
@@ -446,7 +488,7 @@ impl Engine {
                 fota_id: active,
             });
         }
-        let _ = self.events.send(Arc::new(TaskEvent::of(&t, now)));
+        self.publish(TaskEvent::of(&t, now)).await;
         tracing::info!(fota_id = %t.id, device, firmware = %t.firmware, status = t.status.as_str(), "FOTA task scheduled");
         if t.is_importing() {
             self.spawn_import(t.id.clone());

@@ -1,7 +1,7 @@
 //! What clients see of tasks: the status document, the work answer (JSON or CBOR) and the
 //! transition events.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::cbor::{self, Item};
@@ -17,14 +17,14 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// A task transition as published on `GET /v1/events`.
-#[derive(Debug, Clone, Serialize)]
+/// A task transition as published on `GET /v1/events` (and between instances).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskEvent {
     pub fota_id: String,
     pub device_id: String,
     pub firmware: String,
-    pub status: &'static str,
+    pub status: String,
     pub reason: Option<String>,
     pub state: u8,
     pub update_result: u8,
@@ -38,7 +38,7 @@ impl TaskEvent {
             fota_id: t.id.clone(),
             device_id: t.device_id.clone(),
             firmware: t.firmware.clone(),
-            status: t.status.as_str(),
+            status: t.status.as_str().to_owned(),
             reason: t.reason.clone(),
             state: t.state,
             update_result: t.update_result,

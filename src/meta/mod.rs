@@ -112,6 +112,20 @@ pub trait TaskStore: Send + Sync {
     fn shared(&self) -> bool {
         false
     }
+
+    /// Tells the other instances sharing the store of a task transition (`message`, JSON).
+    async fn announce(&self, _message: &str) -> Result<(), MetaError> {
+        Ok(())
+    }
+
+    /// What other instances announce (their own messages come back too), until `cancel`;
+    /// `None` for a store one process owns.
+    fn announcements(
+        &self,
+        _cancel: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        None
+    }
     /// Stores a new task unless its device has an active one; returns that one's id then.
     async fn create_task(&self, task: &FotaTask) -> Result<Option<String>, MetaError>;
     async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError>;

@@ -6,9 +6,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+use tokio_util::sync::CancellationToken;
 
 use super::pg_tls::{self, PgTls};
 
@@ -166,6 +169,44 @@ impl PgStore {
 async fn watch<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
     if let Err(e) = connection.await {
         tracing::warn!(error = %e, "PostgreSQL connection ended");
+    }
+}
+
+/// The NOTIFY channel task transitions go out on.
+const EVENTS_CHANNEL: &str = "fwrepo_events";
+
+/// Listens on [`EVENTS_CHANNEL`] on its own connection and passes each payload on, until the
+/// connection ends or `cancel` fires. A full queue drops payloads (the listener fell behind).
+async fn listen<S, T>(
+    connected: Result<(Client, tokio_postgres::Connection<S, T>), tokio_postgres::Error>,
+    tx: &mpsc::Sender<String>,
+    cancel: &CancellationToken,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (client, mut connection) = connected?;
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let statement = format!("LISTEN {EVENTS_CHANNEL}");
+    let mut listen = std::pin::pin!(client.batch_execute(&statement));
+    let mut listening = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            done = &mut listen, if !listening => {
+                done?;
+                listening = true;
+            }
+            message = messages.next() => match message {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    let _ = tx.try_send(n.payload().to_owned());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+        }
     }
 }
 
@@ -368,6 +409,39 @@ const INSERT_TASK: &str = "INSERT INTO fwrepo_tasks
 impl TaskStore for PgStore {
     fn shared(&self) -> bool {
         true
+    }
+
+    async fn announce(&self, message: &str) -> Result<(), MetaError> {
+        let c = self.conn().await?;
+        c.client()
+            .execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &message])
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn announcements(&self, cancel: CancellationToken) -> Option<mpsc::Receiver<String>> {
+        let (tx, rx) = mpsc::channel(1024);
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        tokio::spawn(async move {
+            loop {
+                let ended = match &tls {
+                    Some(tls) => listen(config.connect(tls.clone()).await, &tx, &cancel).await,
+                    None => listen(config.connect(NoTls).await, &tx, &cancel).await,
+                };
+                if cancel.is_cancelled() || tx.is_closed() {
+                    return;
+                }
+                if let Err(e) = ended {
+                    tracing::warn!(error = %backend(e), "PostgreSQL LISTEN connection lost; reconnecting");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        Some(rx)
     }
 
     async fn create_task(&self, task: &FotaTask) -> Result<Option<String>, MetaError> {

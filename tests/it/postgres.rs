@@ -284,6 +284,8 @@ async fn instances_share_the_fota_engine() {
     let b = TestServer::start(&dir.path().join("b"), &sets).await;
     let r = a.put("/v1/firmware/fw?version=1", image(50_000, 3)).await;
     assert_eq!(r.status(), StatusCode::CREATED);
+    let mut events = b.get("/v1/events?deviceId=q1").await;
+    assert_eq!(events.status(), StatusCode::OK);
     let report = |srv: &TestServer, id: &str, state: u8, result: u8| {
         client()
             .post(srv.url(&format!("/v1/fota/{id}/report")))
@@ -307,6 +309,34 @@ async fn instances_share_the_fota_engine() {
         assert_eq!(r.status(), StatusCode::OK);
     }
     assert_eq!(status(&a, &q1).await.0, "succeeded");
+    // B's event stream shows q1's transitions made through A as well as its own, once each
+    // (those of another instance may come a moment late, so not in order).
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), events.chunk())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .unwrap();
+        for line in String::from_utf8_lossy(&chunk).lines() {
+            if let Some(data) = line.strip_prefix("data:") {
+                let ev: Value = serde_json::from_str(data.trim()).unwrap();
+                assert_eq!(ev["fotaId"], q1.as_str());
+                seen.push(ev["status"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "pending",
+            "delivering",
+            "downloaded",
+            "updating",
+            "succeeded"
+        ]
+    );
+    drop(events);
     assert_eq!(a.get("/v1/devices/q2/fota").await.status(), StatusCode::OK);
     assert_eq!(status(&b, &q2).await.0, "delivering");
 
