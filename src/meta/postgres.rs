@@ -210,6 +210,31 @@ where
     }
 }
 
+type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+/// One statement on a pooled connection.
+impl PgStore {
+    async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64, MetaError> {
+        let c = self.conn().await?;
+        c.client().execute(sql, params).await.map_err(backend)
+    }
+
+    async fn query(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, MetaError> {
+        let c = self.conn().await?;
+        c.client().query(sql, params).await.map_err(backend)
+    }
+
+    async fn query_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, MetaError> {
+        let c = self.conn().await?;
+        c.client().query_opt(sql, params).await.map_err(backend)
+    }
+
+    async fn query_one(&self, sql: &str, params: &Params<'_>) -> Result<Row, MetaError> {
+        let c = self.conn().await?;
+        c.client().query_one(sql, params).await.map_err(backend)
+    }
+}
+
 /// A connection taken from the pool.
 struct Conn<'a>(MutexGuard<'a, Option<Client>>);
 
@@ -226,15 +251,12 @@ impl Conn<'_> {
 #[async_trait]
 impl FirmwareCatalog for PgStore {
     async fn get(&self, name: &str) -> Result<Option<FirmwareRecord>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_opt(
                 "SELECT record FROM fwrepo_firmware WHERE name = $1",
                 &[&name],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         row.map(|r| decode(name, r.get(0))).transpose()
     }
 
@@ -243,9 +265,7 @@ impl FirmwareCatalog for PgStore {
         record: &FirmwareRecord,
     ) -> Result<Option<FirmwareRecord>, MetaError> {
         let json = encode(record)?;
-        let c = self.conn().await?;
-        let inserted = c
-            .client()
+        let inserted = self
             .execute(
                 "INSERT INTO fwrepo_firmware (name, blob_key, size, expires_at_ms, record)
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
@@ -257,9 +277,7 @@ impl FirmwareCatalog for PgStore {
                     &json,
                 ],
             )
-            .await
-            .map_err(backend)?;
-        drop(c);
+            .await?;
         if inserted == 1 {
             return Ok(None);
         }
@@ -272,9 +290,7 @@ impl FirmwareCatalog for PgStore {
 
     async fn update(&self, record: &FirmwareRecord) -> Result<bool, MetaError> {
         let json = encode(record)?;
-        let c = self.conn().await?;
-        let n = c
-            .client()
+        let n = self
             .execute(
                 "UPDATE fwrepo_firmware SET size = $3, expires_at_ms = $4, record = $5
                  WHERE name = $1 AND blob_key = $2",
@@ -286,21 +302,17 @@ impl FirmwareCatalog for PgStore {
                     &json,
                 ],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(n == 1)
     }
 
     async fn remove(&self, name: &str, blob_key: &str) -> Result<bool, MetaError> {
-        let c = self.conn().await?;
-        let n = c
-            .client()
+        let n = self
             .execute(
                 "DELETE FROM fwrepo_firmware WHERE name = $1 AND blob_key = $2",
                 &[&name, &blob_key],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(n == 1)
     }
 
@@ -310,9 +322,7 @@ impl FirmwareCatalog for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<FirmwareRecord>, MetaError> {
-        let c = self.conn().await?;
-        let found = c
-            .client()
+        let found = self
             .query(
                 "SELECT record FROM fwrepo_firmware
                  WHERE name >= $1 AND left(name, char_length($1)) = $1
@@ -320,21 +330,17 @@ impl FirmwareCatalog for PgStore {
                  ORDER BY name LIMIT $3",
                 &[&prefix, &after, &(limit.min(i64::MAX as usize) as i64)],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         rows(&found, "record")
     }
 
     async fn totals(&self) -> Result<(u64, u64), MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_one(
                 "SELECT count(*), coalesce(sum(size), 0)::BIGINT FROM fwrepo_firmware",
                 &[],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
     }
 }
@@ -342,15 +348,12 @@ impl FirmwareCatalog for PgStore {
 #[async_trait]
 impl ExpiryIndex for PgStore {
     async fn next_expiry_after(&self, after_ms: i64) -> Result<Option<i64>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_one(
                 "SELECT min(expires_at_ms) FROM fwrepo_firmware WHERE expires_at_ms > $1",
                 &[&after_ms],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(row.get(0))
     }
 
@@ -364,17 +367,14 @@ impl ExpiryIndex for PgStore {
             Some(r) => (r.expires_at_ms.unwrap_or(0), r.name.as_str()),
             None => (i64::MIN, ""),
         };
-        let c = self.conn().await?;
-        let found = c
-            .client()
+        let found = self
             .query(
                 "SELECT record FROM fwrepo_firmware
                  WHERE expires_at_ms <= $1 AND (expires_at_ms, name) > ($2, $3)
                  ORDER BY expires_at_ms, name LIMIT $4",
                 &[&now_ms, &after_at, &after_name, &(limit as i64)],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         rows(&found, "record")
     }
 }
@@ -412,11 +412,8 @@ impl TaskStore for PgStore {
     }
 
     async fn announce(&self, message: &str) -> Result<(), MetaError> {
-        let c = self.conn().await?;
-        c.client()
-            .execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &message])
-            .await
-            .map_err(backend)?;
+        self.execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &message])
+            .await?;
         Ok(())
     }
 
@@ -485,12 +482,9 @@ impl TaskStore for PgStore {
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_opt("SELECT task FROM fwrepo_tasks WHERE id = $1", &[&id])
-            .await
-            .map_err(backend)?;
+            .await?;
         row.map(|r| decode(id, r.get(0))).transpose()
     }
 
@@ -545,15 +539,12 @@ impl TaskStore for PgStore {
     }
 
     async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_opt(
                 "SELECT id FROM fwrepo_tasks WHERE device_id = $1 AND active",
                 &[&device_id],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -563,76 +554,58 @@ impl TaskStore for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<FotaTask>, MetaError> {
-        let c = self.conn().await?;
-        let found = c
-            .client()
+        let found = self
             .query(
                 "SELECT task FROM fwrepo_tasks
                  WHERE ($1::TEXT IS NULL OR device_id = $1) AND ($2::TEXT IS NULL OR id > $2)
                  ORDER BY id LIMIT $3",
                 &[&device_id, &after, &(limit.min(i64::MAX as usize) as i64)],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         rows(&found, "task")
     }
 
     async fn next_due(&self) -> Result<Option<i64>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_one("SELECT min(due_ms) FROM fwrepo_tasks", &[])
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(row.get(0))
     }
 
     async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<FotaTask>, MetaError> {
-        let c = self.conn().await?;
-        let found = c
-            .client()
+        let found = self
             .query(
                 "SELECT task FROM fwrepo_tasks WHERE due_ms <= $1 ORDER BY due_ms, id LIMIT $2",
                 &[&now_ms, &(limit.min(i64::MAX as usize) as i64)],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         rows(&found, "task")
     }
 
     async fn quota_holders(&self) -> Result<u64, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_one("SELECT count(*) FROM fwrepo_tasks WHERE holds_quota", &[])
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 
     async fn importing(&self) -> Result<Vec<FotaTask>, MetaError> {
-        let c = self.conn().await?;
-        let found = c
-            .client()
+        let found = self
             .query(
                 "SELECT task FROM fwrepo_tasks WHERE importing ORDER BY id",
                 &[],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         rows(&found, "task")
     }
 
     async fn firmware_in_use(&self, name: &str) -> Result<bool, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM fwrepo_tasks WHERE firmware = $1 AND active)",
                 &[&name],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(row.get(0))
     }
 }
@@ -640,29 +613,23 @@ impl TaskStore for PgStore {
 #[async_trait]
 impl DeviceStore for PgStore {
     async fn get_device(&self, device_id: &str) -> Result<Option<DeviceInfo>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_opt(
                 "SELECT info FROM fwrepo_devices WHERE device_id = $1",
                 &[&device_id],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         row.map(|r| decode(device_id, r.get(0))).transpose()
     }
 
     async fn put_device(&self, info: &DeviceInfo) -> Result<(), MetaError> {
         let json = encode(info)?;
-        let c = self.conn().await?;
-        c.client()
-            .execute(
-                "INSERT INTO fwrepo_devices (device_id, info) VALUES ($1, $2)
+        self.execute(
+            "INSERT INTO fwrepo_devices (device_id, info) VALUES ($1, $2)
                  ON CONFLICT (device_id) DO UPDATE SET info = $2",
-                &[&info.device_id, &json],
-            )
-            .await
-            .map_err(backend)?;
+            &[&info.device_id, &json],
+        )
+        .await?;
         Ok(())
     }
 }
@@ -670,49 +637,37 @@ impl DeviceStore for PgStore {
 #[async_trait]
 impl ScheduleStore for PgStore {
     async fn get_schedule(&self, name: &str) -> Result<Option<Schedule>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .client()
+        let row = self
             .query_opt(
                 "SELECT schedule FROM fwrepo_schedules WHERE name = $1",
                 &[&name],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         row.map(|r| decode(name, r.get(0))).transpose()
     }
 
     async fn put_schedule(&self, schedule: &Schedule) -> Result<(), MetaError> {
         let json = encode(schedule)?;
-        let c = self.conn().await?;
-        c.client()
-            .execute(
-                "INSERT INTO fwrepo_schedules (name, schedule) VALUES ($1, $2)
+        self.execute(
+            "INSERT INTO fwrepo_schedules (name, schedule) VALUES ($1, $2)
                  ON CONFLICT (name) DO UPDATE SET schedule = $2",
-                &[&schedule.name, &json],
-            )
-            .await
-            .map_err(backend)?;
+            &[&schedule.name, &json],
+        )
+        .await?;
         Ok(())
     }
 
     async fn list_schedules(&self) -> Result<Vec<Schedule>, MetaError> {
-        let c = self.conn().await?;
-        let found = c
-            .client()
+        let found = self
             .query("SELECT schedule FROM fwrepo_schedules ORDER BY name", &[])
-            .await
-            .map_err(backend)?;
+            .await?;
         rows(&found, "schedule")
     }
 
     async fn delete_schedule(&self, name: &str) -> Result<bool, MetaError> {
-        let c = self.conn().await?;
-        let n = c
-            .client()
+        let n = self
             .execute("DELETE FROM fwrepo_schedules WHERE name = $1", &[&name])
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(n == 1)
     }
 }
@@ -720,65 +675,50 @@ impl ScheduleStore for PgStore {
 #[async_trait]
 impl TokenTable for PgStore {
     async fn any_token(&self) -> Result<bool, MetaError> {
-        let conn = self.conn().await?;
-        let row = conn
-            .client()
+        let row = self
             .query_one("SELECT EXISTS (SELECT 1 FROM fwrepo_tokens)", &[])
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(row.get(0))
     }
 
     async fn token_by_hash(&self, sha256: &str) -> Result<Option<StoredToken>, MetaError> {
-        let conn = self.conn().await?;
-        let found = conn
-            .client()
+        let found = self
             .query_opt(
                 "SELECT token FROM fwrepo_tokens WHERE sha256 = $1",
                 &[&sha256],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         found
             .map(|r| decode("token", r.get::<_, &str>(0)))
             .transpose()
     }
 
     async fn list_tokens(&self) -> Result<Vec<StoredToken>, MetaError> {
-        let conn = self.conn().await?;
-        let found = conn
-            .client()
+        let found = self
             .query("SELECT token FROM fwrepo_tokens ORDER BY seq", &[])
-            .await
-            .map_err(backend)?;
+            .await?;
         rows(&found, "token")
     }
 
     async fn insert_token(&self, token: &StoredToken) -> Result<bool, MetaError> {
-        let conn = self.conn().await?;
-        let n = conn
-            .client()
+        let n = self
             .execute(
                 "INSERT INTO fwrepo_tokens (id, name, sha256, token) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (name) DO NOTHING",
                 &[&token.id, &token.name, &token.sha256, &encode(token)?],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         Ok(n == 1)
     }
 
     async fn remove_token(&self, name_or_id: &str) -> Result<Option<StoredToken>, MetaError> {
-        let conn = self.conn().await?;
-        let gone = conn
-            .client()
+        let gone = self
             .query_opt(
                 "DELETE FROM fwrepo_tokens WHERE id = (SELECT id FROM fwrepo_tokens \
                  WHERE name = $1 OR id = $1 ORDER BY name = $1 DESC LIMIT 1) RETURNING token",
                 &[&name_or_id],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         gone.map(|r| decode(name_or_id, r.get::<_, &str>(0)))
             .transpose()
     }

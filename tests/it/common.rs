@@ -313,3 +313,24 @@ pub async fn fresh_postgres() -> Option<String> {
         .unwrap();
     Some(format!("{}/{name}", admin.rsplit_once('/').unwrap().0))
 }
+
+/// The next `n` events of a server-sent event stream, as JSON (lines split across chunks are
+/// put back together); each must come within 10 s.
+pub async fn sse_events(stream: &mut reqwest::Response, n: usize) -> Vec<serde_json::Value> {
+    let (mut events, mut pending) = (Vec::new(), String::new());
+    while events.len() < n {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), stream.chunk())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .expect("the stream stays open");
+        pending.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = pending.find('\n') {
+            let line: String = pending.drain(..=end).collect();
+            if let Some(data) = line.trim_end().strip_prefix("data:") {
+                events.push(serde_json::from_str(data.trim()).unwrap());
+            }
+        }
+    }
+    events
+}

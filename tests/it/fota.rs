@@ -9,7 +9,7 @@ use fwrepo::fota::ManualClock;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{client, image, sha256_hex, Fetch, TestServer};
+use crate::common::{client, image, sha256_hex, sse_events, Fetch, TestServer};
 
 /// Friday 2026-11-20 12:00 UTC.
 pub const FRIDAY_NOON: &str = "2026-11-20T12:00:00Z";
@@ -490,25 +490,18 @@ async fn schedule_window_closed_then_opening() {
     assert_eq!(v["deadline"], "2026-11-21T01:00:00Z");
 
     // The event stream saw the window open and the delivery.
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), events.chunk())
-            .await
-            .expect("events arrive")
-            .unwrap()
-            .unwrap();
-        for line in String::from_utf8_lossy(&chunk).lines() {
-            if let Some(data) = line.strip_prefix("data:") {
-                let ev: Value = serde_json::from_str(data.trim()).unwrap();
-                assert_eq!(ev["fotaId"], id.as_str());
-                seen.push(format!(
-                    "{}/{}",
-                    ev["status"].as_str().unwrap(),
-                    ev["reason"].as_str().unwrap_or("-")
-                ));
-            }
-        }
-    }
+    let seen: Vec<String> = sse_events(&mut events, 3)
+        .await
+        .iter()
+        .map(|ev| {
+            assert_eq!(ev["fotaId"], id.as_str());
+            format!(
+                "{}/{}",
+                ev["status"].as_str().unwrap(),
+                ev["reason"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
     assert_eq!(seen, ["pending/window", "pending/device", "delivering/-"]);
 
     // A user-defined schedule in a time zone: Saturdays 22:00-02:00 in Berlin (UTC+1).

@@ -5,7 +5,18 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{client, fresh_postgres, image, sha256_hex, TestServer};
+use crate::common::{client, fresh_postgres, image, sha256_hex, sse_events, TestServer};
+
+/// Settings for instances sharing the database `url` and the blobs and keys under `dir`.
+fn shared(url: &str, dir: &std::path::Path, more: &[&str]) -> Vec<String> {
+    let mut sets = vec![
+        format!("storage.metadata={url}"),
+        format!("storage.blobs=file:{}", dir.join("blobs").display()),
+        format!("keys.dir={}", dir.join("keys").display()),
+    ];
+    sets.extend(more.iter().map(|s| s.to_string()));
+    sets
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_on_postgres_metadata() {
@@ -13,11 +24,7 @@ async fn service_on_postgres_metadata() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let shared = [
-        format!("storage.metadata={url}"),
-        format!("storage.blobs=file:{}", dir.path().join("blobs").display()),
-        format!("keys.dir={}", dir.path().join("keys").display()),
-    ];
+    let shared = shared(&url, dir.path(), &[]);
     let sets: Vec<&str> = shared.iter().map(String::as_str).collect();
     let a_root = dir.path().join("a");
     let a = TestServer::start(&a_root, &sets).await;
@@ -156,11 +163,7 @@ async fn instances_share_tokens_in_postgres() {
     assert!(told.contains("PostgreSQL"), "{told}");
     assert!(!dir.path().join("cli/tokens.json").exists());
 
-    let shared = [
-        format!("storage.metadata={url}"),
-        format!("storage.blobs=file:{}", dir.path().join("blobs").display()),
-        format!("keys.dir={}", dir.path().join("keys").display()),
-    ];
+    let shared = shared(&url, dir.path(), &[]);
     let sets: Vec<&str> = shared.iter().map(String::as_str).collect();
     let a = TestServer::start(&dir.path().join("a"), &sets).await;
     let b = TestServer::start(&dir.path().join("b"), &sets).await;
@@ -272,13 +275,11 @@ async fn instances_share_the_fota_engine() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let shared = [
-        format!("storage.metadata={url}"),
-        format!("storage.blobs=file:{}", dir.path().join("blobs").display()),
-        format!("keys.dir={}", dir.path().join("keys").display()),
-        "fota.quota=1".to_owned(),
-        "fota.shared_timer_poll=1s".to_owned(),
-    ];
+    let shared = shared(
+        &url,
+        dir.path(),
+        &["fota.quota=1", "fota.shared_timer_poll=1s"],
+    );
     let sets: Vec<&str> = shared.iter().map(String::as_str).collect();
     let a = TestServer::start(&dir.path().join("a"), &sets).await;
     let b = TestServer::start(&dir.path().join("b"), &sets).await;
@@ -311,29 +312,23 @@ async fn instances_share_the_fota_engine() {
     assert_eq!(status(&a, &q1).await.0, "succeeded");
     // B's event stream shows q1's transitions made through A as well as its own, once each
     // (those of another instance may come a moment late, so not in order).
-    let mut seen = Vec::new();
-    while seen.len() < 5 {
-        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), events.chunk())
-            .await
-            .expect("events arrive")
-            .unwrap()
-            .unwrap();
-        for line in String::from_utf8_lossy(&chunk).lines() {
-            if let Some(data) = line.strip_prefix("data:") {
-                let ev: Value = serde_json::from_str(data.trim()).unwrap();
-                assert_eq!(ev["fotaId"], q1.as_str());
-                seen.push(ev["status"].as_str().unwrap().to_owned());
-            }
-        }
-    }
+    let mut seen: Vec<String> = sse_events(&mut events, 5)
+        .await
+        .iter()
+        .map(|ev| {
+            assert_eq!(ev["fotaId"], q1.as_str());
+            ev["status"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    seen.sort();
     assert_eq!(
         seen,
         [
-            "pending",
             "delivering",
             "downloaded",
-            "updating",
-            "succeeded"
+            "pending",
+            "succeeded",
+            "updating"
         ]
     );
     drop(events);
