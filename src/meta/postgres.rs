@@ -13,6 +13,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
+use super::pg_schema;
 use super::pg_tls::{self, PgTls};
 
 use super::{
@@ -26,61 +27,9 @@ use crate::fota::task::FotaTask;
 /// Connections kept open; each request takes one for the length of its statement.
 const POOL_SIZE: usize = 8;
 
-/// Tables and indexes. `COLLATE "C"` keeps names and ids in byte order, as listings and
-/// cursors expect; partial indexes hold exactly the tasks each engine query looks for.
-/// Instances starting together serialize on an advisory lock, so concurrent
-/// `CREATE ... IF NOT EXISTS` cannot collide.
-const SCHEMA: &str = r#"
-BEGIN;
-SELECT pg_advisory_xact_lock(7366436516046733);
-CREATE TABLE IF NOT EXISTS fwrepo_firmware (
-    name          TEXT COLLATE "C" PRIMARY KEY,
-    blob_key      TEXT NOT NULL,
-    size          BIGINT NOT NULL,
-    expires_at_ms BIGINT,
-    record        TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS fwrepo_firmware_expiry
-    ON fwrepo_firmware (expires_at_ms, name) WHERE expires_at_ms IS NOT NULL;
-CREATE TABLE IF NOT EXISTS fwrepo_tasks (
-    id          TEXT COLLATE "C" PRIMARY KEY,
-    device_id   TEXT COLLATE "C" NOT NULL,
-    firmware    TEXT NOT NULL,
-    active      BOOLEAN NOT NULL,
-    due_ms      BIGINT,
-    holds_quota BOOLEAN NOT NULL,
-    importing   BOOLEAN NOT NULL,
-    task        TEXT NOT NULL
-);
-ALTER TABLE fwrepo_tasks ADD COLUMN IF NOT EXISTS revision BIGINT NOT NULL DEFAULT 0;
-CREATE UNIQUE INDEX IF NOT EXISTS fwrepo_tasks_active_device
-    ON fwrepo_tasks (device_id) WHERE active;
-CREATE INDEX IF NOT EXISTS fwrepo_tasks_device ON fwrepo_tasks (device_id, id);
-CREATE INDEX IF NOT EXISTS fwrepo_tasks_due ON fwrepo_tasks (due_ms, id) WHERE due_ms IS NOT NULL;
-CREATE INDEX IF NOT EXISTS fwrepo_tasks_quota ON fwrepo_tasks (id) WHERE holds_quota;
-CREATE INDEX IF NOT EXISTS fwrepo_tasks_importing ON fwrepo_tasks (id) WHERE importing;
-CREATE INDEX IF NOT EXISTS fwrepo_tasks_firmware ON fwrepo_tasks (firmware) WHERE active;
-CREATE TABLE IF NOT EXISTS fwrepo_devices (
-    device_id TEXT PRIMARY KEY,
-    info      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS fwrepo_schedules (
-    name     TEXT COLLATE "C" PRIMARY KEY,
-    schedule TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS fwrepo_tokens (
-    seq    BIGSERIAL,
-    id     TEXT PRIMARY KEY,
-    name   TEXT NOT NULL UNIQUE,
-    sha256 TEXT NOT NULL UNIQUE,
-    token  TEXT NOT NULL
-);
-COMMIT;
-"#;
-
 /// The error with its causes: tokio-postgres says "db error" or "error performing TLS
 /// handshake" and keeps the why in the source chain.
-fn backend(e: impl std::error::Error) -> MetaError {
+pub(super) fn backend(e: impl std::error::Error) -> MetaError {
     let mut text = format!("postgres: {e}");
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -132,8 +81,8 @@ impl PgStore {
             slots: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
         };
-        let conn = store.conn().await?;
-        conn.client().batch_execute(SCHEMA).await.map_err(backend)?;
+        let mut conn = store.conn().await?;
+        pg_schema::migrate(conn.client_mut()).await?;
         drop(conn);
         Ok(store)
     }
@@ -869,6 +818,62 @@ mod tests {
             .unwrap()
             .get(0);
         assert!(all.contains(&made.info.id) && !all.contains(&made.token));
+    }
+
+    #[tokio::test]
+    async fn schema_versions_upgrade_and_refuse_newer() {
+        use crate::meta::pg_schema::{MIGRATIONS, VERSION};
+        use crate::meta::{Put, TaskStore};
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        // A database from before versions were recorded: the first tables, a task in them.
+        client.batch_execute(MIGRATIONS[0]).await.unwrap();
+        let mut t = crate::fota::task::tests::task(false);
+        t.id = "old".into();
+        client
+            .execute(
+                "INSERT INTO fwrepo_tasks (id, device_id, firmware, active, due_ms, holds_quota,
+                 importing, task) VALUES ($1, $2, $3, true, NULL, false, false, $4)",
+                &[
+                    &t.id,
+                    &t.device_id,
+                    &t.firmware,
+                    &serde_json::to_string(&t).unwrap(),
+                ],
+            )
+            .await
+            .unwrap();
+        let version = async || -> i32 {
+            client
+                .query_one("SELECT version FROM fwrepo_schema", &[])
+                .await
+                .unwrap()
+                .get(0)
+        };
+
+        let store = super::PgStore::open(&url).await.unwrap();
+        assert_eq!(version().await, VERSION);
+        let mut stored = store.get_task("old").await.unwrap().unwrap();
+        assert_eq!(stored, t);
+        stored.revision = 1;
+        assert_eq!(store.put_task(&stored, 0, None).await.unwrap(), Put::Stored);
+        let token = crate::auth::TokenStore::table(std::sync::Arc::new(store));
+        token.create("ops", crate::auth::Role::Admin).await.unwrap();
+
+        // Opening again changes nothing; a schema newer than this build is refused.
+        super::PgStore::open(&url).await.unwrap();
+        assert_eq!(version().await, VERSION);
+        client
+            .execute("UPDATE fwrepo_schema SET version = $1", &[&(VERSION + 1)])
+            .await
+            .unwrap();
+        let e = super::PgStore::open(&url).await.err().unwrap().to_string();
+        assert!(e.contains("newer than this fwrepo knows"), "{e}");
     }
 
     #[tokio::test]

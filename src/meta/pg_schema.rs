@@ -1,0 +1,111 @@
+//! The PostgreSQL schema and its versions. Each migration takes the schema from one version
+//! to the next; `fwrepo_schema` records the version reached. Instances starting together
+//! queue on an advisory lock, and each migration commits with its version, so a failed one
+//! leaves the schema at the version before it. An instance older than the schema refuses to
+//! start rather than write what newer instances would misread.
+
+use tokio_postgres::Client;
+
+use super::postgres::backend;
+use super::MetaError;
+
+/// Taken while the schema is checked or changed.
+const SCHEMA_LOCK: i64 = 7366436516046733;
+
+/// Version 1 has the tables of the first release; `COLLATE "C"` keeps names and ids in byte
+/// order, as listings and cursors expect; partial indexes hold exactly the tasks each engine
+/// query looks for. Every statement tolerates a database made before versions were recorded.
+const V1: &str = r#"
+CREATE TABLE IF NOT EXISTS fwrepo_firmware (
+    name          TEXT COLLATE "C" PRIMARY KEY,
+    blob_key      TEXT NOT NULL,
+    size          BIGINT NOT NULL,
+    expires_at_ms BIGINT,
+    record        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fwrepo_firmware_expiry
+    ON fwrepo_firmware (expires_at_ms, name) WHERE expires_at_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS fwrepo_tasks (
+    id          TEXT COLLATE "C" PRIMARY KEY,
+    device_id   TEXT COLLATE "C" NOT NULL,
+    firmware    TEXT NOT NULL,
+    active      BOOLEAN NOT NULL,
+    due_ms      BIGINT,
+    holds_quota BOOLEAN NOT NULL,
+    importing   BOOLEAN NOT NULL,
+    task        TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS fwrepo_tasks_active_device
+    ON fwrepo_tasks (device_id) WHERE active;
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_device ON fwrepo_tasks (device_id, id);
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_due ON fwrepo_tasks (due_ms, id) WHERE due_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_quota ON fwrepo_tasks (id) WHERE holds_quota;
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_importing ON fwrepo_tasks (id) WHERE importing;
+CREATE INDEX IF NOT EXISTS fwrepo_tasks_firmware ON fwrepo_tasks (firmware) WHERE active;
+CREATE TABLE IF NOT EXISTS fwrepo_devices (
+    device_id TEXT PRIMARY KEY,
+    info      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fwrepo_schedules (
+    name     TEXT COLLATE "C" PRIMARY KEY,
+    schedule TEXT NOT NULL
+);
+"#;
+
+/// Version 2: a revision per task (compare-and-swap between instances) and the shared access
+/// tokens.
+const V2: &str = r#"
+ALTER TABLE fwrepo_tasks ADD COLUMN IF NOT EXISTS revision BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS fwrepo_tokens (
+    seq    BIGSERIAL,
+    id     TEXT PRIMARY KEY,
+    name   TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL UNIQUE,
+    token  TEXT NOT NULL
+);
+"#;
+
+/// `MIGRATIONS[k]` takes the schema from version `k` to `k + 1`.
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
+
+/// The schema version this build writes.
+pub(super) const VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Brings the schema to [`VERSION`]; refuses a newer one.
+pub(super) async fn migrate(client: &mut Client) -> Result<(), MetaError> {
+    loop {
+        let tx = client.transaction().await.map_err(backend)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .await
+            .map_err(backend)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS fwrepo_schema (version INTEGER NOT NULL)")
+            .await
+            .map_err(backend)?;
+        let at: i32 = tx
+            .query_opt("SELECT version FROM fwrepo_schema", &[])
+            .await
+            .map_err(backend)?
+            .map_or(0, |r| r.get(0));
+        if at > VERSION {
+            return Err(MetaError::Backend(format!(
+                "postgres: the database schema is at version {at}, newer than this fwrepo knows \
+                 ({VERSION}); run a newer fwrepo"
+            )));
+        }
+        let Some(step) = MIGRATIONS.get(at as usize) else {
+            return Ok(());
+        };
+        tx.batch_execute(step).await.map_err(backend)?;
+        tx.batch_execute("DELETE FROM fwrepo_schema")
+            .await
+            .map_err(backend)?;
+        tx.execute(
+            "INSERT INTO fwrepo_schema (version) VALUES ($1)",
+            &[&(at + 1)],
+        )
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        tracing::info!(version = at + 1, "PostgreSQL schema migrated");
+    }
+}
