@@ -461,6 +461,11 @@ impl Config {
             }
         }
         self.listen_addrs()?;
+        if self.fota.shared_timer_poll.0.is_zero() {
+            return Err(ConfigError::Invalid(
+                "fota.shared_timer_poll must be at least 1s".into(),
+            ));
+        }
         for (key, listen) in [
             ("coap.tcp_listen", &self.coap.tcp_listen),
             ("coap.udp_listen", &self.coap.udp_listen),
@@ -759,6 +764,8 @@ mod tests {
         assert!(e.to_string().contains("duration"), "{e}");
         let long = format!("http.public_url=http://{}.example", "a".repeat(130));
         assert!(Config::load(None, vec![], &[long]).is_err());
+        let e = Config::load(None, vec![], &["fota.shared_timer_poll=0s".into()]).unwrap_err();
+        assert!(e.to_string().contains("fota.shared_timer_poll"), "{e}");
     }
 
     #[test]

@@ -109,12 +109,16 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
 }
 
 /// Tokens, audit log and the open-mode decision; refuses to run open beyond loopback.
-async fn access(config: &Config) -> Result<http::access::Access, StartError> {
+async fn access(
+    config: &Config,
+    tokens: crate::auth::TokenStore,
+) -> Result<http::access::Access, StartError> {
     let listeners = config.listen_addrs()?;
     let open_allowed = crate::auth::open_allowed(&listeners, config.auth.insecure);
-    let backend = config.meta_backend()?;
-    let tokens = meta::open_tokens(&backend, &config.tokens_path()).await?;
-    if matches!(backend, crate::config::MetaBackend::Postgres(_)) {
+    if matches!(
+        config.meta_backend()?,
+        crate::config::MetaBackend::Postgres(_)
+    ) {
         let file = crate::auth::TokenStore::file(&config.tokens_path());
         if !file.is_empty().await.unwrap_or(true) {
             tracing::warn!(file = %config.tokens_path().display(), "the metadata is in PostgreSQL, so tokens are too; the tokens in this file are not used (create them again with `fwrepo token create`)");
@@ -155,12 +159,12 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> Result<Running, StartError> {
     config.validate()?;
-    let access = access(config).await?;
+    let (meta, tokens) = meta::open(&config.meta_backend()?, &config.tokens_path()).await?;
+    let access = access(config, tokens).await?;
     let keys = KeyRing::load_or_create(&config.keys.dir, &config.keys.active)?;
     let active = keys.active();
     tracing::info!(key_id = %active.id, public_key = %hex::encode(active.public_raw()), "signing key");
     let blobs = BlobStore::open(&config.blob_backend()?, &config.s3)?;
-    let meta = meta::open(&config.meta_backend()?).await?;
     let metrics = Arc::new(Metrics::default());
     let repo = Arc::new(Repository::new(
         Arc::clone(&meta),

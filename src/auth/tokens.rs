@@ -154,7 +154,10 @@ fn check_name(name: &str) -> Result<(), AuthError> {
 fn mint(name: &str, role: Role) -> Result<(String, StoredToken), AuthError> {
     check_name(name)?;
     let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| AuthError::Invalid(e.to_string()))?;
+    getrandom::fill(&mut secret).map_err(|e| AuthError::Store {
+        path: "the system's random source".into(),
+        message: e.to_string(),
+    })?;
     let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
     let digest = hash(&token);
     let created_at = jiff::Timestamp::now()
@@ -170,12 +173,15 @@ fn mint(name: &str, role: Role) -> Result<(String, StoredToken), AuthError> {
     Ok((token, stored))
 }
 
+/// Runs a file operation (lock, fsync) on the blocking pool.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, AuthError> + Send + 'static,
+    file: &Arc<TokenFile>,
+    op: impl FnOnce(&TokenFile) -> Result<T, AuthError> + Send + 'static,
 ) -> Result<T, AuthError> {
-    tokio::task::spawn_blocking(f)
+    let f = Arc::clone(file);
+    tokio::task::spawn_blocking(move || op(&f))
         .await
-        .map_err(|e| AuthError::Invalid(e.to_string()))?
+        .map_err(|e| store_error(&file.path, e))?
 }
 
 impl TokenStore {
@@ -223,10 +229,7 @@ impl TokenStore {
 
     pub async fn list(&self) -> Result<Vec<TokenInfo>, AuthError> {
         let stored = match &self.0 {
-            Backend::File(f) => {
-                let f = f.clone();
-                blocking(move || Ok(f.read_file()?.tokens)).await?
-            }
+            Backend::File(f) => blocking(f, |f| Ok(f.read_file()?.tokens)).await?,
             Backend::Table(t) => t.list_tokens().await.map_err(table_error)?,
         };
         Ok(stored.iter().map(TokenInfo::from).collect())
@@ -237,10 +240,7 @@ impl TokenStore {
         let (token, stored) = mint(name, role)?;
         let info = TokenInfo::from(&stored);
         match &self.0 {
-            Backend::File(f) => {
-                let f = f.clone();
-                blocking(move || f.create(stored)).await?;
-            }
+            Backend::File(f) => blocking(f, |f| f.create(stored)).await?,
             Backend::Table(t) => {
                 if !t.insert_token(&stored).await.map_err(table_error)? {
                     return Err(AuthError::NameTaken(name.to_owned()));
@@ -254,8 +254,8 @@ impl TokenStore {
     pub async fn revoke(&self, name_or_id: &str) -> Result<TokenInfo, AuthError> {
         match &self.0 {
             Backend::File(f) => {
-                let (f, key) = (f.clone(), name_or_id.to_owned());
-                blocking(move || f.revoke(&key)).await
+                let key = name_or_id.to_owned();
+                blocking(f, move |f| f.revoke(&key)).await
             }
             Backend::Table(t) => t
                 .remove_token(name_or_id)

@@ -232,8 +232,8 @@ impl Engine {
         self.locks[h % STRIPES].lock().await
     }
 
-    /// Restores quota accounting, restarts interrupted imports and runs the timer until
-    /// `cancel` fires.
+    /// Restarts interrupted imports, follows what other instances announce and runs the timer
+    /// until `cancel` fires.
     pub async fn start(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), FotaError> {
         for task in self.store.importing().await? {
             self.spawn_import(task.id);

@@ -192,11 +192,21 @@ pub trait MetaStore:
 }
 impl<T: FirmwareCatalog + ExpiryIndex + TaskStore + DeviceStore + ScheduleStore> MetaStore for T {}
 
-/// Opens the configured backend; the one place that matches on it.
-pub async fn open(backend: &MetaBackend) -> Result<Arc<dyn MetaStore>, MetaError> {
+/// Opens the configured backend, and the tokens that go with it (see [`open_tokens`]); with
+/// PostgreSQL both share one store and its connections.
+pub async fn open(
+    backend: &MetaBackend,
+    tokens_file: &std::path::Path,
+) -> Result<(Arc<dyn MetaStore>, crate::auth::TokenStore), MetaError> {
     match backend {
-        MetaBackend::Sled(path) => Ok(Arc::new(sled_store::SledStore::open(path.clone()).await?)),
-        MetaBackend::Postgres(url) => Ok(Arc::new(postgres::PgStore::open(url).await?)),
+        MetaBackend::Sled(path) => Ok((
+            Arc::new(sled_store::SledStore::open(path.clone()).await?),
+            crate::auth::TokenStore::file(tokens_file),
+        )),
+        MetaBackend::Postgres(url) => {
+            let store = Arc::new(postgres::PgStore::open(url).await?);
+            Ok((store.clone(), crate::auth::TokenStore::table(store)))
+        }
     }
 }
 

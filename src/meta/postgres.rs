@@ -347,6 +347,8 @@ const UPDATE_TASK: &str = "UPDATE fwrepo_tasks SET device_id = $2, firmware = $3
     active = $4, due_ms = $5, holds_quota = $6, importing = $7, task = $8, revision = $9
     WHERE id = $1 AND revision = $10";
 
+const COUNT_QUOTA: &str = "SELECT count(*) FROM fwrepo_tasks WHERE holds_quota";
+
 /// The advisory lock taking a quota slot holds.
 const QUOTA_LOCK: i64 = 7366436516046734;
 
@@ -473,7 +475,7 @@ impl TaskStore for PgStore {
             .await
             .map_err(backend)?;
         let holders: i64 = tx
-            .query_one("SELECT count(*) FROM fwrepo_tasks WHERE holds_quota", &[])
+            .query_one(COUNT_QUOTA, &[])
             .await
             .map_err(backend)?
             .get(0);
@@ -532,9 +534,7 @@ impl TaskStore for PgStore {
     }
 
     async fn quota_holders(&self) -> Result<u64, MetaError> {
-        let row = self
-            .query_one("SELECT count(*) FROM fwrepo_tasks WHERE holds_quota", &[])
-            .await?;
+        let row = self.query_one(COUNT_QUOTA, &[]).await?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 

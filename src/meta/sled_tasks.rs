@@ -104,6 +104,16 @@ impl SledStore {
         Ok(out)
     }
 
+    /// Tasks holding a quota slot (index entries are keys only, so counting reads no task).
+    fn quota_count(&self) -> Result<u64, MetaError> {
+        let mut n = 0;
+        for entry in self.task_index.scan_prefix([b'q']) {
+            entry.map_err(backend)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn load(&self, id: &[u8]) -> Result<Option<FotaTask>, MetaError> {
         self.tasks
             .get(id)
@@ -153,8 +163,7 @@ impl TaskStore for SledStore {
             .blocking(move |s| {
                 let _gate = quota.map(|_| s.quota_gate.lock().unwrap_or_else(|e| e.into_inner()));
                 if let Some(limit) = quota {
-                    let holders = s.task_index.scan_prefix([b'q']).count() as u64;
-                    if holders >= limit {
+                    if s.quota_count()? >= limit {
                         return Ok(Put::QuotaFull);
                     }
                 }
@@ -259,8 +268,7 @@ impl TaskStore for SledStore {
     }
 
     async fn quota_holders(&self) -> Result<u64, MetaError> {
-        self.blocking(|s| Ok(s.scan_ids(vec![b'q'], usize::MAX)?.len() as u64))
-            .await
+        self.blocking(|s| s.quota_count()).await
     }
 
     async fn importing(&self) -> Result<Vec<FotaTask>, MetaError> {
