@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::serve::ListenerExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::blob::{BlobError, BlobStore};
 use crate::cache::ImageCache;
@@ -63,6 +64,9 @@ pub struct Running {
     pub coap_tls_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Work spawned while serving (connections, requests, timers, imports): `wait` returns
+    /// only once all of it has ended, so the stores it holds are closed.
+    work: TaskTracker,
     grace: Duration,
 }
 
@@ -72,28 +76,45 @@ impl Running {
         self.cancel.cancel();
     }
 
-    /// Waits until everything stopped; once shutdown began, in-flight work gets the grace
-    /// period and is then cut off.
+    /// Waits until everything stopped: listeners, connections, timers and imports, so the
+    /// stores are closed when it returns. Once shutdown began, all of it gets one grace
+    /// period; in-flight HTTP requests are then cut off.
     pub async fn wait(self) {
         let Running {
             cancel,
             tasks,
+            work,
             grace,
             ..
         } = self;
         let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
         let mut all = std::pin::pin!(futures_util::future::join_all(tasks));
-        tokio::select! {
-            _ = &mut all => return,
-            _ = cancel.cancelled() => {}
-        }
-        if tokio::time::timeout(grace, &mut all).await.is_err() {
+        let ended = tokio::select! {
+            _ = &mut all => true,
+            _ = cancel.cancelled() => false,
+        };
+        // Everything else watches the same token and ends soon after it fires; a connection
+        // first finishes the exchange it is in. One grace period bounds all of it.
+        cancel.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        if !ended && tokio::time::timeout_at(deadline, &mut all).await.is_err() {
             tracing::warn!(
                 ?grace,
                 "in-flight requests did not finish in time; closing them"
             );
             aborts.iter().for_each(|a| a.abort());
             all.await;
+        }
+        work.close();
+        if tokio::time::timeout_at(deadline, work.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                still_running = work.len(),
+                "background work did not stop in time"
+            );
         }
     }
 }
@@ -206,18 +227,21 @@ pub async fn start_with_clock(
         None
     };
     let mut tasks = Vec::new();
+    let work = TaskTracker::new();
     let engine = Arc::new(Engine::new(
         meta,
         Arc::clone(&repo),
         clock,
         config.fota.clone(),
+        cancel.clone(),
+        work.clone(),
     ));
-    let coap = crate::coap::start(config, &repo, &metrics, &engine, &cancel).await?;
+    let coap = crate::coap::start(config, &repo, &metrics, &engine, &cancel, &work).await?;
     uri_bases.extend(coap.uri_bases);
     tasks.extend(coap.tasks);
     engine.set_bases(uri_bases.clone());
     engine.set_package_tokens(config.auth.package_tokens);
-    engine.start(cancel.clone()).await?;
+    engine.start().await?;
     let state = AppState {
         repo: Arc::clone(&repo),
         metrics,
@@ -250,12 +274,10 @@ pub async fn start_with_clock(
     }
     let mut https_addr = None;
     if let Some((listener, bound, tls)) = https {
-        let listener =
-            http::tls::TlsListener::new(listener, tls, cancel.clone()).map_err(|source| {
-                StartError::Bind {
-                    addr: bound,
-                    source,
-                }
+        let listener = http::tls::TlsListener::new(listener, tls, cancel.clone(), work.clone())
+            .map_err(|source| StartError::Bind {
+                addr: bound,
+                source,
             })?;
         let shutdown = cancel.clone();
         tasks.push(tokio::spawn(async move {
@@ -282,6 +304,7 @@ pub async fn start_with_clock(
         coap_tls_addr: coap.tls_addr,
         cancel,
         tasks,
+        work,
         grace: config.http.shutdown_grace.0,
     })
 }

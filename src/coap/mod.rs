@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::firmware::Repository;
@@ -68,6 +69,7 @@ pub async fn start(
     metrics: &Arc<Metrics>,
     engine: &Arc<Engine>,
     cancel: &CancellationToken,
+    work: &TaskTracker,
 ) -> Result<Started, StartError> {
     let c = &config.coap;
     let ctx = Arc::new(handler::CoapContext {
@@ -99,6 +101,7 @@ pub async fn start(
             limits.clone(),
             None,
             cancel.clone(),
+            work.clone(),
         )));
     }
     if c.tls_enabled() {
@@ -115,6 +118,7 @@ pub async fn start(
             limits.clone(),
             Some(acceptor),
             cancel.clone(),
+            work.clone(),
         )));
     }
     if !c.udp_listen.is_empty() {
@@ -134,6 +138,7 @@ pub async fn start(
             socket,
             Arc::clone(&ctx),
             cancel.clone(),
+            work.clone(),
         )));
     }
     Ok(started)

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::block::Capacity;
 use super::handler::{self, CoapContext, RESPONSE_OVERHEAD};
@@ -38,13 +39,15 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
-/// Accepts connections until `cancel` fires; `tls` wraps each stream when set.
+/// Accepts connections until `cancel` fires; `tls` wraps each stream when set. Each
+/// connection runs on `work`.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<CoapContext>,
     limits: Limits,
     tls: Option<tokio_rustls::TlsAcceptor>,
     cancel: CancellationToken,
+    work: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -63,7 +66,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::warn!(%peer, "CoAP connection refused: max_connections reached");
-            tokio::spawn(refuse(stream));
+            work.spawn(refuse(stream));
             continue;
         };
         let (ctx, limits, tls, cancel) = (
@@ -72,7 +75,7 @@ pub async fn serve(
             tls.clone(),
             cancel.clone(),
         );
-        tokio::spawn(async move {
+        work.spawn(async move {
             let _permit = permit;
             match tls {
                 None => connection(stream, &ctx, &limits, cancel).await,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::block::Capacity;
 use super::handler::{self, CoapContext};
@@ -135,8 +136,13 @@ fn lookup(cache: &Mutex<ReplyCache>, key: (SocketAddr, u16)) -> Lookup {
     }
 }
 
-/// Serves UDP until `cancel` fires.
-pub async fn serve(socket: UdpSocket, ctx: Arc<CoapContext>, cancel: CancellationToken) {
+/// Serves UDP until `cancel` fires; each request runs on `work`.
+pub async fn serve(
+    socket: UdpSocket,
+    ctx: Arc<CoapContext>,
+    cancel: CancellationToken,
+    work: TaskTracker,
+) {
     let socket = Arc::new(socket);
     let cache = Arc::new(Mutex::new(ReplyCache::default()));
     let next_mid = Arc::new(std::sync::atomic::AtomicU16::new(rand_u16()));
@@ -193,7 +199,7 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<CoapContext>, cancel: Cancellatio
             Arc::clone(&ctx),
             Arc::clone(&next_mid),
         );
-        tokio::spawn(async move {
+        work.spawn(async move {
             let cap = Capacity {
                 max_payload: UDP_BLOCK,
                 bert: false,

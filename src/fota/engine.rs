@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::clock::Clock;
 use super::import::Importer;
@@ -86,6 +87,9 @@ pub struct Engine {
     /// Names this instance in announcements, so it skips its own when they come back.
     origin: String,
     due_changed: Notify,
+    /// Shutdown: timers and imports stop when it fires and run on `work`.
+    cancel: CancellationToken,
+    work: TaskTracker,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -142,8 +146,12 @@ impl Engine {
         repo: Arc<Repository>,
         clock: Arc<dyn Clock>,
         config: FotaConfig,
+        cancel: CancellationToken,
+        work: TaskTracker,
     ) -> Engine {
         Engine {
+            cancel,
+            work,
             origin: new_capability(),
             importer: Importer::new(&config),
             store,
@@ -197,12 +205,12 @@ impl Engine {
 
     /// Passes on what other instances announce: their transitions reach this instance's
     /// subscribers, and a change of theirs may move a deadline this instance times.
-    fn follow_others(self: &Arc<Self>, cancel: CancellationToken) {
-        let Some(mut announced) = self.store.announcements(cancel) else {
+    fn follow_others(self: &Arc<Self>) {
+        let Some(mut announced) = self.store.announcements(self.cancel.clone()) else {
             return;
         };
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        self.work.spawn(async move {
             while let Some(message) = announced.recv().await {
                 #[derive(serde::Deserialize)]
                 struct Announcement {
@@ -233,18 +241,19 @@ impl Engine {
     }
 
     /// Restarts interrupted imports, follows what other instances announce and runs the timer
-    /// until `cancel` fires.
-    pub async fn start(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), FotaError> {
+    /// until shutdown.
+    pub async fn start(self: &Arc<Self>) -> Result<(), FotaError> {
         for task in self.store.importing().await? {
             self.spawn_import(task.id);
         }
-        self.follow_others(cancel.clone());
+        self.follow_others();
         let this = Arc::clone(self);
-        tokio::spawn(async move { this.run_timers(cancel).await });
+        self.work.spawn(async move { this.run_timers().await });
         Ok(())
     }
 
-    async fn run_timers(self: Arc<Self>, cancel: CancellationToken) {
+    async fn run_timers(self: Arc<Self>) {
+        let cancel = self.cancel.clone();
         loop {
             let changed = self.due_changed.notified();
             let now = self.clock.now_ms();
@@ -522,8 +531,14 @@ impl Engine {
             return;
         }
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            if let Err(e) = this.run_import(&id).await {
+        self.work.spawn(async move {
+            // At shutdown the import is dropped like a crash would drop it: nothing is
+            // committed, and the next start fetches it again.
+            let outcome = tokio::select! {
+                _ = this.cancel.cancelled() => Ok(()),
+                r = this.run_import(&id) => r,
+            };
+            if let Err(e) = outcome {
                 tracing::warn!(fota_id = %id, error = %e, "FOTA import could not be recorded");
             }
             lock(&this.importing).remove(&id);

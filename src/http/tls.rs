@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,16 +24,18 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Starts accepting on `tcp`; stops when `cancel` fires.
+    /// Starts accepting on `work`; stops when `cancel` fires.
     pub fn new(
         tcp: TcpListener,
         tls: Arc<tokio_rustls::rustls::ServerConfig>,
         cancel: CancellationToken,
+        work: TaskTracker,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(tls);
         let (tx, ready) = mpsc::channel(BACKLOG);
-        tokio::spawn(async move {
+        let handshakes = work.clone();
+        work.spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -48,11 +51,20 @@ impl TlsListener {
                 };
                 let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                let (tx, cancel) = (tx.clone(), cancel.clone());
+                handshakes.spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let done = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        done = handshake => done,
+                    };
+                    match done {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                _ = tx.send((tls, peer)) => {}
+                            }
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

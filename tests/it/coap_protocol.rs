@@ -386,3 +386,36 @@ async fn shutdown_releases_open_connections() {
     assert_eq!(recv(&mut c).await.code, codes::RELEASE);
     stop.await.unwrap();
 }
+
+/// `stop` returns only once every connection has ended and the stores are closed, so the
+/// same data directory opens again at once (sled takes a lock on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_at_once_after_stop_with_connections_open() {
+    for round in 0..20 {
+        let (dir, srv) = server_with(b"x").await;
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            let mut c = connect(&srv, 1152, false).await;
+            c.send(&get(b"\x01", "fw/img")).await.unwrap();
+            open.push(c);
+        }
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        udp.connect(srv.coap_udp.unwrap()).await.unwrap();
+        udp.send(&udp::encode(&Datagram {
+            mtype: MsgType::Con,
+            message_id: 7,
+            msg: get(b"\x02", "fw/img"),
+        }))
+        .await
+        .unwrap();
+        srv.stop().await;
+        let again = TestServer::start(dir.path(), &[]).await;
+        assert_eq!(
+            again.get("/fw/img").await.bytes().await.unwrap(),
+            "x",
+            "round {round}"
+        );
+        again.stop().await;
+        drop(open);
+    }
+}
