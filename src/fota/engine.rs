@@ -191,16 +191,12 @@ impl Engine {
         self.clock.now_ms()
     }
 
-    /// Sends a transition to this instance's subscribers and announces it to the others.
-    async fn publish(&self, event: TaskEvent) {
-        let event = Arc::new(event);
-        let _ = self.events.send(Arc::clone(&event));
-        if self.store.shared() {
-            let message = json!({"origin": self.origin, "event": &*event}).to_string();
-            if let Err(e) = self.store.announce(&message).await {
-                tracing::warn!(error = %e, "could not announce a FOTA transition to other instances");
-            }
-        }
+    /// The announcement of `event` to the other instances sharing the store, if any; the
+    /// store sends it when, and in the transaction in which, it stores the task.
+    fn announcement(&self, event: &TaskEvent) -> Option<String> {
+        self.store
+            .shared()
+            .then(|| json!({"origin": self.origin, "event": event}).to_string())
     }
 
     /// Passes on what other instances announce: their transitions reach this instance's
@@ -328,7 +324,14 @@ impl Engine {
         t.bytes_served += folded;
         t.revision = before.revision + 1;
         let quota = (!before.holds_quota() && t.holds_quota()).then_some(self.config.quota);
-        let put = self.store.put_task(t, before.revision, quota).await;
+        let transition =
+            before.status != t.status || before.reason != t.reason || before.state != t.state;
+        let event = transition.then(|| TaskEvent::of(t, self.now_ms()));
+        let announce = event.as_ref().and_then(|e| self.announcement(e));
+        let put = self
+            .store
+            .put_task(t, before.revision, quota, announce.as_deref())
+            .await;
         if !matches!(put, Ok(Put::Stored)) {
             if let Some(p) = unsaved {
                 p.fetch_add(folded, Ordering::Relaxed);
@@ -350,8 +353,8 @@ impl Engine {
         if before.due_ms() != t.due_ms() {
             self.due_changed.notify_one();
         }
-        if before.status != t.status || before.reason != t.reason || before.state != t.state {
-            self.publish(TaskEvent::of(t, self.now_ms())).await;
+        if let Some(event) = event {
+            let _ = self.events.send(Arc::new(event));
             tracing::info!(
                 fota_id = %t.id, device = %t.device_id, status = t.status.as_str(),
                 reason = t.reason.as_deref().unwrap_or(""), "FOTA task"
@@ -491,13 +494,15 @@ impl Engine {
                 None => self.place(&mut t, now),
             },
         }
-        if let Some(active) = self.store.create_task(&t).await? {
+        let event = TaskEvent::of(&t, now);
+        let announce = self.announcement(&event);
+        if let Some(active) = self.store.create_task(&t, announce.as_deref()).await? {
             return Err(FotaError::DeviceBusy {
                 device: device.to_owned(),
                 fota_id: active,
             });
         }
-        self.publish(TaskEvent::of(&t, now)).await;
+        let _ = self.events.send(Arc::new(event));
         tracing::info!(fota_id = %t.id, device, firmware = %t.firmware, status = t.status.as_str(), "FOTA task scheduled");
         if t.is_importing() {
             self.spawn_import(t.id.clone());

@@ -114,11 +114,6 @@ pub trait TaskStore: Send + Sync {
         false
     }
 
-    /// Tells the other instances sharing the store of a task transition (`message`, JSON).
-    async fn announce(&self, _message: &str) -> Result<(), MetaError> {
-        Ok(())
-    }
-
     /// What other instances announce (their own messages come back too), until `cancel`;
     /// `None` for a store one process owns.
     fn announcements(
@@ -128,16 +123,24 @@ pub trait TaskStore: Send + Sync {
         None
     }
     /// Stores a new task unless its device has an active one; returns that one's id then.
-    async fn create_task(&self, task: &FotaTask) -> Result<Option<String>, MetaError>;
+    /// A shared store tells the other instances `announce` (JSON) when, and only when, the
+    /// task is stored.
+    async fn create_task(
+        &self,
+        task: &FotaTask,
+        announce: Option<&str>,
+    ) -> Result<Option<String>, MetaError>;
     async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError>;
     /// Replaces a task that is still at revision `expected` (`task.revision` is the new one)
     /// and moves its index entries; durable when it returns. With `quota`, the task takes a
-    /// quota slot, and only if fewer than that many tasks hold one.
+    /// quota slot, and only if fewer than that many tasks hold one. `announce` as for
+    /// [`TaskStore::create_task`].
     async fn put_task(
         &self,
         task: &FotaTask,
         expected: u64,
         quota: Option<u64>,
+        announce: Option<&str>,
     ) -> Result<Put, MetaError>;
     async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError>;
     /// Tasks in id (creation) order after `after`, of one device or all.
@@ -312,11 +315,11 @@ pub(crate) mod suite {
         let mut t1 = task(false);
         t1.id = "01".into();
         t1.options.use_quota = true;
-        assert_eq!(store.create_task(&t1).await.unwrap(), None);
+        assert_eq!(store.create_task(&t1, None).await.unwrap(), None);
         let mut other = t1.clone();
         other.id = "02".into();
         assert_eq!(
-            store.create_task(&other).await.unwrap(),
+            store.create_task(&other, None).await.unwrap(),
             Some("01".into()),
             "one active task per device"
         );
@@ -327,12 +330,18 @@ pub(crate) mod suite {
 
         t1.deliver(100);
         t1.revision = 1;
-        assert_eq!(store.put_task(&t1, 0, Some(1)).await.unwrap(), Put::Stored);
+        assert_eq!(
+            store.put_task(&t1, 0, Some(1), None).await.unwrap(),
+            Put::Stored
+        );
         assert_eq!(store.quota_holders().await.unwrap(), 1);
         // A change made from an older read is refused.
         let mut late = t1.clone();
         late.set(Status::Cancelled, None, 100);
-        assert_eq!(store.put_task(&late, 0, None).await.unwrap(), Put::Stale);
+        assert_eq!(
+            store.put_task(&late, 0, None, None).await.unwrap(),
+            Put::Stale
+        );
         assert_eq!(store.get_task("01").await.unwrap(), Some(t1.clone()));
         assert_eq!(store.next_due().await.unwrap(), Some(1100));
         assert!(store.due(1099, 10).await.unwrap().is_empty());
@@ -343,24 +352,33 @@ pub(crate) mod suite {
         q.id = "00".into();
         q.device_id = "q".into();
         q.options.use_quota = true;
-        assert_eq!(store.create_task(&q).await.unwrap(), None);
+        assert_eq!(store.create_task(&q, None).await.unwrap(), None);
         let pending = q.clone();
         q.deliver(100);
         q.revision = 1;
         assert_eq!(
-            store.put_task(&q, 0, Some(1)).await.unwrap(),
+            store.put_task(&q, 0, Some(1), None).await.unwrap(),
             Put::QuotaFull
         );
         assert_eq!(store.get_task("00").await.unwrap(), Some(pending));
-        assert_eq!(store.put_task(&q, 0, Some(2)).await.unwrap(), Put::Stored);
+        assert_eq!(
+            store.put_task(&q, 0, Some(2), None).await.unwrap(),
+            Put::Stored
+        );
         assert_eq!(store.quota_holders().await.unwrap(), 2);
         q.set(Status::Cancelled, None, 100);
         q.revision = 2;
-        assert_eq!(store.put_task(&q, 1, None).await.unwrap(), Put::Stored);
+        assert_eq!(
+            store.put_task(&q, 1, None, None).await.unwrap(),
+            Put::Stored
+        );
 
         t1.set(Status::Failed, Some("timeout"), 1100);
         t1.revision = 2;
-        assert_eq!(store.put_task(&t1, 1, None).await.unwrap(), Put::Stored);
+        assert_eq!(
+            store.put_task(&t1, 1, None, None).await.unwrap(),
+            Put::Stored
+        );
         assert_eq!(store.get_task("01").await.unwrap(), Some(t1.clone()));
         assert_eq!(store.quota_holders().await.unwrap(), 0);
         assert_eq!(store.next_due().await.unwrap(), None);
@@ -371,9 +389,9 @@ pub(crate) mod suite {
         t3.id = "03".into();
         t3.device_id = "e".into();
         t3.set(Status::Pending, Some("import"), 5);
-        store.create_task(&t3).await.unwrap();
+        store.create_task(&t3, None).await.unwrap();
         assert_eq!(store.importing().await.unwrap(), vec![t3.clone()]);
-        assert_eq!(store.create_task(&other).await.unwrap(), None);
+        assert_eq!(store.create_task(&other, None).await.unwrap(), None);
         let ids = |v: Vec<FotaTask>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
         assert_eq!(
             ids(store.list_tasks(None, None, 10).await.unwrap()),

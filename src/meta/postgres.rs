@@ -329,23 +329,58 @@ impl ExpiryIndex for PgStore {
 }
 
 /// A task's JSON and due time, computed once per write.
-struct TaskRow {
-    json: String,
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+/// A task's columns.
+struct TaskRow<'a> {
+    id: &'a str,
+    device_id: &'a str,
+    firmware: &'a str,
+    active: bool,
     due: Option<i64>,
+    holds_quota: bool,
+    importing: bool,
+    json: String,
 }
 
-impl TaskRow {
-    fn of(t: &FotaTask) -> Result<TaskRow, MetaError> {
+impl<'a> TaskRow<'a> {
+    fn of(t: &'a FotaTask) -> Result<TaskRow<'a>, MetaError> {
         Ok(TaskRow {
-            json: encode(t)?,
+            id: &t.id,
+            device_id: &t.device_id,
+            firmware: &t.firmware,
+            active: t.is_active(),
             due: t.due_ms(),
+            holds_quota: t.holds_quota(),
+            importing: t.is_importing(),
+            json: encode(t)?,
         })
+    }
+
+    /// `$1` to `$8` of `INSERT_TASK` and `UPDATE_TASK`.
+    fn params(&self) -> Vec<Param<'_>> {
+        vec![
+            &self.id,
+            &self.device_id,
+            &self.firmware,
+            &self.active,
+            &self.due,
+            &self.holds_quota,
+            &self.importing,
+            &self.json,
+        ]
     }
 }
 
 const UPDATE_TASK: &str = "UPDATE fwrepo_tasks SET device_id = $2, firmware = $3,
     active = $4, due_ms = $5, holds_quota = $6, importing = $7, task = $8, revision = $9
     WHERE id = $1 AND revision = $10";
+
+/// `UPDATE_TASK` that also announces, in the same transaction, when it stores the task.
+const UPDATE_TASK_ANNOUNCED: &str = "WITH stored AS (UPDATE fwrepo_tasks SET device_id = $2,
+    firmware = $3, active = $4, due_ms = $5, holds_quota = $6, importing = $7, task = $8,
+    revision = $9 WHERE id = $1 AND revision = $10 RETURNING 1)
+    SELECT pg_notify($11, $12) FROM stored";
 
 const COUNT_QUOTA: &str = "SELECT count(*) FROM fwrepo_tasks WHERE holds_quota";
 
@@ -356,16 +391,16 @@ const INSERT_TASK: &str = "INSERT INTO fwrepo_tasks
     (id, device_id, firmware, active, due_ms, holds_quota, importing, task)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
+/// `INSERT_TASK` that also announces, in the same transaction.
+const INSERT_TASK_ANNOUNCED: &str = "WITH stored AS (INSERT INTO fwrepo_tasks
+    (id, device_id, firmware, active, due_ms, holds_quota, importing, task)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING 1)
+    SELECT pg_notify($9, $10) FROM stored";
+
 #[async_trait]
 impl TaskStore for PgStore {
     fn shared(&self) -> bool {
         true
-    }
-
-    async fn announce(&self, message: &str) -> Result<(), MetaError> {
-        self.execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &message])
-            .await?;
-        Ok(())
     }
 
     fn announcements(&self, cancel: CancellationToken) -> Option<mpsc::Receiver<String>> {
@@ -392,26 +427,24 @@ impl TaskStore for PgStore {
         Some(rx)
     }
 
-    async fn create_task(&self, task: &FotaTask) -> Result<Option<String>, MetaError> {
+    async fn create_task(
+        &self,
+        task: &FotaTask,
+        announce: Option<&str>,
+    ) -> Result<Option<String>, MetaError> {
         let row = TaskRow::of(task)?;
         let c = self.conn().await?;
+        let mut params = row.params();
+        let statement = match &announce {
+            Some(message) => {
+                params.push(&EVENTS_CHANNEL);
+                params.push(message);
+                INSERT_TASK_ANNOUNCED
+            }
+            None => INSERT_TASK,
+        };
         // One statement: the unique index on active tasks per device decides a race.
-        let inserted = c
-            .client()
-            .execute(
-                INSERT_TASK,
-                &[
-                    &task.id,
-                    &task.device_id,
-                    &task.firmware,
-                    &task.is_active(),
-                    &row.due,
-                    &task.holds_quota(),
-                    &task.is_importing(),
-                    &row.json,
-                ],
-            )
-            .await;
+        let inserted = c.client().execute(statement, &params).await;
         match inserted {
             Ok(_) => Ok(None),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
@@ -444,26 +477,26 @@ impl TaskStore for PgStore {
         task: &FotaTask,
         expected: u64,
         quota: Option<u64>,
+        announce: Option<&str>,
     ) -> Result<Put, MetaError> {
         let row = TaskRow::of(task)?;
         let (revision, expected) = (task.revision as i64, expected as i64);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
-            &task.id,
-            &task.device_id,
-            &task.firmware,
-            &task.is_active(),
-            &row.due,
-            &task.holds_quota(),
-            &task.is_importing(),
-            &row.json,
-            &revision,
-            &expected,
-        ];
+        let mut params = row.params();
+        params.extend([&revision as Param, &expected]);
+        // The announcement goes out at commit, and only if the task was stored.
+        let statement = match &announce {
+            Some(message) => {
+                params.push(&EVENTS_CHANNEL);
+                params.push(message);
+                UPDATE_TASK_ANNOUNCED
+            }
+            None => UPDATE_TASK,
+        };
         let mut c = self.conn().await?;
         let Some(limit) = quota else {
             let n = c
                 .client()
-                .execute(UPDATE_TASK, &params)
+                .execute(statement, &params)
                 .await
                 .map_err(backend)?;
             return Ok(if n == 1 { Put::Stored } else { Put::Stale });
@@ -482,7 +515,7 @@ impl TaskStore for PgStore {
         if holders as u64 >= limit {
             return Ok(Put::QuotaFull);
         }
-        if tx.execute(UPDATE_TASK, &params).await.map_err(backend)? != 1 {
+        if tx.execute(statement, &params).await.map_err(backend)? != 1 {
             return Ok(Put::Stale);
         }
         tx.commit().await.map_err(backend)?;
@@ -861,7 +894,10 @@ mod tests {
         let mut stored = store.get_task("old").await.unwrap().unwrap();
         assert_eq!(stored, t);
         stored.revision = 1;
-        assert_eq!(store.put_task(&stored, 0, None).await.unwrap(), Put::Stored);
+        assert_eq!(
+            store.put_task(&stored, 0, None, None).await.unwrap(),
+            Put::Stored
+        );
         let token = crate::auth::TokenStore::table(std::sync::Arc::new(store));
         token.create("ops", crate::auth::Role::Admin).await.unwrap();
 
@@ -874,6 +910,56 @@ mod tests {
             .unwrap();
         let e = super::PgStore::open(&url).await.err().unwrap().to_string();
         assert!(e.contains("newer than this fwrepo knows"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn announcements_go_out_with_stored_writes_only() {
+        use crate::meta::{Put, TaskStore};
+        use std::time::Duration;
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let store = super::PgStore::open(&url).await.unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let mut heard = store.announcements(cancel.clone()).unwrap();
+        let mut t = crate::fota::task::tests::task(false);
+        assert_eq!(store.create_task(&t, Some("created")).await.unwrap(), None);
+        // LISTEN starts on its own connection: write until the first announcement is heard.
+        let first = loop {
+            t.revision += 1;
+            let put = store.put_task(&t, t.revision - 1, None, Some("probe"));
+            assert_eq!(put.await.unwrap(), Put::Stored);
+            let next = tokio::time::timeout(Duration::from_millis(200), heard.recv());
+            if let Ok(got) = next.await {
+                break got.unwrap();
+            }
+        };
+        assert!(["created", "probe"].contains(&first.as_str()), "{first}");
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), heard.recv()).await
+        {
+        }
+        // A stale write, with and without a quota slot, and a full quota announce nothing.
+        let current = t.revision;
+        t.revision = current + 1;
+        let stale = store.put_task(&t, current + 5, None, Some("stale"));
+        assert_eq!(stale.await.unwrap(), Put::Stale);
+        let stale = store.put_task(&t, current + 5, Some(10), Some("stale-quota"));
+        assert_eq!(stale.await.unwrap(), Put::Stale);
+        let full = store.put_task(&t, current, Some(0), Some("full"));
+        assert_eq!(full.await.unwrap(), Put::QuotaFull);
+        // A second task for the device is refused and announces nothing.
+        let mut twin = crate::fota::task::tests::task(false);
+        twin.id = "twin".into();
+        assert!(store
+            .create_task(&twin, Some("twin"))
+            .await
+            .unwrap()
+            .is_some());
+        let stored = store.put_task(&t, current, Some(10), Some("stored"));
+        assert_eq!(stored.await.unwrap(), Put::Stored);
+        let next = tokio::time::timeout(Duration::from_secs(10), heard.recv());
+        assert_eq!(next.await.unwrap().unwrap(), "stored");
+        cancel.cancel();
     }
 
     #[tokio::test]

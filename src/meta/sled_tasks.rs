@@ -125,7 +125,11 @@ impl SledStore {
 
 #[async_trait]
 impl TaskStore for SledStore {
-    async fn create_task(&self, task: &FotaTask) -> Result<Option<String>, MetaError> {
+    async fn create_task(
+        &self,
+        task: &FotaTask,
+        _announce: Option<&str>,
+    ) -> Result<Option<String>, MetaError> {
         let task = task.clone();
         let json = serde_json::to_vec(&task).map_err(backend)?;
         let busy = self
@@ -156,6 +160,7 @@ impl TaskStore for SledStore {
         task: &FotaTask,
         expected: u64,
         quota: Option<u64>,
+        _announce: Option<&str>,
     ) -> Result<Put, MetaError> {
         let task = task.clone();
         let json = serde_json::to_vec(&task).map_err(backend)?;
