@@ -261,6 +261,9 @@ pub struct FotaConfig {
     /// With metadata shared by several instances (PostgreSQL), how often each looks for
     /// deadlines and windows that other instances set.
     pub shared_timer_poll: Dur,
+    /// How often the bytes served per task are stored, so every instance shows them and a
+    /// crash loses at most this much of a task's progress (a stop loses none).
+    pub progress_save: Dur,
 }
 
 impl Default for FotaConfig {
@@ -273,6 +276,7 @@ impl Default for FotaConfig {
             import_max_redirects: 5,
             import_allow_internal: false,
             shared_timer_poll: Dur(Duration::from_secs(5)),
+            progress_save: Dur(Duration::from_secs(5)),
         }
     }
 }
@@ -461,10 +465,13 @@ impl Config {
             }
         }
         self.listen_addrs()?;
-        if self.fota.shared_timer_poll.0.is_zero() {
-            return Err(ConfigError::Invalid(
-                "fota.shared_timer_poll must be at least 1s".into(),
-            ));
+        for (key, every) in [
+            ("fota.shared_timer_poll", self.fota.shared_timer_poll),
+            ("fota.progress_save", self.fota.progress_save),
+        ] {
+            if every.0.is_zero() {
+                return Err(ConfigError::Invalid(format!("{key} must be more than 0s")));
+            }
         }
         for (key, listen) in [
             ("coap.tcp_listen", &self.coap.tcp_listen),
@@ -764,8 +771,10 @@ mod tests {
         assert!(e.to_string().contains("duration"), "{e}");
         let long = format!("http.public_url=http://{}.example", "a".repeat(130));
         assert!(Config::load(None, vec![], &[long]).is_err());
-        let e = Config::load(None, vec![], &["fota.shared_timer_poll=0s".into()]).unwrap_err();
-        assert!(e.to_string().contains("fota.shared_timer_poll"), "{e}");
+        for key in ["fota.shared_timer_poll", "fota.progress_save"] {
+            let e = Config::load(None, vec![], &[format!("{key}=0s")]).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub struct Running {
     /// Work spawned while serving (connections, requests, timers, imports): `wait` returns
     /// only once all of it has ended, so the stores it holds are closed.
     work: TaskTracker,
+    engine: Arc<Engine>,
     grace: Duration,
 }
 
@@ -84,6 +85,7 @@ impl Running {
             cancel,
             tasks,
             work,
+            engine,
             grace,
             ..
         } = self;
@@ -116,6 +118,8 @@ impl Running {
                 "background work did not stop in time"
             );
         }
+        // Nothing serves bytes any more: what was served is stored.
+        engine.save_progress().await;
     }
 }
 
@@ -246,7 +250,7 @@ pub async fn start_with_clock(
         repo: Arc::clone(&repo),
         metrics,
         uri_bases: Arc::new(uri_bases),
-        engine,
+        engine: Arc::clone(&engine),
         cancel: cancel.clone(),
         access: Arc::new(access),
     };
@@ -305,6 +309,7 @@ pub async fn start_with_clock(
         cancel,
         tasks,
         work,
+        engine,
         grace: config.http.shutdown_grace.0,
     })
 }

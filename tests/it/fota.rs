@@ -627,6 +627,14 @@ async fn restart_in_the_middle_of_a_task() {
     assert_eq!(after["status"], "downloading");
     assert_eq!(after["deadline"], before["deadline"]);
     assert_eq!(after["progress"]["bytesServed"], data.len());
+    // Bytes served and not yet reported are stored when the service stops. (The package
+    // URI names the port of the first start.)
+    let package = f.srv.url(&uri[uri.find("/p/").unwrap()..]);
+    let (code, part) = download(&package, Some("bytes=0-999")).await;
+    assert_eq!((code, part.len()), (StatusCode::PARTIAL_CONTENT, 1000));
+    let f = f.restart(&sets).await;
+    let after = f.status(&a).await;
+    assert_eq!(after["progress"]["bytesServed"], data.len() + 1000);
     // The quota slot is still taken by a.
     assert_eq!(f.work("b").await.status(), StatusCode::NO_CONTENT);
     assert_eq!(f.status(&b).await["reason"], "quota");

@@ -2,6 +2,8 @@
 //! FOTA task through a restart, and a second instance on the same database and blobs seeing
 //! what the first one stored; bearer tokens shared by every instance on the database.
 
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -278,7 +280,11 @@ async fn instances_share_the_fota_engine() {
     let shared = shared(
         &url,
         dir.path(),
-        &["fota.quota=1", "fota.shared_timer_poll=1s"],
+        &[
+            "fota.quota=1",
+            "fota.shared_timer_poll=1s",
+            "fota.progress_save=1s",
+        ],
     );
     let sets: Vec<&str> = shared.iter().map(String::as_str).collect();
     let a = TestServer::start(&dir.path().join("a"), &sets).await;
@@ -332,8 +338,34 @@ async fn instances_share_the_fota_engine() {
         ]
     );
     drop(events);
-    assert_eq!(a.get("/v1/devices/q2/fota").await.status(), StatusCode::OK);
+    let work = a.get("/v1/devices/q2/fota").await;
+    assert_eq!(work.status(), StatusCode::OK);
     assert_eq!(status(&b, &q2).await.0, "delivering");
+
+    // q2 was scheduled through B, so its package URI is on B: the bytes B serves show in
+    // A's status once B stores its progress.
+    let package = work.json::<Value>().await.unwrap()["packageUri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(package.starts_with(&b.base), "{package}");
+    let part = client()
+        .get(&package)
+        .header("range", "bytes=0-999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.bytes().await.unwrap().len(), 1000);
+    let mut progress = Value::Null;
+    for _ in 0..100 {
+        progress = status(&a, &q2).await.1["progress"].clone();
+        if progress["bytesServed"] == 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(progress["bytesServed"], 1000, "{progress}");
 
     // Cancel through one instance while the device reports `updating` through the other:
     // exactly one of them wins, and the task shows the winner.
