@@ -258,6 +258,9 @@ pub struct FotaConfig {
     /// Let imports reach loopback, private, link-local and multicast addresses. Off by default
     /// so a caller cannot make the service fetch from the network it runs in.
     pub import_allow_internal: bool,
+    /// An instance importing a task's firmware renews its claim every third of this; when it
+    /// stops (a crash), another instance sharing the metadata takes the import over.
+    pub import_lease: Dur,
     /// With metadata shared by several instances (PostgreSQL), how often each looks for
     /// deadlines and windows that other instances set.
     pub shared_timer_poll: Dur,
@@ -275,6 +278,7 @@ impl Default for FotaConfig {
             import_timeout: Dur(Duration::from_secs(600)),
             import_max_redirects: 5,
             import_allow_internal: false,
+            import_lease: Dur(Duration::from_secs(30)),
             shared_timer_poll: Dur(Duration::from_secs(5)),
             progress_save: Dur(Duration::from_secs(5)),
         }
@@ -468,6 +472,7 @@ impl Config {
         for (key, every) in [
             ("fota.shared_timer_poll", self.fota.shared_timer_poll),
             ("fota.progress_save", self.fota.progress_save),
+            ("fota.import_lease", self.fota.import_lease),
         ] {
             if every.0.is_zero() {
                 return Err(ConfigError::Invalid(format!("{key} must be more than 0s")));
@@ -771,7 +776,11 @@ mod tests {
         assert!(e.to_string().contains("duration"), "{e}");
         let long = format!("http.public_url=http://{}.example", "a".repeat(130));
         assert!(Config::load(None, vec![], &[long]).is_err());
-        for key in ["fota.shared_timer_poll", "fota.progress_save"] {
+        for key in [
+            "fota.shared_timer_poll",
+            "fota.progress_save",
+            "fota.import_lease",
+        ] {
             let e = Config::load(None, vec![], &[format!("{key}=0s")]).unwrap_err();
             assert!(e.to_string().contains(key), "{e}");
         }

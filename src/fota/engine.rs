@@ -330,7 +330,7 @@ impl Engine {
     }
 
     /// Handles every task due by `now`; returns when the next one is due.
-    async fn tick(&self, now: i64) -> Result<Option<i64>, FotaError> {
+    async fn tick(self: &Arc<Self>, now: i64) -> Result<Option<i64>, FotaError> {
         loop {
             let batch = self.store.due(now, DUE_BATCH).await?;
             for task in &batch {
@@ -343,11 +343,20 @@ impl Engine {
         Ok(self.store.next_due().await?)
     }
 
-    async fn on_due(&self, id: &str, now: i64) -> Result<(), FotaError> {
+    async fn on_due(self: &Arc<Self>, id: &str, now: i64) -> Result<(), FotaError> {
         let _g = self.lock_task(id).await;
         let Some(mut t) = self.store.get_task(id).await? else {
             return Ok(());
         };
+        if t.is_importing() {
+            // The lease on the import ran out: this instance's is renewed, another's is
+            // taken over.
+            drop(_g);
+            if self.claim_import(id).await? {
+                self.spawn_import(id.to_owned());
+            }
+            return Ok(());
+        }
         let before = t.clone();
         if t.deadline_ms.is_some_and(|d| d <= now) {
             t.set(Status::Failed, Some("timeout"), now);
@@ -537,6 +546,7 @@ impl Engine {
             deadline_ms: None,
             remaining_ms: None,
             wake_ms: None,
+            import_owner: None,
             history: Vec::new(),
             revision: 0,
         };
@@ -588,23 +598,83 @@ impl Engine {
         }
     }
 
+    /// Imports a task's firmware on this instance, if it can claim the import: imports are
+    /// leased (`fota.import_lease`) so that instances sharing the store fetch each at most
+    /// once at a time, and one whose holder stopped renewing is taken over.
     fn spawn_import(self: &Arc<Self>, id: String) {
         if !lock(&self.importing).insert(id.clone()) {
             return;
         }
         let this = Arc::clone(self);
         self.work.spawn(async move {
-            // At shutdown the import is dropped like a crash would drop it: nothing is
-            // committed, and the next start fetches it again.
-            let outcome = tokio::select! {
-                _ = this.cancel.cancelled() => Ok(()),
-                r = this.run_import(&id) => r,
+            let outcome = match retried(|| this.claim_import(&id)).await {
+                Ok(true) => tokio::select! {
+                    // At shutdown the import is dropped (nothing is committed) and handed
+                    // back: another instance, or the next start, fetches it again.
+                    _ = this.cancel.cancelled() => retried(|| this.release_import(&id)).await,
+                    r = this.run_import(&id) => r,
+                    () = this.hold_import(&id) => Ok(()),
+                },
+                other => other.map(|_| ()),
             };
             if let Err(e) = outcome {
                 tracing::warn!(fota_id = %id, error = %e, "FOTA import could not be recorded");
             }
             lock(&this.importing).remove(&id);
         });
+    }
+
+    /// Takes or renews the lease on a task's import; whether this instance holds it now.
+    /// Another instance's lease is respected until it runs out.
+    async fn claim_import(&self, id: &str) -> Result<bool, FotaError> {
+        let _g = self.lock_task(id).await;
+        let Some(mut t) = self.store.get_task(id).await? else {
+            return Ok(false);
+        };
+        let now = self.now_ms();
+        let mine = t.import_owner.as_deref() == Some(self.origin.as_str());
+        let lapsed = t.wake_ms.is_none_or(|w| w <= now);
+        if !t.is_importing() || (!mine && !lapsed && self.store.shared()) {
+            return Ok(false);
+        }
+        let before = t.clone();
+        t.import_owner = Some(self.origin.clone());
+        t.wake_ms = Some(now + self.config.import_lease.0.as_millis() as i64);
+        self.commit(&before, &mut t).await?;
+        Ok(true)
+    }
+
+    /// Renews the lease on an import while it runs; returns when it is lost (taken over, or
+    /// the task no longer imports, as when it is cancelled).
+    async fn hold_import(&self, id: &str) {
+        loop {
+            tokio::time::sleep(self.config.import_lease.0 / 3).await;
+            match retried(|| self.claim_import(id)).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(fota_id = %id, "FOTA import no longer held here; stopped");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(fota_id = %id, error = %e, "FOTA import lease not renewed")
+                }
+            }
+        }
+    }
+
+    /// Gives an import this instance holds back, for anyone to take at once.
+    async fn release_import(&self, id: &str) -> Result<(), FotaError> {
+        let _g = self.lock_task(id).await;
+        let Some(mut t) = self.store.get_task(id).await? else {
+            return Ok(());
+        };
+        if !t.is_importing() || t.import_owner.as_deref() != Some(self.origin.as_str()) {
+            return Ok(());
+        }
+        let before = t.clone();
+        t.import_owner = None;
+        t.wake_ms = Some(self.now_ms());
+        self.commit(&before, &mut t).await
     }
 
     async fn run_import(&self, id: &str) -> Result<(), FotaError> {
@@ -641,11 +711,14 @@ impl Engine {
         let Some(mut t) = self.store.get_task(id).await? else {
             return Ok(());
         };
-        if !t.is_importing() {
+        // Another instance took the import over: its outcome counts.
+        if !t.is_importing() || t.import_owner.as_deref() != Some(self.origin.as_str()) {
             return Ok(());
         }
         let before = t.clone();
         let now = self.now_ms();
+        t.import_owner = None;
+        t.wake_ms = None;
         match outcome {
             Ok(record) => {
                 t.size = Some(record.size);

@@ -161,8 +161,12 @@ pub struct FotaTask {
     pub deadline_ms: Option<i64>,
     /// Timeout left while it is paused (waiting for a window or quota after a start).
     pub remaining_ms: Option<i64>,
-    /// When to look at a waiting task again (a window opens, a deferral ends).
+    /// When to look at a waiting task again (a window opens, a deferral ends, the lease on
+    /// its import runs out).
     pub wake_ms: Option<i64>,
+    /// The instance importing the task's firmware, while its lease (`wake_ms`) runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_owner: Option<String>,
     pub history: Vec<Transition>,
     /// Bumped by every stored change; a change made from an older read is refused.
     #[serde(default)]
@@ -361,6 +365,7 @@ pub(crate) mod tests {
             deadline_ms: None,
             remaining_ms: None,
             wake_ms: None,
+            import_owner: None,
             history: Vec::new(),
             revision: 0,
         }

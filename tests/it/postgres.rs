@@ -2,12 +2,16 @@
 //! FOTA task through a restart, and a second instance on the same database and blobs seeing
 //! what the first one stored; bearer tokens shared by every instance on the database.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{client, fresh_postgres, image, sha256_hex, sse_events, TestServer};
+use crate::common::{
+    client, fresh_postgres, image, sha256_hex, sse_events, ServerProcess, TestServer,
+};
 
 /// Settings for instances sharing the database `url` and the blobs and keys under `dir`.
 fn shared(url: &str, dir: &std::path::Path, more: &[&str]) -> Vec<String> {
@@ -438,5 +442,96 @@ async fn instances_share_the_fota_engine() {
         ("failed", &json!("timeout")),
         "{seen}"
     );
+    b.stop().await;
+}
+
+/// A firmware host whose first GET of `/fw.bin` sends part of the image and then stalls (an
+/// import in progress); later ones send it whole. Counts the GETs.
+async fn stalling_host(data: Vec<u8>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use axum::body::Body;
+    use futures_util::StreamExt;
+    let gets = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&gets);
+    let app = axum::Router::new().route(
+        "/fw.bin",
+        axum::routing::get(move || {
+            let (data, counted) = (data.clone(), Arc::clone(&counted));
+            async move {
+                if counted.fetch_add(1, Ordering::SeqCst) > 0 {
+                    return Body::from(data);
+                }
+                let part = bytes::Bytes::copy_from_slice(&data[..1000]);
+                let first = futures_util::stream::once(async { Ok::<_, std::io::Error>(part) });
+                Body::from_stream(first.chain(futures_util::stream::pending()))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, gets)
+}
+
+/// An import is fetched by one instance at a time: a second instance leaves it to the one
+/// that holds it, and takes it over once that one has crashed and its lease has run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_is_fetched_once_and_taken_over_after_a_crash() {
+    let Some(url) = fresh_postgres().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = image(80_000, 9);
+    let (host, gets) = stalling_host(data.clone()).await;
+    let shared = shared(
+        &url,
+        dir.path(),
+        &[
+            "fota.import_lease=3s",
+            "fota.shared_timer_poll=1s",
+            "fota.import_allow_internal=true",
+        ],
+    );
+    let sets: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let mut a = ServerProcess::start(&dir.path().join("a"), &sets);
+    let r = client()
+        .post(a.url("/v1/devices/imp/fota"))
+        .json(&json!({"name": "imported", "firmwareUrl": format!("http://{host}/fw.bin")}))
+        .send()
+        .await
+        .unwrap();
+    let id = fota_id(r).await;
+    for _ in 0..100 {
+        if gets.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gets.load(Ordering::SeqCst), 1, "A started the import");
+
+    // B starts while A holds the import, and leaves it alone for longer than a lease.
+    let b = TestServer::start(&dir.path().join("b"), &sets).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(gets.load(Ordering::SeqCst), 1, "only A fetches");
+    let (s, v) = status(&b, &id).await;
+    assert_eq!((s.as_str(), &v["reason"]), ("pending", &json!("import")));
+
+    // A crashes mid-import: B takes it over when A's lease has run out.
+    a.kill();
+    let mut v = Value::Null;
+    for _ in 0..200 {
+        v = status(&b, &id).await.1;
+        if v["reason"] != "import" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        (&v["status"], &v["reason"]),
+        (&json!("pending"), &json!("device")),
+        "{v}"
+    );
+    assert_eq!(gets.load(Ordering::SeqCst), 2);
+    let work: Value = b.get("/v1/devices/imp/fota").await.json().await.unwrap();
+    assert_eq!(work["sha256"], sha256_hex(&data));
     b.stop().await;
 }
