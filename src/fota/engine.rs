@@ -662,15 +662,24 @@ impl Engine {
         }
     }
 
+    /// The task, locked, while it imports under this instance's lease.
+    async fn own_import(
+        &self,
+        id: &str,
+    ) -> Result<Option<(tokio::sync::MutexGuard<'_, ()>, FotaTask)>, FotaError> {
+        let g = self.lock_task(id).await;
+        let t = self.store.get_task(id).await?;
+        Ok(
+            t.filter(|t| t.is_importing() && t.import_owner.as_deref() == Some(&self.origin))
+                .map(|t| (g, t)),
+        )
+    }
+
     /// Gives an import this instance holds back, for anyone to take at once.
     async fn release_import(&self, id: &str) -> Result<(), FotaError> {
-        let _g = self.lock_task(id).await;
-        let Some(mut t) = self.store.get_task(id).await? else {
+        let Some((_g, mut t)) = self.own_import(id).await? else {
             return Ok(());
         };
-        if !t.is_importing() || t.import_owner.as_deref() != Some(self.origin.as_str()) {
-            return Ok(());
-        }
         let before = t.clone();
         t.import_owner = None;
         t.wake_ms = Some(self.now_ms());
@@ -707,14 +716,10 @@ impl Engine {
         id: &str,
         outcome: &Result<FirmwareRecord, String>,
     ) -> Result<(), FotaError> {
-        let _g = self.lock_task(id).await;
-        let Some(mut t) = self.store.get_task(id).await? else {
+        // Unless another instance took the import over: then its outcome counts.
+        let Some((_g, mut t)) = self.own_import(id).await? else {
             return Ok(());
         };
-        // Another instance took the import over: its outcome counts.
-        if !t.is_importing() || t.import_owner.as_deref() != Some(self.origin.as_str()) {
-            return Ok(());
-        }
         let before = t.clone();
         let now = self.now_ms();
         t.import_owner = None;

@@ -382,6 +382,24 @@ const UPDATE_TASK_ANNOUNCED: &str = "WITH stored AS (UPDATE fwrepo_tasks SET dev
     revision = $9 WHERE id = $1 AND revision = $10 RETURNING 1)
     SELECT pg_notify($11, $12) FROM stored";
 
+/// `plain`, or with an announcement `announced`, which takes the channel and the message
+/// after `params`.
+fn announcing<'a>(
+    params: &mut Vec<Param<'a>>,
+    announce: &'a Option<&str>,
+    plain: &'static str,
+    announced: &'static str,
+) -> &'static str {
+    match announce {
+        Some(message) => {
+            params.push(&EVENTS_CHANNEL);
+            params.push(message);
+            announced
+        }
+        None => plain,
+    }
+}
+
 const COUNT_QUOTA: &str = "SELECT count(*) FROM fwrepo_tasks WHERE holds_quota";
 
 /// The advisory lock taking a quota slot holds.
@@ -435,14 +453,7 @@ impl TaskStore for PgStore {
         let row = TaskRow::of(task)?;
         let c = self.conn().await?;
         let mut params = row.params();
-        let statement = match &announce {
-            Some(message) => {
-                params.push(&EVENTS_CHANNEL);
-                params.push(message);
-                INSERT_TASK_ANNOUNCED
-            }
-            None => INSERT_TASK,
-        };
+        let statement = announcing(&mut params, &announce, INSERT_TASK, INSERT_TASK_ANNOUNCED);
         // One statement: the unique index on active tasks per device decides a race.
         let inserted = c.client().execute(statement, &params).await;
         match inserted {
@@ -484,14 +495,7 @@ impl TaskStore for PgStore {
         let mut params = row.params();
         params.extend([&revision as Param, &expected]);
         // The announcement goes out at commit, and only if the task was stored.
-        let statement = match &announce {
-            Some(message) => {
-                params.push(&EVENTS_CHANNEL);
-                params.push(message);
-                UPDATE_TASK_ANNOUNCED
-            }
-            None => UPDATE_TASK,
-        };
+        let statement = announcing(&mut params, &announce, UPDATE_TASK, UPDATE_TASK_ANNOUNCED);
         let mut c = self.conn().await?;
         let Some(limit) = quota else {
             let n = c
