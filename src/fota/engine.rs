@@ -632,7 +632,7 @@ impl Engine {
             return Ok(false);
         };
         let now = self.now_ms();
-        let mine = t.import_owner.as_deref() == Some(self.origin.as_str());
+        let mine = self.holds_import(&t);
         let lapsed = t.wake_ms.is_none_or(|w| w <= now);
         if !t.is_importing() || (!mine && !lapsed && self.store.shared()) {
             return Ok(false);
@@ -669,10 +669,12 @@ impl Engine {
     ) -> Result<Option<(tokio::sync::MutexGuard<'_, ()>, FotaTask)>, FotaError> {
         let g = self.lock_task(id).await;
         let t = self.store.get_task(id).await?;
-        Ok(
-            t.filter(|t| t.is_importing() && t.import_owner.as_deref() == Some(&self.origin))
-                .map(|t| (g, t)),
-        )
+        Ok(t.filter(|t| t.is_importing() && self.holds_import(t))
+            .map(|t| (g, t)))
+    }
+
+    fn holds_import(&self, t: &FotaTask) -> bool {
+        t.import_owner.as_deref() == Some(self.origin.as_str())
     }
 
     /// Gives an import this instance holds back, for anyone to take at once.

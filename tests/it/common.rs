@@ -12,6 +12,19 @@ use fwrepo::config::Config;
 use fwrepo::server::{self, Running};
 use tokio_util::sync::CancellationToken;
 
+/// Probes every 25 ms, for up to 20 s, until `done` holds of the result; returns the last
+/// result, for the caller to assert on.
+pub async fn poll<T>(mut probe: impl AsyncFnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = probe().await;
+        if done(&got) || tokio::time::Instant::now() >= deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// An in-process server.
 pub struct TestServer {
     pub base: String,

@@ -9,7 +9,7 @@ use fwrepo::fota::ManualClock;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{client, image, sha256_hex, sse_events, Fetch, TestServer};
+use crate::common::{client, image, poll, sha256_hex, sse_events, Fetch, TestServer};
 
 /// Friday 2026-11-20 12:00 UTC.
 pub const FRIDAY_NOON: &str = "2026-11-20T12:00:00Z";
@@ -92,29 +92,19 @@ impl Fota {
 
     /// Waits until the task shows `status` (timers run in the background).
     pub async fn wait_status(&self, id: &str, status: &str) -> Value {
-        for _ in 0..200 {
-            let v = self.status(id).await;
-            if v["status"] == status {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("task {id} never became {status}: {}", self.status(id).await);
+        let v = poll(async || self.status(id).await, |v| v["status"] == status).await;
+        assert_eq!(v["status"], status, "task {id} never became {status}: {v}");
+        v
     }
 
     /// Waits until the task's reason is `reason`.
     pub async fn wait_reason(&self, id: &str, reason: &str) -> Value {
-        for _ in 0..200 {
-            let v = self.status(id).await;
-            if v["reason"] == reason {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!(
-            "task {id} never had reason {reason}: {}",
-            self.status(id).await
+        let v = poll(async || self.status(id).await, |v| v["reason"] == reason).await;
+        assert_eq!(
+            v["reason"], reason,
+            "task {id} never had reason {reason}: {v}"
         );
+        v
     }
 }
 
@@ -940,12 +930,7 @@ async fn retention_waits_for_the_active_task() {
     f.report(&id, 3, 0).await;
     f.report(&id, 0, 1).await;
     // The task has ended: the sweeper removes the image.
-    for _ in 0..200 {
-        if f.srv.blob_files().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(f.srv.blob_files().is_empty(), "{:?}", f.srv.blob_files());
+    let left = poll(async || f.srv.blob_files(), Vec::is_empty).await;
+    assert!(left.is_empty(), "{left:?}");
     f.srv.stop().await;
 }

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::common::{
-    client, fresh_postgres, image, sha256_hex, sse_events, ServerProcess, TestServer,
+    client, fresh_postgres, image, poll, sha256_hex, sse_events, ServerProcess, TestServer,
 };
 
 /// Settings for instances sharing the database `url` and the blobs and keys under `dir`.
@@ -361,14 +361,11 @@ async fn instances_share_the_fota_engine() {
         .unwrap();
     assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(part.bytes().await.unwrap().len(), 1000);
-    let mut progress = Value::Null;
-    for _ in 0..100 {
-        progress = status(&a, &q2).await.1["progress"].clone();
-        if progress["bytesServed"] == 1000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let progress = poll(
+        async || status(&a, &q2).await.1["progress"].clone(),
+        |p| p["bytesServed"] == 1000,
+    )
+    .await;
     assert_eq!(progress["bytesServed"], 1000, "{progress}");
 
     // Cancel through one instance while the device reports `updating` through the other:
@@ -428,14 +425,7 @@ async fn instances_share_the_fota_engine() {
         StatusCode::OK
     );
     a.stop().await;
-    let mut seen = String::new();
-    for _ in 0..100 {
-        seen = status(&b, &t).await.0;
-        if seen != "delivering" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let seen = poll(async || status(&b, &t).await.0, |s| s != "delivering").await;
     let (s, v) = status(&b, &t).await;
     assert_eq!(
         (s.as_str(), &v["reason"]),
@@ -500,13 +490,8 @@ async fn an_import_is_fetched_once_and_taken_over_after_a_crash() {
         .await
         .unwrap();
     let id = fota_id(r).await;
-    for _ in 0..100 {
-        if gets.load(Ordering::SeqCst) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(gets.load(Ordering::SeqCst), 1, "A started the import");
+    let started = poll(async || gets.load(Ordering::SeqCst), |n| *n > 0).await;
+    assert_eq!(started, 1, "A started the import");
 
     // B starts while A holds the import, and leaves it alone for longer than a lease.
     let b = TestServer::start(&dir.path().join("b"), &sets).await;
@@ -517,14 +502,11 @@ async fn an_import_is_fetched_once_and_taken_over_after_a_crash() {
 
     // A crashes mid-import: B takes it over when A's lease has run out.
     a.kill();
-    let mut v = Value::Null;
-    for _ in 0..200 {
-        v = status(&b, &id).await.1;
-        if v["reason"] != "import" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let v = poll(
+        async || status(&b, &id).await.1,
+        |v| v["reason"] != "import",
+    )
+    .await;
     assert_eq!(
         (&v["status"], &v["reason"]),
         (&json!("pending"), &json!("device")),
