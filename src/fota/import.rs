@@ -44,36 +44,7 @@ struct Refusal(String);
 #[error("more than {0} redirects")]
 struct RedirectLimit(usize);
 
-/// Whether an address is one a server-side fetch must not reach by default: loopback,
-/// private, shared, link-local, multicast, broadcast, unspecified, and their IPv6 forms.
-pub fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_multicast()
-                || v4.is_broadcast()
-                || v4.is_unspecified()
-                || o[0] == 0
-                // 100.64.0.0/10, carrier-grade NAT (RFC 6598).
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                // fe80::/10 link-local, fc00::/7 unique local.
-                || (s[0] & 0xffc0) == 0xfe80
-                || (s[0] & 0xfe00) == 0xfc00
-        }
-    }
-}
+pub use super::address::is_internal;
 
 fn refusal(host: &str, ip: IpAddr) -> String {
     format!(
@@ -130,6 +101,10 @@ impl Importer {
             if !matches!(attempt.url().scheme(), "http" | "https") {
                 let m = format!("redirect to a non-HTTP URL {}", attempt.url());
                 return attempt.error(Refusal(m));
+            }
+            // Refused directly, so refused as a redirect target too.
+            if !attempt.url().username().is_empty() || attempt.url().password().is_some() {
+                return attempt.error(Refusal("redirect to a URL with credentials".into()));
             }
             match literal_refusal(attempt.url()).filter(|_| !allow_internal) {
                 Some(m) => attempt.error(Refusal(m)),
@@ -198,36 +173,5 @@ pub fn classify(url: &url::Url, e: reqwest::Error) -> ImportError {
     ImportError::Network {
         url: url.to_string(),
         message,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn internal_addresses() {
-        for a in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "224.0.0.1",
-            "255.255.255.255",
-            "0.0.0.0",
-            "100.64.0.1",
-            "::1",
-            "::",
-            "fe80::1",
-            "fd00::1",
-            "ff02::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(is_internal(a.parse().unwrap()), "{a}");
-        }
-        for a in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "100.128.0.1"] {
-            assert!(!is_internal(a.parse().unwrap()), "{a}");
-        }
     }
 }

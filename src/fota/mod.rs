@@ -5,6 +5,7 @@
 //! Tasks live in the metadata store. Deadlines and window openings are index entries there;
 //! one timer sleeps until the earliest, so idle tasks cost nothing.
 
+pub mod address;
 pub mod cbor;
 pub mod clock;
 mod engine;

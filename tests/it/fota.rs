@@ -791,16 +791,22 @@ async fn bad_schedules_name_the_field() {
     f.srv.stop().await;
 }
 
-/// A firmware host started by the test: `/fw.bin`, a redirect to it, a redirect loop and a 404.
+/// A firmware host started by the test: `/fw.bin`, a redirect to it, a redirect loop, a
+/// redirect to a URL with credentials and a 404.
 async fn firmware_host(data: Vec<u8>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use axum::response::Redirect;
     use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let with_credentials = format!("http://user:secret@{addr}/fw.bin");
     let app = axum::Router::new()
         .route("/fw.bin", get(move || async move { data.clone() }))
         .route("/moved", get(|| async { Redirect::temporary("/fw.bin") }))
-        .route("/loop", get(|| async { Redirect::temporary("/loop") }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+        .route("/loop", get(|| async { Redirect::temporary("/loop") }))
+        .route(
+            "/to-credentials",
+            get(move || async move { Redirect::temporary(&with_credentials) }),
+        );
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
@@ -838,7 +844,11 @@ async fn import_from_an_http_server() {
     assert_eq!(r.status(), StatusCode::CREATED);
     let r = f.srv.post("/v1/imports", &body).await;
     assert_eq!(r.status(), StatusCode::OK);
-    for (path, code) in [("/missing", "import-failed"), ("/loop", "import-failed")] {
+    for (path, code) in [
+        ("/missing", "import-failed"),
+        ("/loop", "import-failed"),
+        ("/to-credentials", "import-refused"),
+    ] {
         let r = f
             .srv
             .post(
