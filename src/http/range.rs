@@ -56,10 +56,34 @@ pub fn parse(header: Option<&str>, size: u64) -> Ranges {
         }
     }
     if parts.is_empty() {
-        Ranges::Unsatisfiable
-    } else {
-        Ranges::Parts(parts)
+        return Ranges::Unsatisfiable;
     }
+    // Ranges that together ask for more than the image (sixteen `0-`, say) would multiply
+    // what one request sends: the image goes once, whole, instead (as nginx and Apache do).
+    let asked: u64 = parts.iter().map(|r| r.end - r.start).sum();
+    if parts.len() > 1 && asked > size {
+        return Ranges::Whole;
+    }
+    Ranges::Parts(coalesce(parts))
+}
+
+/// Overlapping or adjacent ranges merged (RFC 9110 §14.3 allows it); ranges that touch
+/// nothing keep the order the client asked for.
+fn coalesce(mut parts: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    let mut sorted = parts.clone();
+    sorted.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    if merged.len() < parts.len() {
+        return merged;
+    }
+    parts.shrink_to_fit();
+    parts
 }
 
 fn number(s: &str) -> Option<u64> {
@@ -111,5 +135,23 @@ mod tests {
             p("bytes=18446744073709551615-18446744073709551615"),
             Ranges::Unsatisfiable
         );
+    }
+
+    #[test]
+    fn overlapping_ranges_coalesce_and_never_add_up_to_more_than_the_image() {
+        let p = |h: &str| parse(Some(h), 1000);
+        let sixteen = format!("bytes={}", ["0-"; 16].join(","));
+        assert_eq!(p(&sixteen), Ranges::Whole);
+        assert_eq!(p("bytes=0-499,400-999,-1"), Ranges::Whole);
+        assert_eq!(p("bytes=0-99,50-149"), Ranges::Parts(vec![0..150]));
+        assert_eq!(p("bytes=100-199,0-99"), Ranges::Parts(vec![0..200]));
+        assert_eq!(
+            p("bytes=500-599,0-9,5-19"),
+            Ranges::Parts(vec![0..20, 500..600])
+        );
+        // Disjoint ranges stay as asked, in the client's order.
+        assert_eq!(p("bytes=500-599,0-9"), Ranges::Parts(vec![500..600, 0..10]));
+        // One range may be the whole image.
+        assert_eq!(p("bytes=0-"), Ranges::Parts(vec![0..1000]));
     }
 }

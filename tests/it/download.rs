@@ -154,6 +154,35 @@ async fn multiple_ranges_are_multipart_byteranges() {
     srv.stop().await;
 }
 
+#[tokio::test]
+async fn overlapping_ranges_never_multiply_the_image() {
+    let (_d, srv, data, _) = setup().await;
+    // Sixteen `0-` ranges: the image once, whole, not sixteen copies.
+    let sixteen = format!("bytes={}", ["0-"; 16].join(","));
+    let resp = client()
+        .get(srv.url("/fw/dev.bin"))
+        .header("range", sixteen)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.bytes().await.unwrap(), data);
+    // Overlapping and adjacent ranges are merged into one.
+    let resp = client()
+        .get(srv.url("/fw/dev.bin"))
+        .header("range", "bytes=100-199,0-99,150-299")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        resp.headers()["content-range"],
+        format!("bytes 0-299/{SIZE}").as_str()
+    );
+    assert_eq!(resp.bytes().await.unwrap(), &data[..300]);
+    srv.stop().await;
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
