@@ -62,6 +62,9 @@ enum TokenCommand {
         layers: Layers,
         /// The token's name or id.
         token: String,
+        /// Revoke it even if it is the last admin token (the API refuses that).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -227,8 +230,11 @@ async fn token_async(command: TokenCommand) -> Result<(), String> {
                 println!("{}\t{}\t{}\t{}", t.id, t.name, t.role, t.created_at);
             }
         }
-        TokenCommand::Revoke { token, .. } => {
-            let gone = store.revoke(&token).await.map_err(|e| e.to_string())?;
+        TokenCommand::Revoke { token, force, .. } => {
+            let gone = store
+                .revoke(&token, force)
+                .await
+                .map_err(|e| e.to_string())?;
             audit.record(&AuditEvent::now(
                 &actor,
                 None,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub use audit::{AuditEvent, AuditLog};
 #[cfg(test)]
 pub(crate) use tokens::tests as tokens_tests;
-pub use tokens::{NewToken, StoredToken, TokenInfo, TokenStore, TokenTable};
+pub use tokens::{pick, NewToken, StoredToken, TokenInfo, TokenStore, TokenTable};
 
 /// Why an access decision or a token operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,8 @@ pub enum AuthError {
     Unknown,
     #[error("role {have} may not {action}; it needs {need}")]
     Forbidden {
+        /// The token's name, for the audit trail.
+        name: String,
         have: Role,
         need: Role,
         action: String,
@@ -32,6 +34,8 @@ pub enum AuthError {
     NameTaken(String),
     #[error("no token named or numbered {0:?}")]
     NotFound(String),
+    #[error("{0:?} is the last admin token: revoking it would leave nobody able to manage tokens (create another admin token first; the command line can force it)")]
+    LastAdmin(String),
     #[error("token store {path}: {message}")]
     Store { path: String, message: String },
 }
@@ -46,6 +50,7 @@ impl AuthError {
             AuthError::Invalid(_) => ("invalid-parameter", Kind::BadRequest),
             AuthError::NameTaken(_) => ("token-name-taken", Kind::Conflict),
             AuthError::NotFound(_) => ("token-not-found", Kind::NotFound),
+            AuthError::LastAdmin(_) => ("last-admin-token", Kind::Conflict),
             AuthError::Store { .. } => ("token-store-unavailable", Kind::Unavailable),
         }
     }

@@ -54,8 +54,32 @@ pub trait TokenTable: Send + Sync {
     async fn list_tokens(&self) -> Result<Vec<StoredToken>, MetaError>;
     /// Adds a token unless one has its name; `false` then.
     async fn insert_token(&self, token: &StoredToken) -> Result<bool, MetaError>;
-    /// Removes the token with this name, or else with this id.
-    async fn remove_token(&self, name_or_id: &str) -> Result<Option<StoredToken>, MetaError>;
+    /// Removes the token [`pick`] chooses among all of them, atomically with the choice.
+    async fn remove_token(
+        &self,
+        name_or_id: &str,
+        keep_last_admin: bool,
+    ) -> Result<Result<StoredToken, AuthError>, MetaError>;
+}
+
+/// Which of `tokens` a revocation of `name_or_id` removes: the one with this name, or else
+/// with this id; refused when it is the last admin token and `keep_last_admin` is set
+/// (without one the service would run open again, or be locked out).
+pub fn pick(
+    tokens: &[StoredToken],
+    name_or_id: &str,
+    keep_last_admin: bool,
+) -> Result<usize, AuthError> {
+    let at = tokens
+        .iter()
+        .position(|t| t.name == name_or_id)
+        .or_else(|| tokens.iter().position(|t| t.id == name_or_id))
+        .ok_or_else(|| AuthError::NotFound(name_or_id.to_owned()))?;
+    let admins = tokens.iter().filter(|t| t.role == Role::Admin).count();
+    if keep_last_admin && tokens[at].role == Role::Admin && admins == 1 {
+        return Err(AuthError::LastAdmin(tokens[at].name.clone()));
+    }
+    Ok(at)
 }
 
 /// What anyone may see of a token.
@@ -250,19 +274,18 @@ impl TokenStore {
         Ok(NewToken { token, info })
     }
 
-    /// Removes the token with this name or id.
-    pub async fn revoke(&self, name_or_id: &str) -> Result<TokenInfo, AuthError> {
+    /// Removes the token with this name or id; the last admin token only with `force`.
+    pub async fn revoke(&self, name_or_id: &str, force: bool) -> Result<TokenInfo, AuthError> {
         match &self.0 {
             Backend::File(f) => {
                 let key = name_or_id.to_owned();
-                blocking(f, move |f| f.revoke(&key)).await
+                blocking(f, move |f| f.revoke(&key, !force)).await
             }
             Backend::Table(t) => t
-                .remove_token(name_or_id)
+                .remove_token(name_or_id, !force)
                 .await
                 .map_err(table_error)?
-                .map(|s| TokenInfo::from(&s))
-                .ok_or_else(|| AuthError::NotFound(name_or_id.to_owned())),
+                .map(|s| TokenInfo::from(&s)),
         }
     }
 }
@@ -343,16 +366,11 @@ impl TokenFile {
         })
     }
 
-    /// Removes the token with this name, or else with this id; blocking.
-    fn revoke(&self, name_or_id: &str) -> Result<TokenInfo, AuthError> {
+    /// Removes the token [`pick`] chooses; blocking.
+    fn revoke(&self, name_or_id: &str, keep_last_admin: bool) -> Result<TokenInfo, AuthError> {
         let mut removed = None;
         self.change(|file| {
-            let at = file
-                .tokens
-                .iter()
-                .position(|t| t.name == name_or_id)
-                .or_else(|| file.tokens.iter().position(|t| t.id == name_or_id))
-                .ok_or_else(|| AuthError::NotFound(name_or_id.to_owned()))?;
+            let at = pick(&file.tokens, name_or_id, keep_last_admin)?;
             removed = Some(TokenInfo::from(&file.tokens.remove(at)));
             Ok(())
         })?;
@@ -432,16 +450,24 @@ pub(crate) mod tests {
         assert_eq!(names, ["ci", "ops"]);
         // The other handle sees the change at once, and its revocation counts here at once.
         assert_eq!(other.check(&ci.token).await.unwrap().name, "ci");
-        assert_eq!(other.revoke(&ci.info.id).await.unwrap(), ci.info);
+        assert_eq!(other.revoke(&ci.info.id, false).await.unwrap(), ci.info);
         assert!(matches!(
             store.check(&ci.token).await,
             Err(AuthError::Unknown)
         ));
         assert!(matches!(
-            store.revoke("ci").await,
+            store.revoke("ci", false).await,
             Err(AuthError::NotFound(_))
         ));
-        assert_eq!(store.revoke("ops").await.unwrap().role, Role::Admin);
+        // The last admin token goes only when forced; with a second admin, either may go.
+        assert!(matches!(
+            store.revoke("ops", false).await,
+            Err(AuthError::LastAdmin(_))
+        ));
+        let root = store.create("root", Role::Admin).await.unwrap();
+        assert_eq!(other.revoke("root", false).await.unwrap(), root.info);
+        assert_eq!(store.check(&ops.token).await.unwrap().name, "ops");
+        assert_eq!(store.revoke("ops", true).await.unwrap().role, Role::Admin);
         assert!(matches!(
             other.check(&ops.token).await,
             Err(AuthError::Unknown)

@@ -38,6 +38,40 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// The rule for `method`: its own, or for HEAD the GET rule (HEAD is a GET without the body,
+/// so it reveals what GET reveals and is judged alike).
+fn rule_for(by_method: &[(Method, Rule)], method: &Method) -> Option<Rule> {
+    let find = |m: &Method| {
+        by_method
+            .iter()
+            .find(|(r, _)| r == m)
+            .map(|(_, rule)| *rule)
+    };
+    find(method).or_else(|| {
+        (method == Method::HEAD)
+            .then(|| find(&Method::GET))
+            .flatten()
+    })
+}
+
+/// 405 with the methods the rules name in `Allow` (HEAD wherever GET is).
+fn method_not_allowed(by_method: &[(Method, Rule)]) -> Response {
+    let mut allow: Vec<&str> = by_method.iter().map(|(m, _)| m.as_str()).collect();
+    if allow.contains(&"GET") && !allow.contains(&"HEAD") {
+        allow.push("HEAD");
+    }
+    let mut resp = ApiError::new(
+        crate::error::Kind::MethodNotAllowed,
+        "method-not-allowed",
+        "method not allowed on this resource",
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
+    resp
+}
+
 /// Who the caller is, or why they may not go on.
 pub async fn decide(
     access: &Access,
@@ -59,6 +93,7 @@ pub async fn decide(
     let info = access.tokens.check(token).await?;
     if !info.role.covers(need) {
         return Err(AuthError::Forbidden {
+            name: info.name,
             have: info.role,
             need,
             action: format!("{method} {path}"),
@@ -77,18 +112,16 @@ pub async fn enforce(
     mut req: Request,
     next: Next,
 ) -> Response {
+    // Deny by default: a path no route serves, or a method no rule names, is answered here
+    // and never reaches a handler (axum would route HEAD to the GET handler, for one).
     let Some(path) = req.extensions().get::<MatchedPath>().cloned() else {
-        return next.run(req).await;
+        return ApiError::not_found().into_response();
     };
-    let rule = rules.get(path.as_str()).and_then(|by_method| {
-        by_method
-            .iter()
-            .find(|(m, _)| m == req.method())
-            .map(|(_, r)| *r)
-    });
-    // No rule for this method: the router answers 405 without running a handler.
-    let Some(rule) = rule else {
-        return next.run(req).await;
+    let Some(by_method) = rules.get(path.as_str()) else {
+        return ApiError::not_found().into_response();
+    };
+    let Some(rule) = rule_for(by_method, req.method()) else {
+        return method_not_allowed(by_method);
     };
     let access = &app.access;
     let method = req.method().clone();
@@ -96,7 +129,22 @@ pub async fn enforce(
         Ok(c) => c,
         Err(e) => {
             let unauthenticated = matches!(e, AuthError::Missing | AuthError::Unknown);
+            let refused = match &e {
+                AuthError::Missing => Some(("anonymous".to_owned(), None)),
+                AuthError::Unknown => Some(("invalid-token".to_owned(), None)),
+                AuthError::Forbidden { name, have, .. } => {
+                    Some((name.clone(), Some(have.as_str())))
+                }
+                _ => None,
+            };
             let mut resp = ApiError::from(e).into_response();
+            // Refusals are audited too, reads included, so probing shows in the trail.
+            if let Some((actor, role)) = refused {
+                let action = format!("{method} {}", path.as_str());
+                let mut event = AuditEvent::now(&actor, role, &action, req.uri().path());
+                event.status = Some(resp.status().as_u16());
+                access.audit.record(&event);
+            }
             if unauthenticated {
                 resp.headers_mut().insert(
                     header::WWW_AUTHENTICATE,

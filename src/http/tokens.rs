@@ -1,7 +1,7 @@
 //! `/v1/tokens`: create (the secret is in this answer only), list and revoke bearer tokens.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::access::AuditDetail;
 use super::error::ApiError;
+use super::extract::Path;
 use super::AppState;
 use crate::auth::Role;
 
@@ -42,7 +43,7 @@ pub async fn revoke(
     State(app): State<AppState>,
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
-    let gone = app.access.tokens.revoke(&token).await?;
+    let gone = app.access.tokens.revoke(&token, false).await?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.extensions_mut()
         .insert(AuditDetail(format!("token {} ({})", gone.name, gone.role)));

@@ -697,18 +697,38 @@ impl TokenTable for PgStore {
         Ok(n == 1)
     }
 
-    async fn remove_token(&self, name_or_id: &str) -> Result<Option<StoredToken>, MetaError> {
-        let gone = self
-            .query_opt(
-                "DELETE FROM fwrepo_tokens WHERE id = (SELECT id FROM fwrepo_tokens \
-                 WHERE name = $1 OR id = $1 ORDER BY name = $1 DESC LIMIT 1) RETURNING token",
-                &[&name_or_id],
-            )
-            .await?;
-        gone.map(|r| decode(name_or_id, r.get::<_, &str>(0)))
-            .transpose()
+    async fn remove_token(
+        &self,
+        name_or_id: &str,
+        keep_last_admin: bool,
+    ) -> Result<Result<StoredToken, crate::auth::AuthError>, MetaError> {
+        // Revocations queue on one lock, so two admins revoking each other cannot both pass
+        // the last-admin check.
+        let mut c = self.conn().await?;
+        let tx = c.client_mut().transaction().await.map_err(backend)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&TOKENS_LOCK])
+            .await
+            .map_err(backend)?;
+        let found = tx
+            .query("SELECT token FROM fwrepo_tokens ORDER BY seq", &[])
+            .await
+            .map_err(backend)?;
+        let tokens: Vec<StoredToken> = rows(&found, "token")?;
+        let at = match crate::auth::pick(&tokens, name_or_id, keep_last_admin) {
+            Ok(at) => at,
+            Err(e) => return Ok(Err(e)),
+        };
+        let gone = tokens.into_iter().nth(at).expect("picked from the list");
+        tx.execute("DELETE FROM fwrepo_tokens WHERE name = $1", &[&gone.name])
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Ok(gone))
     }
 }
+
+/// The advisory lock token revocations hold.
+const TOKENS_LOCK: i64 = 7366436516046735;
 
 #[cfg(test)]
 mod tests {

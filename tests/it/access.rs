@@ -113,6 +113,28 @@ fn denial(body: &Option<Value>) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Every method a client may send; the matrix tries each on every path.
+const METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
+/// The rule `TABLE` gives `method` on `path`: its own, or for HEAD the GET rule.
+fn table_rule(method: &Method, path: &str) -> Option<&'static str> {
+    let find = |m: &str| {
+        TABLE
+            .iter()
+            .find(|(tm, tp, _)| *tm == m && *tp == path)
+            .map(|(_, _, r)| *r)
+    };
+    find(method.as_str()).or_else(|| (*method == Method::HEAD).then(|| find("GET")).flatten())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_against_every_route() {
     let served: Vec<(String, String, String)> = fwrepo::http::routes()
@@ -148,6 +170,9 @@ async fn every_role_against_every_route() {
 
     let dir = tempfile::tempdir().unwrap();
     let t = make_tokens(dir.path()).await;
+    let store = TokenStore::file(&dir.path().join("storage/tokens.json"));
+    let revoked = store.create("gone", Role::Admin).await.unwrap().token;
+    store.revoke("gone", false).await.unwrap();
     let srv = TestServer::start(dir.path(), &[]).await;
     // Something for every parameter to point at.
     let (s, _) = send(
@@ -182,15 +207,40 @@ async fn every_role_against_every_route() {
         .unwrap();
     let key_id = keys["keys"][0]["keyId"].as_str().unwrap().to_owned();
 
-    let callers: [(&str, Option<&str>, Option<Role>); 6] = [
+    // (who, Authorization header, role): `malformed` is not a bearer credential at all.
+    let callers: [(&str, Option<String>, Option<Role>); 7] = [
         ("no token", None, None),
-        ("unknown token", Some("fwr_not-a-token"), None),
-        ("admin", Some(&t.admin), Some(Role::Admin)),
-        ("publisher", Some(&t.publisher), Some(Role::Publisher)),
-        ("operator", Some(&t.operator), Some(Role::Operator)),
-        ("reader", Some(&t.reader), Some(Role::Reader)),
+        ("malformed", Some("Basic Zm9vOmJhcg==".into()), None),
+        ("revoked", Some(format!("Bearer {revoked}")), None),
+        (
+            "reader",
+            Some(format!("Bearer {}", t.reader)),
+            Some(Role::Reader),
+        ),
+        (
+            "operator",
+            Some(format!("Bearer {}", t.operator)),
+            Some(Role::Operator),
+        ),
+        (
+            "publisher",
+            Some(format!("Bearer {}", t.publisher)),
+            Some(Role::Publisher),
+        ),
+        (
+            "admin",
+            Some(format!("Bearer {}", t.admin)),
+            Some(Role::Admin),
+        ),
     ];
-    for (method, path, rule) in TABLE {
+    let mut paths: Vec<&str> = Vec::new();
+    for (_, p, _) in TABLE {
+        if !paths.contains(p) {
+            paths.push(p);
+        }
+    }
+    let mut cases = 0;
+    for &path in &paths {
         let concrete = path
             .replace(
                 "{name}",
@@ -205,43 +255,87 @@ async fn every_role_against_every_route() {
             .replace("{method}", "checkFirmwareUpdateStatus")
             .replace("{keyId}", &key_id)
             .replace("{token}", "nobody");
-        let method = Method::from_bytes(method.as_bytes()).unwrap();
-        let body =
-            matches!(method, Method::POST | Method::PUT | Method::PATCH).then(|| b"{}".to_vec());
-        for (who, token, role) in &callers {
-            let (status, answer) =
-                send(&srv, method.clone(), &concrete, *token, body.clone()).await;
-            let need: Option<Role> = match *rule {
-                "public" | "device" => None,
-                r => Some(r.parse().unwrap()),
-            };
-            let want = match (need, token, role) {
-                (None, _, _) => None,
-                (Some(_), None, _) => Some((StatusCode::UNAUTHORIZED, "unauthenticated")),
-                (Some(_), Some(_), None) => Some((StatusCode::UNAUTHORIZED, "invalid-token")),
-                (Some(need), Some(_), Some(have)) if !have.covers(need) => {
-                    Some((StatusCode::FORBIDDEN, "forbidden"))
+        // DELETE comes last, so the resource is there for every other method.
+        for method in METHODS {
+            let rule = table_rule(&method, path);
+            let body = matches!(method, Method::POST | Method::PUT | Method::PATCH)
+                .then(|| b"{}".to_vec());
+            for (who, auth, role) in &callers {
+                cases += 1;
+                let mut req = client().request(method.clone(), srv.url(&concrete));
+                if let Some(a) = auth {
+                    req = req.header("authorization", a);
                 }
-                _ => None,
-            };
-            match want {
-                Some((code, denial_code)) => {
-                    assert_eq!(status, code, "{who}: {method} {concrete}: {answer:?}");
+                if let Some(b) = body.clone() {
+                    req = req.header("content-type", "application/json").body(b);
+                }
+                let r = req.send().await.unwrap();
+                let status = r.status();
+                let allow = r.headers().get("allow").cloned();
+                let key_header = r.headers().get("fwrepo-key-id").is_some();
+                let is_json = r
+                    .headers()
+                    .get("content-type")
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+                // Only JSON is read: the event stream does not end.
+                let answer: Option<Value> = if is_json { r.json().await.ok() } else { None };
+                let what = format!("{who}: {method} {concrete}: {status} {answer:?}");
+                let Some(rule) = rule else {
+                    // No rule names it: refused before any handler, whoever asks.
+                    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{what}");
+                    assert!(allow.is_some(), "{what}: no Allow");
                     if method != Method::HEAD {
                         assert_eq!(
-                            denial(&answer).as_deref(),
-                            Some(denial_code),
-                            "{who}: {method} {concrete}"
+                            answer.as_ref().unwrap()["error"]["code"],
+                            "method-not-allowed",
+                            "{what}"
                         );
                     }
+                    continue;
+                };
+                let need: Option<Role> = match rule {
+                    "public" | "device" => None,
+                    r => Some(r.parse().unwrap()),
+                };
+                let want = match (need, auth, role) {
+                    (None, _, _) => None,
+                    (Some(_), None, _) => Some((StatusCode::UNAUTHORIZED, "unauthenticated")),
+                    (Some(_), Some(_), None) if *who == "malformed" => {
+                        Some((StatusCode::UNAUTHORIZED, "unauthenticated"))
+                    }
+                    (Some(_), Some(_), None) => Some((StatusCode::UNAUTHORIZED, "invalid-token")),
+                    (Some(need), Some(_), Some(have)) if !have.covers(need) => {
+                        Some((StatusCode::FORBIDDEN, "forbidden"))
+                    }
+                    _ => None,
+                };
+                match want {
+                    Some((code, denial_code)) => {
+                        assert_eq!(status, code, "{what}");
+                        assert!(!key_header, "{what}: a refusal names the key");
+                        if method != Method::HEAD {
+                            assert_eq!(denial(&answer).as_deref(), Some(denial_code), "{what}");
+                        }
+                    }
+                    None => assert!(
+                        denial(&answer).is_none()
+                            && status != StatusCode::FORBIDDEN
+                            && status != StatusCode::METHOD_NOT_ALLOWED,
+                        "refused: {what}"
+                    ),
                 }
-                None => assert!(
-                    denial(&answer).is_none() && status != StatusCode::FORBIDDEN,
-                    "{who} refused on {method} {concrete}: {status} {answer:?}"
-                ),
             }
         }
     }
+    eprintln!("{cases} role cases");
+    // Refusals are audited, HEAD ones included.
+    let audit = std::fs::read_to_string(dir.path().join("storage/audit.log")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"HEAD /v1/tokens\"") && l.contains("\"status\":401")),
+        "{audit}"
+    );
     srv.stop().await;
 }
 
@@ -469,9 +563,67 @@ async fn revocation_takes_effect_at_once_and_changes_are_audited() {
         .as_str()
         .unwrap()
         .contains("dashboard"));
-    assert!(audit
-        .iter()
-        .all(|e| !e["action"].as_str().unwrap().starts_with("GET")));
+    // Successful reads are not changes; refused ones are in the trail.
+    for e in &audit {
+        if e["action"].as_str().unwrap().starts_with("GET") {
+            assert!(e["status"] == 401 || e["status"] == 403, "{e}");
+        }
+    }
+    assert_eq!(find("invalid-token", "GET /v1/firmware")["status"], 401);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_admin_token_is_revoked_only_by_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = make_tokens(dir.path()).await;
+    let srv = TestServer::start(dir.path(), &[]).await;
+    // The API refuses to revoke the only admin token: the service would run open on loopback.
+    let (s, answer) = send(
+        &srv,
+        Method::DELETE,
+        "/v1/tokens/root",
+        Some(&t.admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{answer:?}");
+    assert_eq!(answer.unwrap()["error"]["code"], "last-admin-token");
+    let (s, _) = send(&srv, Method::GET, "/v1/tokens", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "still closed");
+    // The other roles' tokens go as before.
+    let (s, _) = send(
+        &srv,
+        Method::DELETE,
+        "/v1/tokens/dashboard",
+        Some(&t.admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // The command line refuses too, unless forced.
+    let exe = env!("CARGO_BIN_EXE_fwrepo");
+    let storage = dir.path().join("storage");
+    let revoke = |force: bool| {
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["token", "revoke", "root", "--storage"])
+            .arg(&storage);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    let out = revoke(false);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("last admin token"));
+    let out = revoke(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (s, _) = send(&srv, Method::GET, "/v1/firmware", Some(&t.admin), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
     srv.stop().await;
 }
 
