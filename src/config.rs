@@ -81,6 +81,17 @@ pub struct HttpConfig {
     pub max_upload_size: u64,
     /// How long shutdown waits for in-flight requests before closing them.
     pub shutdown_grace: Dur,
+    /// Longest time from a new connection (or the first byte of a later request) to the end
+    /// of the request's headers, TLS handshake included; HTTP and HTTPS.
+    pub header_read_timeout: Dur,
+    /// Longest a kept-alive connection waits for its next request.
+    pub idle_timeout: Dur,
+    /// Longest a request body may send nothing, or a response wait for the client to take
+    /// more; a stalled upload is cut and nothing of it is stored.
+    pub body_timeout: Dur,
+    /// Most connections each listener (HTTP, HTTPS) serves at once; beyond it new ones wait
+    /// in the kernel's backlog until one closes.
+    pub max_connections: u32,
 }
 
 impl Default for HttpConfig {
@@ -90,6 +101,10 @@ impl Default for HttpConfig {
             public_url: String::new(),
             max_upload_size: 4 << 30,
             shutdown_grace: Dur(Duration::from_secs(30)),
+            header_read_timeout: Dur(Duration::from_secs(10)),
+            idle_timeout: Dur(Duration::from_secs(60)),
+            body_timeout: Dur(Duration::from_secs(60)),
+            max_connections: 4096,
         }
     }
 }
@@ -473,10 +488,18 @@ impl Config {
             ("fota.shared_timer_poll", self.fota.shared_timer_poll),
             ("fota.progress_save", self.fota.progress_save),
             ("fota.import_lease", self.fota.import_lease),
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.idle_timeout", self.http.idle_timeout),
+            ("http.body_timeout", self.http.body_timeout),
         ] {
             if every.0.is_zero() {
                 return Err(ConfigError::Invalid(format!("{key} must be more than 0s")));
             }
+        }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "http.max_connections must be at least 1".into(),
+            ));
         }
         for (key, listen) in [
             ("coap.tcp_listen", &self.coap.tcp_listen),

@@ -14,6 +14,31 @@ pub struct Metrics {
     uploads: AtomicU64,
     firmware_count: AtomicU64,
     firmware_bytes: AtomicU64,
+    /// HTTP connections closed by a limit, by [`Cut`].
+    cuts: [AtomicU64; Cut::ALL.len()],
+}
+
+/// Why the server closed an HTTP connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// No complete request headers in `http.header_read_timeout`.
+    HeaderTimeout,
+    /// Kept alive with no next request for `http.idle_timeout`.
+    Idle,
+    /// The client took no bytes of the response for `http.body_timeout`.
+    WriteStalled,
+}
+
+impl Cut {
+    const ALL: [Cut; 3] = [Cut::HeaderTimeout, Cut::Idle, Cut::WriteStalled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cut::HeaderTimeout => "header-timeout",
+            Cut::Idle => "idle",
+            Cut::WriteStalled => "write-stalled",
+        }
+    }
 }
 
 impl Metrics {
@@ -24,6 +49,10 @@ impl Metrics {
             None => map.entry(route.to_owned()).or_default(),
         };
         *by_status.entry(status).or_default() += 1;
+    }
+
+    pub fn cut(&self, why: Cut) {
+        self.cuts[why as usize].fetch_add(1, Relaxed);
     }
 
     pub fn served(&self, bytes: u64) {
@@ -65,6 +94,16 @@ impl Metrics {
             }
         }
         drop(map);
+        out.push_str("# HELP fwrepo_http_connections_cut_total HTTP connections closed by a limit, by reason.\n");
+        out.push_str("# TYPE fwrepo_http_connections_cut_total counter\n");
+        for why in Cut::ALL {
+            let n = self.cuts[why as usize].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "fwrepo_http_connections_cut_total{{reason=\"{}\"}} {n}",
+                why.as_str()
+            );
+        }
         let gauges = [
             (
                 "fwrepo_bytes_served_total",

@@ -248,13 +248,14 @@ pub async fn start_with_clock(
     engine.start().await?;
     let state = AppState {
         repo: Arc::clone(&repo),
-        metrics,
+        metrics: Arc::clone(&metrics),
         uri_bases: Arc::new(uri_bases),
         engine: Arc::clone(&engine),
         cancel: cancel.clone(),
         access: Arc::new(access),
     };
     let app = http::router(state);
+    let limits = http::serve::Limits::from_config(&config.http);
     let mut http_addr = None;
     if let Some((listener, bound)) = http {
         // Headers and a small body go out as separate writes; without TCP_NODELAY, Nagle
@@ -264,33 +265,31 @@ pub async fn start_with_clock(
                 tracing::debug!(error = %e, "TCP_NODELAY not set");
             }
         });
-        let shutdown = cancel.clone();
-        let app = app.clone();
-        tasks.push(tokio::spawn(async move {
-            let serve =
-                axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP listener failed");
-            }
-        }));
+        tasks.push(tokio::spawn(http::serve::serve(
+            listener,
+            app.clone(),
+            limits,
+            Arc::clone(&metrics),
+            cancel.clone(),
+        )));
         tracing::info!(http_addr = %bound, "HTTP listening");
         http_addr = Some(bound);
     }
     let mut https_addr = None;
     if let Some((listener, bound, tls)) = https {
-        let listener = http::tls::TlsListener::new(listener, tls, cancel.clone(), work.clone())
-            .map_err(|source| StartError::Bind {
-                addr: bound,
-                source,
-            })?;
-        let shutdown = cancel.clone();
-        tasks.push(tokio::spawn(async move {
-            let serve =
-                axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTPS listener failed");
-            }
-        }));
+        let listener =
+            http::tls::TlsListener::new(listener, tls, &limits, cancel.clone(), work.clone())
+                .map_err(|source| StartError::Bind {
+                    addr: bound,
+                    source,
+                })?;
+        tasks.push(tokio::spawn(http::serve::serve(
+            listener,
+            app,
+            limits,
+            Arc::clone(&metrics),
+            cancel.clone(),
+        )));
         tracing::info!(https_addr = %bound, "HTTPS listening");
         https_addr = Some(bound);
     }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{stream, StreamExt, TryStreamExt};
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::range::{self, Ranges};
 use super::{parse_name, AppState};
 use crate::firmware::{FirmwareError, Repository};

@@ -114,3 +114,36 @@ impl From<JsonRejection> for ApiError {
         }
     }
 }
+
+/// The last line of the JSON-errors rule: an error answer that is not JSON (a rejection that
+/// escaped a handler's own extractors, say) is replaced by the documented shape, with a code
+/// for its status.
+pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too-large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        s if s.is_client_error() => "bad-request",
+        _ => "internal",
+    };
+    tracing::debug!(%status, code, "non-JSON error answer replaced");
+    let message = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let (mut parts, _) = resp.into_parts();
+    let body = serde_json::json!({"error": {"code": code, "message": message}});
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+}

@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,6 +14,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::{parse_name, AppState};
 use crate::firmware::{Change, Ingested, UploadRequest};
 use crate::mcuboot::{McubootInfo, RawOptions};

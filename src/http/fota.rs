@@ -1,9 +1,8 @@
 //! FOTA routes: schedule, work requests, reports, status, list, cancel, the seed's direct
 //! methods, schedules and imports.
 
-use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -11,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::extract::{Body, Path};
 use super::firmware::view;
 use super::{parse_name, AppState};
 use crate::firmware::Ingested;
@@ -38,7 +38,7 @@ fn task_view(app: &AppState, t: &FotaTask) -> Json<Value> {
 pub async fn schedule(
     State(app): State<AppState>,
     Path(device): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let t = app.engine.schedule(&device, &json_body(&body)?).await?;
     Ok((
@@ -72,7 +72,7 @@ pub async fn report(
     State(app): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
     if body.len() > MAX_REPORT {
         return Err(ApiError::new(
@@ -172,7 +172,7 @@ async fn task_of(app: &AppState, device: &str, payload: &Value) -> Result<FotaTa
 pub async fn method(
     State(app): State<AppState>,
     Path((device, method)): Path<(String, String)>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
     let known = [
         "scheduleFirmwareUpdate",
@@ -237,7 +237,7 @@ pub async fn get_schedule(
 pub async fn put_schedule(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<Schedule>, ApiError> {
     let s: Schedule = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid-schedule", e.to_string()))?;
@@ -264,7 +264,7 @@ struct ImportBody {
 }
 
 /// `POST /v1/imports`: fetches a URL into the repository under a name.
-pub async fn import(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn import(State(app): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
     let b: ImportBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid-parameter", e.to_string()))?;
     let name = parse_name(&b.name)?;

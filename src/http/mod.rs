@@ -4,10 +4,12 @@ pub mod access;
 mod download;
 pub mod error;
 mod events;
+mod extract;
 mod firmware;
 mod fota;
 mod ops;
 pub mod range;
+pub mod serve;
 pub mod tls;
 mod tokens;
 
@@ -221,6 +223,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             count_requests,
         ))
+        .layer(middleware::from_fn(error::json_errors))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(crate::error::Kind::Internal, "internal", "internal error")

@@ -1,7 +1,7 @@
 //! Operations routes: health, Prometheus metrics and the public keys.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,6 +10,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::AppState;
 use crate::keys::PublicFormat;
 

@@ -12,8 +12,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// A handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Finished handshakes waiting for axum to take them.
 const BACKLOG: usize = 256;
 
@@ -25,9 +23,11 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Starts accepting on `work`; stops when `cancel` fires.
+    /// A handshake gets `limits.header_read`; at most `limits.max_connections` run at once.
     pub fn new(
         tcp: TcpListener,
         tls: Arc<tokio_rustls::rustls::ServerConfig>,
+        limits: &super::serve::Limits,
         cancel: CancellationToken,
         work: TaskTracker,
     ) -> std::io::Result<TlsListener> {
@@ -35,8 +35,14 @@ impl TlsListener {
         let acceptor = TlsAcceptor::from(tls);
         let (tx, ready) = mpsc::channel(BACKLOG);
         let handshakes = work.clone();
+        let timeout = limits.header_read;
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         work.spawn(async move {
             loop {
+                let permit = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    p = Arc::clone(&slots).acquire_owned() => p.expect("never closed"),
+                };
                 let (stream, peer) = tokio::select! {
                     _ = cancel.cancelled() => return,
                     accepted = tcp.accept() => match accepted {
@@ -53,8 +59,8 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let (tx, cancel) = (tx.clone(), cancel.clone());
                 handshakes.spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let _permit = permit;
+                    let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
                     let done = tokio::select! {
                         _ = cancel.cancelled() => return,
                         done = handshake => done,
