@@ -21,10 +21,6 @@ use crate::mcuboot::{McubootInfo, RawOptions};
 use crate::meta::FirmwareRecord;
 use crate::name::{format_duration, parse_duration};
 
-/// Default and largest page of `GET /v1/firmware`.
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
-
 /// What clients see of a record.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -268,13 +264,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ListView>, ApiError> {
     let Query(q) = query?;
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::bad_request(
-            "invalid-parameter",
-            format!("limit: between 1 and {MAX_PAGE}"),
-        ));
-    }
+    let limit = super::page::limit(q.limit)?;
     let (items, next) = app.repo.list(&q.prefix, q.cursor.as_deref(), limit).await?;
     Ok(Json(ListView {
         items: items.iter().map(|r| view(&app, r)).collect(),

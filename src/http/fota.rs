@@ -22,9 +22,6 @@ use crate::fota::view::{task_json, work_json};
 use crate::fota::{FotaError, Work};
 use crate::name::parse_duration;
 
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
-
 fn json_body(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid-body", format!("invalid JSON: {e}")))
@@ -142,7 +139,7 @@ pub async fn list(
             })
         })
         .transpose()?;
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let limit = super::page::limit(q.limit)?;
     let (tasks, next) = app
         .engine
         .list(q.device_id.as_deref(), status, q.cursor.as_deref(), limit)

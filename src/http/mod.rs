@@ -8,6 +8,7 @@ mod extract;
 mod firmware;
 mod fota;
 mod ops;
+mod page;
 pub mod range;
 pub mod serve;
 pub mod tls;

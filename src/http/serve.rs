@@ -100,6 +100,121 @@ struct State {
     head_started: Option<Instant>,
     /// Since when a write has waited for the client to take bytes.
     write_blocked: Option<Instant>,
+    /// The request head being read, kept to check its framing headers.
+    head: HeadScan,
+}
+
+/// Finds request heads that carry both `Content-Length` and `Transfer-Encoding` (RFC 9112
+/// §6.3, the request smuggling vector). hyper resolves them by taking chunked and closing the
+/// connection after; fwrepo refuses them (400) instead. The scanner follows the byte stream
+/// as hyper reads it: a head, then as many body bytes as its Content-Length says, then the
+/// next head. A chunked body is not followed; the scan starts again at the next point the
+/// connection is known to be between requests (the first bytes after a response ended).
+struct HeadScan {
+    at: Scan,
+    /// For each head scanned and not yet served: whether it had both framing headers.
+    conflicts: std::collections::VecDeque<bool>,
+}
+
+enum Scan {
+    /// Bytes of a head so far.
+    Head(Vec<u8>),
+    /// Body bytes still to come before the next head.
+    Body(u64),
+    /// Inside a chunked body: not followed.
+    Lost,
+}
+
+/// Longest head scanned; hyper refuses longer ones itself.
+const MAX_SCANNED_HEAD: usize = 64 << 10;
+
+impl HeadScan {
+    fn new() -> HeadScan {
+        HeadScan {
+            at: Scan::Head(Vec::new()),
+            conflicts: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn restart_if_lost(&mut self) {
+        if matches!(self.at, Scan::Lost) {
+            self.at = Scan::Head(Vec::new());
+            self.conflicts.clear();
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match &mut self.at {
+                Scan::Lost => return,
+                Scan::Body(left) => {
+                    let k = data.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= k as u64;
+                    data = &data[k..];
+                    if *left == 0 {
+                        self.at = Scan::Head(Vec::new());
+                    }
+                }
+                Scan::Head(bytes) => {
+                    if bytes.is_empty() {
+                        // Empty lines before a request line are allowed (RFC 9112 §2.2).
+                        let blank = data.iter().take_while(|b| matches!(b, b'\r' | b'\n'));
+                        data = &data[blank.count()..];
+                        if data.is_empty() {
+                            return;
+                        }
+                    }
+                    let had = bytes.len();
+                    let take = data.len().min(MAX_SCANNED_HEAD.saturating_sub(had));
+                    bytes.extend_from_slice(&data[..take]);
+                    let from = had.saturating_sub(3);
+                    let Some(end) = bytes[from..].windows(4).position(|w| w == b"\r\n\r\n") else {
+                        if bytes.len() >= MAX_SCANNED_HEAD {
+                            self.at = Scan::Lost;
+                        }
+                        return;
+                    };
+                    let head_len = from + end + 4;
+                    let (length, chunked) = framing(&bytes[..head_len]);
+                    self.conflicts.push_back(length.is_some() && chunked);
+                    data = &data[head_len - had..];
+                    self.at = match length {
+                        _ if chunked => Scan::Lost,
+                        Some(n) if n > 0 => Scan::Body(n),
+                        Some(_) => Scan::Head(Vec::new()),
+                        // A Content-Length hyper will refuse: nothing to follow.
+                        None if has_header(&bytes[..head_len], b"content-length") => Scan::Lost,
+                        None => Scan::Head(Vec::new()),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Header lines of a head (after the request line).
+fn header_lines(head: &[u8]) -> impl Iterator<Item = &[u8]> {
+    head.split(|&b| b == b'\n')
+        .skip(1)
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+}
+
+fn header_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let rest = line.get(name.len()..)?;
+    (line[..name.len()].eq_ignore_ascii_case(name) && rest.first() == Some(&b':'))
+        .then(|| rest[1..].trim_ascii())
+}
+
+fn has_header(head: &[u8], name: &[u8]) -> bool {
+    header_lines(head).any(|l| header_value(l, name).is_some())
+}
+
+/// A head's Content-Length (when it parses) and whether it has a Transfer-Encoding.
+fn framing(head: &[u8]) -> (Option<u64>, bool) {
+    let length = header_lines(head)
+        .find_map(|l| header_value(l, b"content-length"))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+    (length, has_header(head, b"transfer-encoding"))
 }
 
 impl Activity {
@@ -111,6 +226,7 @@ impl Activity {
                 served: false,
                 head_started: None,
                 write_blocked: None,
+                head: HeadScan::new(),
             }),
             changed: Notify::new(),
         }
@@ -120,12 +236,16 @@ impl Activity {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn read(&self) {
+    fn read(&self, data: &[u8]) {
         let mut s = self.state();
         if s.in_flight == 0 && s.served && s.head_started.is_none() {
             s.head_started = Some(Instant::now());
+            s.head.restart_if_lost();
+            s.head.feed(data);
             drop(s);
             self.changed.notify_one();
+        } else {
+            s.head.feed(data);
         }
     }
 
@@ -142,11 +262,13 @@ impl Activity {
         self.state().write_blocked = None;
     }
 
-    fn request_started(&self) {
+    /// A request begins; whether its head had conflicting framing headers.
+    fn request_started(&self) -> bool {
         let mut s = self.state();
         s.in_flight += 1;
         s.served = true;
         s.head_started = None;
+        s.head.conflicts.pop_front().unwrap_or(false)
     }
 
     fn response_ended(&self) {
@@ -191,7 +313,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.read();
+            self.activity.read(&buf.filled()[before..]);
         }
         polled
     }
@@ -272,6 +394,22 @@ impl hyper::body::Body for Ending {
     }
 }
 
+/// The answer to a request with both Content-Length and Transfer-Encoding; the connection
+/// closes after it.
+fn framing_conflict() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut resp = super::error::ApiError::bad_request(
+        "invalid-framing",
+        "a request may carry Content-Length or Transfer-Encoding, not both",
+    )
+    .into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
 /// Serves one connection until it closes, its watchdog cuts it, or shutdown.
 async fn connection<I>(
     io: I,
@@ -290,16 +428,19 @@ async fn connection<I>(
     let service_activity = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let activity = Arc::clone(&service_activity);
-        activity.request_started();
+        let conflict = activity.request_started();
         let req: Request =
             req.map(|b| Body::new(tower_http::timeout::TimeoutBody::new(limits.body, b)));
         let app = app.clone();
         async move {
-            // The router's error type is Infallible.
-            let resp = app
-                .oneshot(req)
-                .await
-                .unwrap_or_else(|never| match never {});
+            let resp = if conflict {
+                framing_conflict()
+            } else {
+                // The router's error type is Infallible.
+                app.oneshot(req)
+                    .await
+                    .unwrap_or_else(|never| match never {})
+            };
             Ok::<_, std::convert::Infallible>(resp.map(|body| Ending { body, activity }))
         }
     });
@@ -339,5 +480,39 @@ async fn connection<I>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conflicts(stream: &[&[u8]]) -> Vec<bool> {
+        let mut scan = HeadScan::new();
+        for piece in stream {
+            scan.feed(piece);
+        }
+        scan.conflicts.into_iter().collect()
+    }
+
+    #[test]
+    fn heads_are_followed_through_bodies() {
+        let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".as_slice();
+        let put = b"PUT /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".as_slice();
+        let both = b"PUT /a HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(conflicts(&[get, put, get]), [false, false, false]);
+        assert_eq!(conflicts(&[get, put, both]), [false, false, true]);
+        // Split anywhere, even inside the blank line that ends a head.
+        let whole = [get, put, both].concat();
+        for cut in 1..whole.len() {
+            let (a, b) = whole.split_at(cut);
+            assert_eq!(conflicts(&[a, b]), [false, false, true], "cut at {cut}");
+        }
+        // A body that looks like a head is skipped as a body.
+        let tricky = b"PUT /a HTTP/1.1\r\nContent-Length: 49\r\n\r\nX: 1\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n";
+        assert_eq!(conflicts(&[tricky, get]), [false, false]);
+        // After a chunked body nothing more is followed.
+        let chunked = b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".as_slice();
+        assert_eq!(conflicts(&[chunked, both]), [false]);
     }
 }

@@ -77,6 +77,17 @@ async fn every_kind_of_error_is_json_with_a_code() {
         );
         assert_eq!(v["error"]["code"], "too-large", "{method} {path}");
     }
+    // One paging rule for every list: 1 to 1000, refused outside.
+    for path in ["/v1/firmware", "/v1/fota"] {
+        for limit in ["0", "1001"] {
+            let url = format!("{path}?limit={limit}");
+            let (status, v) = error_of(&srv, Method::GET, &url, Vec::new()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{url}: {v}");
+            assert_eq!(v["error"]["code"], "invalid-parameter", "{url}");
+        }
+        let r = srv.get(&format!("{path}?limit=1000")).await;
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
     // No such path, no such method.
     let (status, v) = error_of(&srv, Method::GET, "/nowhere", Vec::new()).await;
     assert_eq!(
@@ -88,5 +99,53 @@ async fn every_kind_of_error_is_json_with_a_code() {
         (status, v["error"]["code"].as_str()),
         (StatusCode::METHOD_NOT_ALLOWED, Some("method-not-allowed"))
     );
+    srv.stop().await;
+}
+
+/// Sends `raw` on a fresh connection and reads the answer until the server closes it.
+async fn raw_exchange(srv: &TestServer, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = srv.base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got));
+    read.await.expect("the server closes").unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &[]).await;
+    for head in [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "transfer-encoding: chunked\r\ncontent-length: 5",
+    ] {
+        let raw = format!(
+            "PUT /v1/firmware/smuggled HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let answer = raw_exchange(&srv, raw.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("invalid-framing"), "{answer}");
+        // The second request on a kept-alive connection is checked too.
+        let raw = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nPUT /v1/firmware/smuggled HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let answer = raw_exchange(&srv, raw.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("invalid-framing"), "{answer}");
+    }
+    assert_eq!(
+        srv.get("/v1/firmware/smuggled").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    // Either alone is served.
+    let ok = raw_exchange(
+        &srv,
+        b"PUT /v1/firmware/chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 201"), "{ok}");
     srv.stop().await;
 }
