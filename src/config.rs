@@ -231,6 +231,10 @@ pub struct CoapConfig {
     pub max_connections: u64,
     /// A connection silent this long is released.
     pub idle_timeout: Dur,
+    /// Serve a UDP address only after it echoed an Echo value (RFC 9175), so a spoofed
+    /// request cannot make fwrepo send a large block to a victim. Off on trusted networks
+    /// saves clients one round trip.
+    pub udp_verify_peers: bool,
 }
 
 impl Default for CoapConfig {
@@ -246,6 +250,7 @@ impl Default for CoapConfig {
             public_tls_url: String::new(),
             max_connections: 10_000,
             idle_timeout: Dur(Duration::from_secs(300)),
+            udp_verify_peers: true,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! and over UDP (RFC 7252), with block-wise transfer (RFC 7959).
 
 pub mod block;
+pub mod echo;
 pub mod handler;
 pub mod msg;
 pub mod tcp;
@@ -137,6 +138,7 @@ pub async fn start(
         started.tasks.push(tokio::spawn(udp::serve(
             socket,
             Arc::clone(&ctx),
+            c.udp_verify_peers,
             cancel.clone(),
             work.clone(),
         )));

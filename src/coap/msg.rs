@@ -45,6 +45,7 @@ pub mod codes {
     pub const CHANGED: u8 = code(2, 4);
     pub const CONTENT: u8 = code(2, 5);
     pub const BAD_REQUEST: u8 = code(4, 0);
+    pub const UNAUTHORIZED: u8 = code(4, 1);
     pub const BAD_OPTION: u8 = code(4, 2);
     pub const NOT_FOUND: u8 = code(4, 4);
     pub const METHOD_NOT_ALLOWED: u8 = code(4, 5);

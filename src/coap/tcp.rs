@@ -144,6 +144,10 @@ where
         max_message_size: DEFAULT_PEER_MAX,
         block_wise: false,
     };
+    // RFC 8323 §5.3: the CSM must be the peer's first message, and a missing one is a
+    // connection error. Every client tested (libcoap, aiocoap) sends it at once, so a request
+    // before it is refused with Abort rather than served on assumed defaults.
+    let mut csm_seen = false;
     loop {
         let next = tokio::select! {
             _ = cancel.cancelled() => {
@@ -169,6 +173,15 @@ where
             }
             Ok(Some(Ok(m))) => m,
         };
+        if !csm_seen && msg.code != codes::EMPTY {
+            if msg.code != codes::CSM {
+                let mut abort = Message::new(codes::ABORT, Bytes::new());
+                abort.payload = Bytes::from_static(b"the first message must be a CSM");
+                let _ = framed.send(&abort).await;
+                return;
+            }
+            csm_seen = true;
+        }
         let reply = match msg.code >> 5 {
             7 => match signal(&msg, &mut peer) {
                 (reply, Next::Close) => {

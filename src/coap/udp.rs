@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::block::Capacity;
+use super::echo::{AddressCheck, ECHO};
 use super::handler::{self, CoapContext};
 use super::msg::{codes, FormatError, Message};
 
@@ -40,6 +41,8 @@ const UDP_BLOCK: u64 = 1024;
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 /// Reply cache entries at most; the oldest go first.
 const REPLY_CACHE_ENTRIES: usize = 16_384;
+/// Most bytes sent to an address not yet verified per byte received from it.
+const MAX_AMPLIFICATION: usize = 3;
 /// Largest datagram read.
 const MAX_DATAGRAM: usize = 2048;
 
@@ -136,13 +139,16 @@ fn lookup(cache: &Mutex<ReplyCache>, key: (SocketAddr, u16)) -> Lookup {
     }
 }
 
-/// Serves UDP until `cancel` fires; each request runs on `work`.
+/// Serves UDP until `cancel` fires; each request runs on `work`. With `verify_peers`, an
+/// address is served only once it has echoed an Echo value (see [`super::echo`]).
 pub async fn serve(
     socket: UdpSocket,
     ctx: Arc<CoapContext>,
+    verify_peers: bool,
     cancel: CancellationToken,
     work: TaskTracker,
 ) {
+    let check = verify_peers.then(AddressCheck::new);
     let socket = Arc::new(socket);
     let cache = Arc::new(Mutex::new(ReplyCache::default()));
     let next_mid = Arc::new(std::sync::atomic::AtomicU16::new(rand_u16()));
@@ -183,6 +189,17 @@ pub async fn serve(
             }
             (_, code) if code >> 5 != 0 || code == codes::EMPTY => continue,
             _ => {}
+        }
+        if let Some(check) = &check {
+            if !check.admit(peer, d.msg.option(ECHO).map(|e| &e[..])) {
+                let reply = encode(&unverified(&d, check.challenge(peer), &next_mid));
+                // Never more than three times what came in (RFC 9175 §2.4): a request too
+                // small for that (no path, so nothing to serve) is dropped.
+                if reply.len() <= MAX_AMPLIFICATION * n {
+                    let _ = socket.send_to(&reply, peer).await;
+                }
+                continue;
+            }
         }
         let key = (peer, d.message_id);
         match lookup(&cache, key) {
@@ -227,6 +244,25 @@ pub async fn serve(
             }
             let _ = socket.send_to(&bytes, peer).await;
         });
+    }
+}
+
+/// 4.01 Unauthorized with an Echo value and nothing else, to a request from an address not
+/// yet verified: only a few bytes more than the request.
+fn unverified(d: &Datagram, echo: Bytes, next_mid: &std::sync::atomic::AtomicU16) -> Datagram {
+    let mut msg = Message::new(codes::UNAUTHORIZED, d.msg.token.clone());
+    msg.push(ECHO, echo);
+    let (mtype, message_id) = match d.mtype {
+        MsgType::Con => (MsgType::Ack, d.message_id),
+        _ => (
+            MsgType::Non,
+            next_mid.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        ),
+    };
+    Datagram {
+        mtype,
+        message_id,
+        msg,
     }
 }
 

@@ -84,6 +84,37 @@ async fn ping_pong_release_and_empty_messages() {
 }
 
 #[tokio::test]
+async fn a_request_before_the_csm_is_aborted() {
+    let (_d, srv) = server_with(b"x").await;
+    let s = tokio::net::TcpStream::connect(srv.coap_tcp.unwrap())
+        .await
+        .unwrap();
+    let mut c = Framed::new(s, TcpCodec::new(1 << 20));
+    assert_eq!(recv(&mut c).await.code, codes::CSM);
+    // An Empty message is ignored whenever it comes; a request first is a connection error.
+    c.send(&Message::new(codes::EMPTY, Bytes::new()))
+        .await
+        .unwrap();
+    c.send(&get(b"\x01", "fw/img")).await.unwrap();
+    let abort = recv(&mut c).await;
+    assert_eq!(abort.code, codes::ABORT);
+    assert!(
+        String::from_utf8_lossy(&abort.payload).contains("CSM"),
+        "{:?}",
+        abort.payload
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), c.next())
+        .await
+        .unwrap();
+    assert!(end.is_none(), "closed after Abort");
+    // With the CSM first, the same request is served.
+    let mut c = connect(&srv, 1152, false).await;
+    c.send(&get(b"\x01", "fw/img")).await.unwrap();
+    assert_eq!(recv(&mut c).await.code, codes::CONTENT);
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn malformed_frame_gets_abort_and_close() {
     let (_d, srv) = server_with(b"x").await;
     let mut c = connect(&srv, 1152, false).await;
@@ -292,12 +323,102 @@ async fn udp_exchange(sock: &tokio::net::UdpSocket, d: &Datagram) -> Datagram {
     udp::parse(&buf[..n]).unwrap()
 }
 
+/// The Echo option (RFC 9175).
+const ECHO: u16 = 252;
+
+/// Proves the socket's address to the server: the first request is answered 4.01 with an Echo
+/// value, and the same request with it is served.
+async fn verify_address(sock: &tokio::net::UdpSocket) {
+    let first = Datagram {
+        mtype: MsgType::Con,
+        message_id: 0x0100,
+        msg: get(b"\x09", ".well-known/core"),
+    };
+    let challenge = udp_exchange(sock, &first).await;
+    assert_eq!(challenge.msg.code, codes::UNAUTHORIZED);
+    let mut again = first.clone();
+    again.message_id = 0x0101;
+    again
+        .msg
+        .push(ECHO, challenge.msg.option(ECHO).unwrap().clone());
+    assert_eq!(udp_exchange(sock, &again).await.msg.code, codes::CONTENT);
+}
+
+#[tokio::test]
+async fn udp_amplification_is_limited_until_the_address_is_verified() {
+    let data = image(3000, 3);
+    let (_d, srv) = server_with(&data).await;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(srv.coap_udp.unwrap()).await.unwrap();
+    let request = Datagram {
+        mtype: MsgType::Con,
+        message_id: 0x0001,
+        msg: get(b"\x01\x02", "fw/img"),
+    };
+    let sent = udp::encode(&request).len();
+    sock.send(&udp::encode(&request)).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let challenge = udp::parse(&buf[..n]).unwrap();
+    assert_eq!(challenge.msg.code, codes::UNAUTHORIZED);
+    assert!(challenge.msg.payload.is_empty());
+    let echo = challenge.msg.option(ECHO).expect("an Echo value").clone();
+    assert!(n <= 3 * sent, "{n} bytes answered to {sent}");
+    eprintln!(
+        "UDP amplification toward an unverified address: {sent} bytes in, {n} out ({:.1}x)",
+        n as f64 / sent as f64
+    );
+    // Someone else's Echo value does not verify this address.
+    let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    other.connect(srv.coap_udp.unwrap()).await.unwrap();
+    let mut borrowed = request.clone();
+    borrowed.msg.push(ECHO, echo.clone());
+    assert_eq!(
+        udp_exchange(&other, &borrowed).await.msg.code,
+        codes::UNAUTHORIZED
+    );
+    // With its own Echo value the request is served, and so is the next without it.
+    let mut proved = request.clone();
+    proved.message_id = 0x0002;
+    proved.msg.push(ECHO, echo);
+    let served = udp_exchange(&sock, &proved).await;
+    assert_eq!(served.msg.code, codes::CONTENT);
+    assert_eq!(&served.msg.payload[..], &data[..1024]);
+    let mut next = request.clone();
+    next.message_id = 0x0003;
+    assert_eq!(udp_exchange(&sock, &next).await.msg.code, codes::CONTENT);
+    // A request too small to answer within three times its size gets nothing.
+    let bare = Datagram {
+        mtype: MsgType::Con,
+        message_id: 0x0004,
+        msg: Message::new(codes::GET, Bytes::new()),
+    };
+    other.send(&udp::encode(&bare)).await.unwrap();
+    let silent = tokio::time::timeout(Duration::from_millis(500), other.recv(&mut buf)).await;
+    assert!(silent.is_err(), "a 4-byte request was answered");
+    srv.stop().await;
+
+    // Turned off (a trusted network), the first request is served at once.
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &["coap.udp_verify_peers=false"]).await;
+    let r = srv.put("/v1/firmware/img", data.clone()).await;
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(srv.coap_udp.unwrap()).await.unwrap();
+    assert_eq!(udp_exchange(&sock, &request).await.msg.code, codes::CONTENT);
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn udp_piggyback_non_ping_and_reply_cache() {
     let data = image(3000, 3);
     let (_d, srv) = server_with(&data).await;
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     sock.connect(srv.coap_udp.unwrap()).await.unwrap();
+    verify_address(&sock).await;
 
     let con = Datagram {
         mtype: MsgType::Con,
