@@ -348,6 +348,9 @@ pub struct AuthConfig {
     /// refused, and downloads by name (`/fw/{name}`) need a reader token over HTTP and are
     /// refused over CoAP.
     pub package_tokens: bool,
+    /// Every device must present its device token on work requests and reports; without it
+    /// only devices that have a token must.
+    pub device_credentials: bool,
     /// Run open (no tokens) even when listening beyond loopback (`serve --insecure`).
     pub insecure: bool,
 }

@@ -245,6 +245,7 @@ pub async fn start_with_clock(
     tasks.extend(coap.tasks);
     engine.set_bases(uri_bases.clone());
     engine.set_package_tokens(config.auth.package_tokens);
+    engine.set_device_credentials(config.auth.device_credentials);
     engine.start().await?;
     let state = AppState {
         repo: Arc::clone(&repo),

@@ -2,6 +2,7 @@
 //! run open (no tokens, loopback only), and the audit trail of changes.
 
 mod audit;
+pub mod device;
 mod tokens;
 
 use std::net::SocketAddr;

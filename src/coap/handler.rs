@@ -178,7 +178,7 @@ async fn work(ctx: &CoapContext, req: &Message, device: &str) -> Message {
         }
     };
     let mut resp = Message::new(codes::CONTENT, req.token.clone());
-    match ctx.engine.work(device).await {
+    match ctx.engine.work(device, query_token(req).as_deref()).await {
         Ok(Work::Task { task, record }) => {
             if cbor {
                 resp.push_uint(opt::CONTENT_FORMAT, format::CBOR as u64);
@@ -221,13 +221,22 @@ async fn report(ctx: &CoapContext, req: &Message, id: &str) -> Message {
         }
     };
     let result = match parsed {
-        Ok(r) => ctx.engine.report(id, &r).await,
+        Ok(r) => ctx.engine.report(id, &r, query_token(req).as_deref()).await,
         Err(e) => Err(FotaError::from(e)),
     };
     match result {
         Ok(_) => Message::new(codes::CHANGED, req.token.clone()),
         Err(e) => domain_error(req, e.code().1, &e),
     }
+}
+
+/// The device token a device presents over CoAP: the Uri-Query `token=<token>`.
+fn query_token(req: &Message) -> Option<String> {
+    req.options
+        .iter()
+        .filter(|(n, _)| *n == opt::URI_QUERY)
+        .find_map(|(_, v)| std::str::from_utf8(v).ok()?.strip_prefix("token="))
+        .map(str::to_owned)
 }
 
 fn domain_error(req: &Message, kind: crate::error::Kind, e: &dyn std::fmt::Display) -> Message {

@@ -78,6 +78,8 @@ pub struct Engine {
     bases: OnceLock<Vec<(&'static str, String)>>,
     /// `auth.package_tokens`: a package URI works only with its capability.
     package_tokens: AtomicBool,
+    /// `auth.device_credentials`: every device must present its device token.
+    device_credentials: AtomicBool,
     locks: Vec<tokio::sync::Mutex<()>>,
     /// Bytes served per task not yet folded into the stored task.
     progress: Mutex<HashMap<String, Arc<AtomicU64>>>,
@@ -160,6 +162,7 @@ impl Engine {
             config,
             bases: OnceLock::new(),
             package_tokens: AtomicBool::new(false),
+            device_credentials: AtomicBool::new(false),
             locks: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             progress: Mutex::new(HashMap::new()),
             packages: Mutex::new(HashMap::new()),
@@ -181,6 +184,42 @@ impl Engine {
 
     pub fn package_tokens(&self) -> bool {
         self.package_tokens.load(Ordering::Relaxed)
+    }
+
+    pub fn set_device_credentials(&self, on: bool) {
+        self.device_credentials.store(on, Ordering::Relaxed);
+    }
+
+    /// Refuses a device that does not present the token its credential needs.
+    async fn identify(&self, device: &str, presented: Option<&str>) -> Result<(), FotaError> {
+        let required = self.device_credentials.load(Ordering::Relaxed);
+        let credential = self.store.device_credential(device).await?;
+        if crate::auth::device::admits(required, credential.as_ref(), presented) {
+            return Ok(());
+        }
+        Err(FotaError::DeviceUnauthenticated {
+            device: device.to_owned(),
+            presented: presented.is_some(),
+        })
+    }
+
+    /// Makes (or replaces) the device's token; the token is in this answer only.
+    pub async fn issue_device_token(
+        &self,
+        device: &str,
+    ) -> Result<(String, crate::meta::DeviceCredential), FotaError> {
+        check_device(device)?;
+        let (token, credential) = crate::auth::device::mint(device).map_err(|e| {
+            FotaError::Meta(crate::meta::MetaError::Backend(format!("random: {e}")))
+        })?;
+        self.store.put_device_credential(&credential).await?;
+        Ok((token, credential))
+    }
+
+    /// Removes the device's token; `false` when it had none.
+    pub async fn revoke_device_token(&self, device: &str) -> Result<bool, FotaError> {
+        check_device(device)?;
+        Ok(self.store.remove_device_credential(device).await?)
     }
 
     fn bases(&self) -> &[(&'static str, String)] {
@@ -773,8 +812,10 @@ impl Engine {
     }
 
     /// What the device should do now.
-    pub async fn work(&self, device: &str) -> Result<Work, FotaError> {
+    /// The device's work; `credential` is the device token it presented.
+    pub async fn work(&self, device: &str, credential: Option<&str>) -> Result<Work, FotaError> {
         check_device(device)?;
+        self.identify(device, credential).await?;
         retried(|| self.work_once(device)).await
     }
 
@@ -870,7 +911,20 @@ impl Engine {
     }
 
     /// Applies a device report.
-    pub async fn report(&self, id: &str, report: &Report) -> Result<FotaTask, FotaError> {
+    /// A report on task `id`, from the device that owns it: `credential` is the device token
+    /// it presented.
+    pub async fn report(
+        &self,
+        id: &str,
+        report: &Report,
+        credential: Option<&str>,
+    ) -> Result<FotaTask, FotaError> {
+        let t = self
+            .store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
+        self.identify(&t.device_id, credential).await?;
         retried(|| self.report_once(id, report)).await
     }
 

@@ -68,6 +68,8 @@ pub enum FotaError {
     Stale(String),
     #[error("every quota slot is taken")]
     QuotaFull,
+    #[error("device {device:?} must present its device token (HTTP: Authorization: Bearer <token>; CoAP: Uri-Query token=<token>){}", if *presented { "; the one given is not this device's" } else { "" })]
+    DeviceUnauthenticated { device: String, presented: bool },
 }
 
 impl FotaError {
@@ -95,6 +97,9 @@ impl FotaError {
             FotaError::Meta(_) => ("metadata-unavailable", Kind::Unavailable),
             FotaError::Stale(_) => ("concurrent-change", Kind::Conflict),
             FotaError::QuotaFull => ("quota-full", Kind::Conflict),
+            FotaError::DeviceUnauthenticated { .. } => {
+                ("device-unauthenticated", Kind::Unauthorized)
+            }
         }
     }
 }

@@ -37,31 +37,99 @@ pub async fn schedule(
     Path(device): Path<String>,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let t = app.engine.schedule(&device, &json_body(&body)?).await?;
+    let mut req = json_body(&body)?;
+    // Not part of the seed's payload: asks for a device token along with the task.
+    let issue = match req
+        .as_object_mut()
+        .and_then(|o| o.remove("issueDeviceToken"))
+    {
+        None => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid-parameter",
+                "issueDeviceToken: a boolean",
+            ))
+        }
+    };
+    let t = app.engine.schedule(&device, &req).await?;
+    let mut answer = json!({"fotaId": t.id});
+    if issue {
+        let (token, _) = app.engine.issue_device_token(&device).await.map_err(|e| {
+            let mut err = ApiError::from(e);
+            err.detail = Some(("fotaId", t.id.clone()));
+            err
+        })?;
+        answer["deviceToken"] = token.into();
+    }
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/fota/{}", t.id))],
-        Json(json!({"fotaId": t.id})),
+        Json(answer),
     )
         .into_response())
+}
+
+/// `POST /v1/devices/{deviceId}/token`: a new device token (the old one stops working); the
+/// token is in this answer only.
+pub async fn issue_token(
+    State(app): State<AppState>,
+    Path(device): Path<String>,
+) -> Result<Response, ApiError> {
+    let (token, credential) = app.engine.issue_device_token(&device).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "deviceId": credential.device_id,
+            "token": token,
+            "createdAt": credential.created_at,
+        })),
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/devices/{deviceId}/token`
+pub async fn revoke_token(
+    State(app): State<AppState>,
+    Path(device): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if app.engine.revoke_device_token(&device).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            crate::error::Kind::NotFound,
+            "device-token-not-found",
+            format!("device {device:?} has no device token"),
+        ))
+    }
+}
+
+/// The device token a device presents: `Authorization: Bearer <token>`.
+fn device_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// `GET /v1/devices/{deviceId}/fota`: the device's work, or 204 with a Retry-After hint.
 pub async fn work(
     State(app): State<AppState>,
     Path(device): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    Ok(match app.engine.work(&device).await? {
-        Work::Task { task, record } => Json(work_json(&task, &record)).into_response(),
-        Work::Nothing { retry_after } => {
-            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            (
-                StatusCode::NO_CONTENT,
-                [(header::RETRY_AFTER, secs.to_string())],
-            )
-                .into_response()
-        }
-    })
+    Ok(
+        match app.engine.work(&device, device_token(&headers)).await? {
+            Work::Task { task, record } => Json(work_json(&task, &record)).into_response(),
+            Work::Nothing { retry_after } => {
+                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                (
+                    StatusCode::NO_CONTENT,
+                    [(header::RETRY_AFTER, secs.to_string())],
+                )
+                    .into_response()
+            }
+        },
+    )
 }
 
 /// `POST /v1/fota/{fotaId}/report`: plain JSON, or a SenML pack as `application/senml+json`.
@@ -89,7 +157,11 @@ pub async fn report(
     };
     let t = app
         .engine
-        .report(&id, &parsed.map_err(FotaError::from)?)
+        .report(
+            &id,
+            &parsed.map_err(FotaError::from)?,
+            device_token(&headers),
+        )
         .await?;
     Ok(task_view(&app, &t))
 }

@@ -160,6 +160,18 @@ pub fn routes() -> Routes {
     .add(M::GET, "/v1/devices/{deviceId}/fota", Device, fota::work)
     .add(
         M::POST,
+        "/v1/devices/{deviceId}/token",
+        role(Operator),
+        fota::issue_token,
+    )
+    .add(
+        M::DELETE,
+        "/v1/devices/{deviceId}/token",
+        role(Operator),
+        fota::revoke_token,
+    )
+    .add(
+        M::POST,
         "/v1/devices/{deviceId}/methods/{method}",
         role(Operator),
         fota::method,

@@ -105,6 +105,17 @@ pub struct DeviceInfo {
     pub reported_ms: i64,
 }
 
+/// A device's credential: what is kept of its device token (only the SHA-256, as for access
+/// tokens).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCredential {
+    pub device_id: String,
+    /// SHA-256 of the token, hex.
+    pub sha256: String,
+    pub created_at: String,
+}
+
 /// FOTA tasks with the indexes the engine works from: the active task per device, due times,
 /// quota holders, imports in progress and firmware in use.
 #[async_trait]
@@ -172,11 +183,19 @@ pub enum Put {
     QuotaFull,
 }
 
-/// What devices reported, for `useCachedData`.
+/// What devices reported (for `useCachedData`), and their credentials.
 #[async_trait]
 pub trait DeviceStore: Send + Sync {
     async fn get_device(&self, device_id: &str) -> Result<Option<DeviceInfo>, MetaError>;
     async fn put_device(&self, info: &DeviceInfo) -> Result<(), MetaError>;
+    async fn device_credential(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<DeviceCredential>, MetaError>;
+    /// Sets the device's credential, replacing the one it had.
+    async fn put_device_credential(&self, credential: &DeviceCredential) -> Result<(), MetaError>;
+    /// Whether there was one to remove.
+    async fn remove_device_credential(&self, device_id: &str) -> Result<bool, MetaError>;
 }
 
 /// User-defined maintenance schedules.
@@ -418,6 +437,19 @@ pub(crate) mod suite {
         };
         store.put_device(&info).await.unwrap();
         assert_eq!(store.get_device("d").await.unwrap(), Some(info));
+        assert_eq!(store.device_credential("d").await.unwrap(), None);
+        let mut cred = DeviceCredential {
+            device_id: "d".into(),
+            sha256: "aa".repeat(32),
+            created_at: "2026-01-01T00:00:00Z".into(),
+        };
+        store.put_device_credential(&cred).await.unwrap();
+        cred.sha256 = "bb".repeat(32);
+        store.put_device_credential(&cred).await.unwrap();
+        assert_eq!(store.device_credential("d").await.unwrap(), Some(cred));
+        assert!(store.remove_device_credential("d").await.unwrap());
+        assert!(!store.remove_device_credential("d").await.unwrap());
+        assert_eq!(store.device_credential("d").await.unwrap(), None);
         let s = crate::fota::schedule::Schedule {
             name: "n".into(),
             time_zone: "UTC".into(),

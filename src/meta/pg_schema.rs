@@ -65,8 +65,16 @@ CREATE TABLE IF NOT EXISTS fwrepo_tokens (
 );
 "#;
 
+/// Version 3: device credentials (only the hash of each device token).
+const V3: &str = r#"
+CREATE TABLE IF NOT EXISTS fwrepo_device_credentials (
+    device_id  TEXT PRIMARY KEY,
+    credential TEXT NOT NULL
+);
+"#;
+
 /// `MIGRATIONS[k]` takes the schema from version `k` to `k + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i32 = MIGRATIONS.len() as i32;

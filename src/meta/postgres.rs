@@ -17,8 +17,8 @@ use super::pg_schema;
 use super::pg_tls::{self, PgTls};
 
 use super::{
-    DeviceInfo, DeviceStore, ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError, Put,
-    ScheduleStore, TaskStore,
+    DeviceCredential, DeviceInfo, DeviceStore, ExpiryIndex, FirmwareCatalog, FirmwareRecord,
+    MetaError, Put, ScheduleStore, TaskStore,
 };
 use crate::auth::{StoredToken, TokenTable};
 use crate::fota::schedule::Schedule;
@@ -617,6 +617,40 @@ impl DeviceStore for PgStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn device_credential(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<DeviceCredential>, MetaError> {
+        let row = self
+            .query_opt(
+                "SELECT credential FROM fwrepo_device_credentials WHERE device_id = $1",
+                &[&device_id],
+            )
+            .await?;
+        row.map(|r| decode(device_id, r.get(0))).transpose()
+    }
+
+    async fn put_device_credential(&self, credential: &DeviceCredential) -> Result<(), MetaError> {
+        let json = encode(credential)?;
+        self.execute(
+            "INSERT INTO fwrepo_device_credentials (device_id, credential) VALUES ($1, $2)
+                 ON CONFLICT (device_id) DO UPDATE SET credential = $2",
+            &[&credential.device_id, &json],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_device_credential(&self, device_id: &str) -> Result<bool, MetaError> {
+        let n = self
+            .execute(
+                "DELETE FROM fwrepo_device_credentials WHERE device_id = $1",
+                &[&device_id],
+            )
+            .await?;
+        Ok(n == 1)
     }
 }
 

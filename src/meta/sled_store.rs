@@ -21,6 +21,8 @@ pub struct SledStore {
     pub(super) task_index: sled::Tree,
     /// Device id → JSON `DeviceInfo`.
     pub(super) devices: sled::Tree,
+    /// Device id → JSON `DeviceCredential`.
+    pub(super) device_credentials: sled::Tree,
     /// Schedule name → JSON schedule.
     pub(super) schedules: sled::Tree,
     /// Held while a task takes a quota slot: counting the holders and storing the task are
@@ -64,6 +66,7 @@ impl SledStore {
                 tasks: db.open_tree("fota_tasks").map_err(backend)?,
                 task_index: db.open_tree("fota_index").map_err(backend)?,
                 devices: db.open_tree("devices").map_err(backend)?,
+                device_credentials: db.open_tree("device_credentials").map_err(backend)?,
                 schedules: db.open_tree("schedules").map_err(backend)?,
                 quota_gate: Default::default(),
                 db,

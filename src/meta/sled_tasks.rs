@@ -11,7 +11,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 
 use super::sled_store::{backend, SledStore};
-use super::{DeviceInfo, DeviceStore, MetaError, Put, ScheduleStore, TaskStore};
+use super::{DeviceCredential, DeviceInfo, DeviceStore, MetaError, Put, ScheduleStore, TaskStore};
 use crate::fota::schedule::Schedule;
 use crate::fota::task::FotaTask;
 
@@ -317,6 +317,48 @@ impl DeviceStore for SledStore {
         })
         .await?;
         self.flush().await
+    }
+
+    async fn device_credential(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<DeviceCredential>, MetaError> {
+        let id = device_id.to_owned();
+        self.blocking(move |s| {
+            s.device_credentials
+                .get(id.as_bytes())
+                .map_err(backend)?
+                .map(|v| decode(id.as_bytes(), &v))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn put_device_credential(&self, credential: &DeviceCredential) -> Result<(), MetaError> {
+        let json = serde_json::to_vec(credential).map_err(backend)?;
+        let id = credential.device_id.clone();
+        self.blocking(move |s| {
+            s.device_credentials
+                .insert(id.as_bytes(), json)
+                .map_err(backend)?;
+            Ok(())
+        })
+        .await?;
+        self.flush().await
+    }
+
+    async fn remove_device_credential(&self, device_id: &str) -> Result<bool, MetaError> {
+        let id = device_id.to_owned();
+        let gone = self
+            .blocking(move |s| {
+                Ok(s.device_credentials
+                    .remove(id.as_bytes())
+                    .map_err(backend)?
+                    .is_some())
+            })
+            .await?;
+        self.flush().await?;
+        Ok(gone)
     }
 }
 

@@ -42,6 +42,8 @@ const TABLE: &[(&str, &str, &str)] = &[
     ("POST", "/v1/imports", "publisher"),
     ("POST", "/v1/devices/{deviceId}/fota", "operator"),
     ("GET", "/v1/devices/{deviceId}/fota", "device"),
+    ("POST", "/v1/devices/{deviceId}/token", "operator"),
+    ("DELETE", "/v1/devices/{deviceId}/token", "operator"),
     (
         "POST",
         "/v1/devices/{deviceId}/methods/{method}",
