@@ -81,7 +81,8 @@ impl FirmwareError {
             FirmwareError::InvalidParameter { .. } => ("invalid-parameter", Kind::BadRequest),
             FirmwareError::NotFound(_) => ("firmware-not-found", Kind::NotFound),
             FirmwareError::NameTaken { .. } => ("name-taken", Kind::Conflict),
-            FirmwareError::DigestMismatch { .. } => ("digest-mismatch", Kind::BadRequest),
+            // The body and the digest asserted for it disagree: well-formed, not acceptable.
+            FirmwareError::DigestMismatch { .. } => ("digest-mismatch", Kind::Unprocessable),
             FirmwareError::TooLarge { .. } => ("too-large", Kind::TooLarge),
             FirmwareError::Interrupted(_) => ("upload-interrupted", Kind::BadRequest),
             FirmwareError::Blob(_) => ("storage-unavailable", Kind::Unavailable),
@@ -148,10 +149,10 @@ pub fn now_ms() -> i64 {
 }
 
 pub fn check_text(field: &'static str, value: &str) -> Result<(), FirmwareError> {
-    if value.len() > MAX_TEXT_LEN || value.chars().any(|c| c.is_control()) {
+    if value.chars().count() > MAX_TEXT_LEN || value.chars().any(|c| c.is_control()) {
         return Err(FirmwareError::InvalidParameter {
             field,
-            message: format!("at most {MAX_TEXT_LEN} bytes without control characters"),
+            message: format!("at most {MAX_TEXT_LEN} characters, none of them control characters"),
         });
     }
     Ok(())

@@ -482,7 +482,7 @@ impl Engine {
             return Ok(s);
         }
         self.store.get_schedule(name).await?.ok_or_else(|| {
-            RequestError::Invalid {
+            RequestError::Meaningless {
                 field: "schedule",
                 message: format!("no schedule named {name:?}"),
             }

@@ -26,10 +26,12 @@ impl ImportError {
         use crate::error::Kind;
         match self {
             ImportError::Refused(_) => ("import-refused", Kind::Unprocessable),
+            // The URL given could not be fetched: the request cannot be carried out as given
+            // (422), which is not a fault of this service (5xx).
             ImportError::Upstream { .. } | ImportError::Network { .. } => {
-                ("import-failed", Kind::BadGateway)
+                ("import-failed", Kind::Unprocessable)
             }
-            ImportError::Timeout { .. } => ("import-timeout", Kind::BadGateway),
+            ImportError::Timeout { .. } => ("import-timeout", Kind::Unprocessable),
         }
     }
 }

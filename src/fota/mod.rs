@@ -78,6 +78,9 @@ impl FotaError {
         use crate::error::Kind;
         match self {
             FotaError::Request(RequestError::Push) => ("push-not-supported", Kind::Unprocessable),
+            FotaError::Request(RequestError::Meaningless { .. }) => {
+                ("invalid-parameter", Kind::Unprocessable)
+            }
             FotaError::Request(_) => ("invalid-parameter", Kind::BadRequest),
             FotaError::BadDevice => ("invalid-device-id", Kind::BadRequest),
             FotaError::DeviceBusy { .. } => ("device-busy", Kind::Conflict),
@@ -90,6 +93,9 @@ impl FotaError {
                 ("task-finished", Kind::Conflict)
             }
             FotaError::Transition(_) => ("transition-not-allowed", Kind::Conflict),
+            FotaError::Report(ReportError::Incomplete(_)) => {
+                ("invalid-report", Kind::Unprocessable)
+            }
             FotaError::Report(_) => ("invalid-report", Kind::BadRequest),
             FotaError::Schedule(e) => e.code(),
             FotaError::Import(e) => e.code(),

@@ -11,11 +11,17 @@ pub const MAX_REPORT: usize = 16 << 10;
 
 /// Why a report is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct ReportError(pub String);
+pub enum ReportError {
+    /// Not a report: bad JSON, wrong types, values out of range.
+    #[error("{0}")]
+    Malformed(String),
+    /// A well-formed SenML pack without the State or Update Result.
+    #[error("{0}")]
+    Incomplete(String),
+}
 
 fn bad(m: impl Into<String>) -> ReportError {
-    ReportError(m.into())
+    ReportError::Malformed(m.into())
 }
 
 fn small_int(field: &str, v: &Value, max: u8) -> Result<u8, ReportError> {
@@ -39,7 +45,7 @@ fn text(field: &str, v: &Value) -> Result<String, ReportError> {
         .ok_or_else(|| bad(format!("{field} must be a string")))?;
     crate::firmware::check_text("pkg", s).map_err(|_| {
         bad(format!(
-            "{field} must be at most {} bytes without control characters",
+            "{field} must be at most {} characters, none of them control characters",
             crate::firmware::MAX_TEXT_LEN
         ))
     })?;
@@ -115,8 +121,9 @@ fn from_senml_value(v: &Value) -> Result<Report, ReportError> {
             _ => {}
         }
     }
-    report.state = state.ok_or_else(|| bad("the pack has no /5/0/3 (State)"))?;
-    report.result = result.ok_or_else(|| bad("the pack has no /5/0/5 (Update Result)"))?;
+    let missing = |m: &str| ReportError::Incomplete(m.to_owned());
+    report.state = state.ok_or_else(|| missing("the pack has no /5/0/3 (State)"))?;
+    report.result = result.ok_or_else(|| missing("the pack has no /5/0/5 (Update Result)"))?;
     Ok(report)
 }
 

@@ -19,6 +19,13 @@ pub enum RequestError {
         field: &'static str,
         message: String,
     },
+    /// Well-formed, but naming nothing or asking for nothing (an unknown schedule, a zero
+    /// timeout): 422.
+    #[error("{field}: {message}")]
+    Meaningless {
+        field: &'static str,
+        message: String,
+    },
     #[error("unknown field {0:?}")]
     UnknownField(String),
     #[error("imageDeliveryMethod \"push\" is not supported: this service delivers firmware by pull (the device downloads the package URI it is given)")]
@@ -200,7 +207,10 @@ impl ScheduleRequest {
             .transpose()?;
         let timeout = f.duration("timeout")?.unwrap_or(DEFAULT_TIMEOUT);
         if timeout.is_zero() {
-            return Err(invalid("timeout", "must be longer than zero"));
+            return Err(RequestError::Meaningless {
+                field: "timeout",
+                message: "must be longer than zero".into(),
+            });
         }
         let protocol = match f.string("protocolType")? {
             None => Protocol::Coap,
@@ -290,6 +300,7 @@ mod tests {
     fn refusals_name_the_field() {
         let field = |v: Value| match ScheduleRequest::parse(&v) {
             Err(RequestError::Invalid { field, .. }) => field.to_owned(),
+            Err(RequestError::Meaningless { field, .. }) => field.to_owned(),
             Err(RequestError::UnknownField(f)) => format!("unknown:{f}"),
             Err(RequestError::Push) => "push".into(),
             Ok(_) => "ok".into(),

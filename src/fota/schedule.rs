@@ -29,6 +29,10 @@ impl ScheduleError {
         match self {
             ScheduleError::NotFound(_) => ("schedule-not-found", Kind::NotFound),
             ScheduleError::BuiltIn(_) => ("schedule-built-in", Kind::Conflict),
+            // Well-formed but meaningless (an unknown zone, an empty window list).
+            ScheduleError::UnknownZone(_) | ScheduleError::WindowCount => {
+                ("invalid-schedule", Kind::Unprocessable)
+            }
             _ => ("invalid-schedule", Kind::BadRequest),
         }
     }

@@ -98,13 +98,15 @@ impl From<QueryRejection> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> ApiError {
-        let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "too-large"
-        } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-            "unsupported-media-type"
-        } else {
-            "invalid-body"
+        // axum answers 422 for JSON of the wrong shape; here every unreadable body is 400, as
+        // on the routes that parse JSON themselves.
+        let (status, code) = match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
+            }
+            s if s.is_server_error() => (s, "internal"),
+            _ => (StatusCode::BAD_REQUEST, "invalid-body"),
         };
         ApiError {
             status,

@@ -37,16 +37,37 @@ fn path_error(e: &PathRejection) -> ApiError {
     ApiError::bad_request("invalid-parameter", e.body_text())
 }
 
-/// A whole (small) request body, as `Bytes`: over the route's limit is 413 `too-large`.
-pub struct Body(pub Bytes);
+/// A whole (small) JSON request body, as bytes: a Content-Type other than JSON
+/// (`application/json`, `application/<something>+json`) is 415 `unsupported-media-type`
+/// (none at all is taken as JSON, for devices' minimal clients); over the route's limit is
+/// 413 `too-large`.
+pub struct JsonBody(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for Body {
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Body, ApiError> {
+    async fn from_request(req: Request, state: &S) -> Result<JsonBody, ApiError> {
+        if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
+            let json = ct
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<mime::Mime>().ok())
+                .is_some_and(|m| {
+                    m.type_() == mime::APPLICATION
+                        && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
+                });
+            if !json {
+                return Err(ApiError {
+                    status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    code: "unsupported-media-type",
+                    message: "the body must be JSON (Content-Type: application/json)".into(),
+                    detail: None,
+                });
+            }
+        }
         Bytes::from_request(req, state)
             .await
-            .map(Body)
+            .map(JsonBody)
             .map_err(|e| body_error(&e))
     }
 }

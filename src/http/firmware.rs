@@ -182,7 +182,9 @@ pub async fn upload(
     let ingested = match q.format.as_deref().unwrap_or("raw") {
         "raw" => {
             if let Some(option) = mcuboot.any() {
-                return Err(ApiError::bad_request(
+                // Each parameter is valid; together they contradict each other.
+                return Err(ApiError::new(
+                    crate::error::Kind::Unprocessable,
                     "invalid-parameter",
                     format!("{option}: an MCUboot option; pass format=mcuboot"),
                 ));

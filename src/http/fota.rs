@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::{Body, Path};
+use super::extract::{JsonBody, Path};
 use super::firmware::view;
 use super::{parse_name, AppState};
 use crate::firmware::Ingested;
@@ -35,7 +35,7 @@ fn task_view(app: &AppState, t: &FotaTask) -> Json<Value> {
 pub async fn schedule(
     State(app): State<AppState>,
     Path(device): Path<String>,
-    Body(body): Body,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let mut req = json_body(&body)?;
     // Not part of the seed's payload: asks for a device token along with the task.
@@ -137,7 +137,7 @@ pub async fn report(
     State(app): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Body(body): Body,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     if body.len() > MAX_REPORT {
         return Err(ApiError::new(
@@ -241,7 +241,7 @@ async fn task_of(app: &AppState, device: &str, payload: &Value) -> Result<FotaTa
 pub async fn method(
     State(app): State<AppState>,
     Path((device, method)): Path<(String, String)>,
-    Body(body): Body,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let known = [
         "scheduleFirmwareUpdate",
@@ -255,8 +255,17 @@ pub async fn method(
             format!("unknown method {method:?}; known: {}", known.join(", ")),
         ));
     }
+    // A body that is not a JSON object never reached a method: refused as a request, not
+    // answered as a method result.
+    let payload = json_body(&body)?;
+    if !payload.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid-body",
+            "a method payload is a JSON object",
+        ));
+    }
+    crate::fota::check_device(&device).map_err(ApiError::from)?;
     let result: Result<Value, ApiError> = async {
-        let payload = json_body(&body)?;
         match method.as_str() {
             "scheduleFirmwareUpdate" => {
                 let t = app.engine.schedule(&device, &payload).await?;
@@ -306,7 +315,7 @@ pub async fn get_schedule(
 pub async fn put_schedule(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    Body(body): Body,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<Schedule>, ApiError> {
     let s: Schedule = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid-schedule", e.to_string()))?;
@@ -333,7 +342,10 @@ struct ImportBody {
 }
 
 /// `POST /v1/imports`: fetches a URL into the repository under a name.
-pub async fn import(State(app): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
+pub async fn import(
+    State(app): State<AppState>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
     let b: ImportBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid-parameter", e.to_string()))?;
     let name = parse_name(&b.name)?;

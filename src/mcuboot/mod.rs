@@ -34,9 +34,11 @@ impl McubootError {
     pub fn code(&self) -> (&'static str, crate::error::Kind) {
         use crate::error::Kind;
         match self {
-            McubootError::InvalidOption { .. } => ("invalid-mcuboot-option", Kind::BadRequest),
-            McubootError::HeaderOverlap { .. } => ("mcuboot-header-overlap", Kind::BadRequest),
-            McubootError::SlotTooSmall { .. } => ("mcuboot-slot-too-small", Kind::BadRequest),
+            // Each option and the body are well-formed; what they ask for together cannot be
+            // built: 422.
+            McubootError::InvalidOption { .. } => ("invalid-mcuboot-option", Kind::Unprocessable),
+            McubootError::HeaderOverlap { .. } => ("mcuboot-header-overlap", Kind::Unprocessable),
+            McubootError::SlotTooSmall { .. } => ("mcuboot-slot-too-small", Kind::Unprocessable),
             McubootError::BodyTooLarge(_) => ("too-large", Kind::TooLarge),
             McubootError::Io(_) => ("storage-unavailable", Kind::Unavailable),
         }

@@ -347,3 +347,43 @@ pub async fn sse_events(stream: &mut reqwest::Response, n: usize) -> Vec<serde_j
     }
     events
 }
+
+/// Set in a test re-run inside a loopback-only network namespace.
+pub const IN_NETNS: &str = "FWREPO_TEST_IN_NETNS";
+
+/// Runs the ignored test `name` of this binary again inside a new network namespace that has
+/// only loopback (`unshare -n`), for tests that could send packets off the machine if the code
+/// were wrong (import URLs, a fuzzer's requests). Returns its output once it passed.
+pub fn run_in_loopback_namespace(name: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let script = r#"ip link set lo up && exec "$0" --exact "$1" --ignored --nocapture"#;
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", script])
+        .arg(&exe)
+        .arg(name)
+        .env(IN_NETNS, "1")
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // The inner test ran (libtest says so); a filter that matched nothing would pass too.
+    assert!(stdout.contains("1 passed"), "{stdout}\n{stderr}");
+    format!("{stdout}{stderr}")
+}
+
+/// Asserts this process is the re-run inside a loopback-only namespace.
+pub fn assert_in_loopback_namespace() {
+    assert_eq!(
+        std::env::var(IN_NETNS).as_deref(),
+        Ok("1"),
+        "only inside the namespace"
+    );
+    let dev = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    let only_lo = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .all(|name| name.trim() == "lo");
+    assert!(only_lo, "the namespace must hold loopback only: {dev}");
+}

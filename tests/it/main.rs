@@ -10,6 +10,7 @@ mod download;
 mod errors;
 mod fota;
 mod fota_coap;
+mod fuzz;
 mod lifecycle;
 mod mcuboot;
 mod postgres;

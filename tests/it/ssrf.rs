@@ -5,10 +5,7 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::TestServer;
-
-/// Set in the re-run inside the namespace.
-const INSIDE: &str = "FWREPO_TEST_IN_NETNS";
+use crate::common::{assert_in_loopback_namespace, run_in_loopback_namespace, TestServer};
 
 /// URL hosts that name internal addresses in forms the guard once missed, and plain ones.
 const REFUSED: &[&str] = &[
@@ -32,43 +29,15 @@ const REFUSED: &[&str] = &[
     "localhost",
 ];
 
-/// Whether this process sees no network interface but loopback.
-fn loopback_only() -> bool {
-    let dev = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
-    dev.lines()
-        .skip(2)
-        .filter_map(|l| l.split(':').next())
-        .all(|name| name.trim() == "lo")
-}
-
 #[test]
 fn internal_import_forms_are_refused_inside_a_loopback_only_namespace() {
-    let exe = std::env::current_exe().unwrap();
-    let name = "ssrf::refused_forms_in_namespace";
-    let script = r#"ip link set lo up && exec "$0" --exact "$1" --ignored --nocapture"#;
-    let out = std::process::Command::new("unshare")
-        .args(["-n", "sh", "-c", script])
-        .arg(&exe)
-        .arg(name)
-        .env(INSIDE, "1")
-        .output()
-        .expect("unshare (util-linux) runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    // The inner test ran (libtest says so), it did not just filter everything out.
-    assert!(stdout.contains("1 passed"), "{stdout}\n{stderr}");
+    run_in_loopback_namespace("ssrf::refused_forms_in_namespace");
 }
 
 #[tokio::test]
 #[ignore = "run by internal_import_forms_are_refused_inside_a_loopback_only_namespace"]
 async fn refused_forms_in_namespace() {
-    assert_eq!(
-        std::env::var(INSIDE).as_deref(),
-        Ok("1"),
-        "only inside the namespace"
-    );
-    assert!(loopback_only(), "the namespace must hold loopback only");
+    assert_in_loopback_namespace();
     let dir = tempfile::tempdir().unwrap();
     let srv = TestServer::start(dir.path(), &[]).await;
     for host in REFUSED {

@@ -99,7 +99,7 @@ async fn digest_mismatch_stores_nothing() {
     let resp = srv
         .put(&format!("/v1/firmware/fw1?sha256={wrong}"), data.clone())
         .await;
-    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(error_code(resp).await, "digest-mismatch");
     let resp = srv.get("/v1/firmware/fw1").await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
