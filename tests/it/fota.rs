@@ -534,7 +534,7 @@ async fn schedule_window_closed_then_opening() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let r = client()
         .put(f.srv.url("/v1/schedules/weekends"))
         .json(&json!({"windows": [{"days": ["sat"], "start": "22:00", "end": "02:00"}]}))
