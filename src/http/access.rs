@@ -32,7 +32,9 @@ pub struct AuditDetail(pub String);
 /// The rules of the served routes, by matched path then method.
 pub type Rules = HashMap<&'static str, Vec<(Method, Rule)>>;
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The credential of `Authorization: Bearer <credential>`: an access token here, a device
+/// token on device routes.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())

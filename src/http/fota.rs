@@ -104,13 +104,6 @@ pub async fn revoke_token(
     }
 }
 
-/// The device token a device presents: `Authorization: Bearer <token>`.
-fn device_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
 /// `GET /v1/devices/{deviceId}/fota`: the device's work, or 204 with a Retry-After hint.
 pub async fn work(
     State(app): State<AppState>,
@@ -118,7 +111,11 @@ pub async fn work(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     Ok(
-        match app.engine.work(&device, device_token(&headers)).await? {
+        match app
+            .engine
+            .work(&device, super::access::bearer(&headers))
+            .await?
+        {
             Work::Task { task, record } => Json(work_json(&task, &record)).into_response(),
             Work::Nothing { retry_after } => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
@@ -160,7 +157,7 @@ pub async fn report(
         .report(
             &id,
             &parsed.map_err(FotaError::from)?,
-            device_token(&headers),
+            super::access::bearer(&headers),
         )
         .await?;
     Ok(task_view(&app, &t))
