@@ -549,7 +549,7 @@ async fn schedule_window_closed_then_opening() {
             &json!({"name": "fw", "schedule": "nope"}),
         )
         .await;
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     f.srv.stop().await;
 }
 
