@@ -1,0 +1,269 @@
+//! Devices' side: who the device is (its token), its work request, its reports, and the
+//! package its URI serves.
+
+use super::*;
+
+impl Engine {
+    /// Refuses a device that does not present the token its credential needs.
+    pub(super) async fn identify(
+        &self,
+        device: &str,
+        presented: Option<&str>,
+    ) -> Result<(), FotaError> {
+        let required = self.device_credentials.load(Ordering::Relaxed);
+        let credential = self.store.device_credential(device).await?;
+        if crate::auth::device::admits(required, credential.as_ref(), presented) {
+            return Ok(());
+        }
+        Err(FotaError::DeviceUnauthenticated {
+            device: device.to_owned(),
+            presented: presented.is_some(),
+        })
+    }
+
+    /// Makes (or replaces) the device's token; the token is in this answer only.
+    pub async fn issue_device_token(
+        &self,
+        device: &str,
+    ) -> Result<(String, crate::meta::DeviceCredential), FotaError> {
+        check_device(device)?;
+        let (token, credential) = crate::auth::device::mint(device).map_err(|e| {
+            FotaError::Meta(crate::meta::MetaError::Backend(format!("random: {e}")))
+        })?;
+        self.store.put_device_credential(&credential).await?;
+        Ok((token, credential))
+    }
+
+    /// Removes the device's token; `false` when it had none.
+    pub async fn revoke_device_token(&self, device: &str) -> Result<bool, FotaError> {
+        check_device(device)?;
+        Ok(self.store.remove_device_credential(device).await?)
+    }
+
+    /// What the device should do now.
+    /// The device's work; `credential` is the device token it presented.
+    pub async fn work(&self, device: &str, credential: Option<&str>) -> Result<Work, FotaError> {
+        check_device(device)?;
+        self.identify(device, credential).await?;
+        retried(|| self.work_once(device)).await
+    }
+
+    pub(super) async fn work_once(&self, device: &str) -> Result<Work, FotaError> {
+        let poll = self.config.poll_interval.0;
+        let Some(id) = self.store.active_task(device).await? else {
+            return Ok(Work::Nothing { retry_after: poll });
+        };
+        let _g = self.lock_task(&id).await;
+        let Some(mut t) = self.store.get_task(&id).await? else {
+            return Ok(Work::Nothing { retry_after: poll });
+        };
+        let now = self.now_ms();
+        if t.status.is_final() {
+            return Ok(Work::Nothing { retry_after: poll });
+        }
+        let record = match self.repo.resolve_any(&t.firmware).await {
+            Ok(r) => r,
+            Err(FirmwareError::NotFound(_)) if t.is_importing() => {
+                return Ok(Work::Nothing {
+                    retry_after: IMPORT_RETRY,
+                })
+            }
+            Err(FirmwareError::NotFound(_)) => {
+                let before = t.clone();
+                t.note = Some(format!("firmware {:?} was deleted", t.firmware));
+                t.set(Status::Failed, Some("firmware-missing"), now);
+                self.commit(&before, &mut t).await?;
+                return Ok(Work::Nothing { retry_after: poll });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if t.status.is_started() {
+            return Ok(Work::Task {
+                task: Box::new(t),
+                record,
+            });
+        }
+        if t.is_importing() {
+            return Ok(Work::Nothing {
+                retry_after: IMPORT_RETRY,
+            });
+        }
+        let before = t.clone();
+        if let Some(wake) = t
+            .wake_ms
+            .filter(|w| *w > now && t.reason.as_deref() == Some(waiting::DEFERRED))
+        {
+            return Ok(Work::Nothing {
+                retry_after: until(now, wake),
+            });
+        }
+        if let Some(note) = self.cached(&t, &record).await? {
+            t.note = Some(note);
+            t.update_result = 1;
+            t.set(Status::Succeeded, Some("cached-data"), now);
+            self.commit(&before, &mut t).await?;
+            return Ok(Work::Nothing { retry_after: poll });
+        }
+        let cal = calendar(&t.options.schedule);
+        if !cal.is_open(now) {
+            t.pause_clock(now);
+            t.wake_ms = cal.next_open(now);
+            if t.reason.as_deref() != Some(waiting::WINDOW) {
+                t.set(Status::Pending, Some(waiting::WINDOW), now);
+            }
+            let retry_after = t.wake_ms.map_or(poll, |w| until(now, w));
+            if t != before {
+                self.commit(&before, &mut t).await?;
+            }
+            return Ok(Work::Nothing { retry_after });
+        }
+        t.size = Some(record.size);
+        t.deliver(now);
+        match self.commit(&before, &mut t).await {
+            Ok(()) => Ok(Work::Task {
+                task: Box::new(t),
+                record,
+            }),
+            Err(FotaError::QuotaFull) => {
+                let mut t = before.clone();
+                t.pause_clock(now);
+                if t.reason.as_deref() != Some(waiting::QUOTA) {
+                    t.set(Status::Pending, Some(waiting::QUOTA), now);
+                }
+                if t != before {
+                    self.commit(&before, &mut t).await?;
+                }
+                Ok(Work::Nothing { retry_after: poll })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Applies a device report.
+    /// A report on task `id`, from the device that owns it: `credential` is the device token
+    /// it presented.
+    pub async fn report(
+        &self,
+        id: &str,
+        report: &Report,
+        credential: Option<&str>,
+    ) -> Result<FotaTask, FotaError> {
+        let t = self
+            .store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
+        self.identify(&t.device_id, credential).await?;
+        retried(|| self.report_once(id, report)).await
+    }
+
+    pub(super) async fn report_once(
+        &self,
+        id: &str,
+        report: &Report,
+    ) -> Result<FotaTask, FotaError> {
+        let _g = self.lock_task(id).await;
+        let mut t = self
+            .store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
+        let before = t.clone();
+        let now = self.now_ms();
+        let deferred_until = now.saturating_add(self.config.deferred_retry.0.as_millis() as i64);
+        t.apply(report, deferred_until, now)?;
+        if report.pkg_name.is_some() || report.pkg_version.is_some() {
+            self.store
+                .put_device(&DeviceInfo {
+                    device_id: t.device_id.clone(),
+                    pkg_name: report.pkg_name.clone(),
+                    pkg_version: report.pkg_version.clone(),
+                    reported_ms: now,
+                })
+                .await?;
+        }
+        if t != before {
+            self.commit(&before, &mut t).await?;
+        }
+        Ok(t)
+    }
+
+    /// A wrong token is always refused; a missing one only with `auth.package_tokens`.
+    pub(super) fn check_capability(
+        &self,
+        capability: &str,
+        token: Option<&str>,
+    ) -> Result<(), FotaError> {
+        match token {
+            Some(t) if !capability.is_empty() && same_secret(t, capability) => Ok(()),
+            Some(_) => Err(FotaError::PackageToken),
+            None if self.package_tokens() => Err(FotaError::PackageToken),
+            None => Ok(()),
+        }
+    }
+
+    /// The firmware behind a task's package URI. A request for bytes moves a task that was
+    /// just delivered to `downloading`.
+    pub async fn package(
+        &self,
+        id: &str,
+        token: Option<&str>,
+        for_bytes: bool,
+    ) -> Result<Arc<Package>, FotaError> {
+        retried(|| self.package_once(id, token, for_bytes)).await
+    }
+
+    pub(super) async fn package_once(
+        &self,
+        id: &str,
+        token: Option<&str>,
+        for_bytes: bool,
+    ) -> Result<Arc<Package>, FotaError> {
+        let cached = lock(&self.packages)
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < PACKAGE_TTL)
+            .map(|(p, _)| Arc::clone(p));
+        if let Some(p) = cached {
+            self.check_capability(&p.capability, token)?;
+            return Ok(p);
+        }
+        let mut t = self.task(id).await?;
+        self.check_capability(&t.capability, token)?;
+        if !t.status.is_started() {
+            return Err(FotaError::PackageUnavailable(
+                id.to_owned(),
+                t.status.as_str(),
+            ));
+        }
+        if t.status == Status::Delivering && for_bytes {
+            let _g = self.lock_task(id).await;
+            t = self.task(id).await?;
+            if t.status == Status::Delivering {
+                let before = t.clone();
+                let now = self.now_ms();
+                t.set(Status::Downloading, None, now);
+                self.commit(&before, &mut t).await?;
+            }
+        }
+        let record = self.repo.resolve_any(&t.firmware).await?;
+        let progress = Arc::clone(
+            lock(&self.progress)
+                .entry(t.id.clone())
+                .or_insert_with(|| Arc::new(AtomicU64::new(0))),
+        );
+        let p = Arc::new(Package {
+            capability: t.capability.clone(),
+            task_id: t.id.clone(),
+            record,
+            progress,
+        });
+        if t.status != Status::Delivering {
+            let mut cache = lock(&self.packages);
+            if cache.len() >= 10_000 {
+                cache.clear();
+            }
+            cache.insert(t.id, (Arc::clone(&p), Instant::now()));
+        }
+        Ok(p)
+    }
+}

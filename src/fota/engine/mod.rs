@@ -1,0 +1,365 @@
+//! The engine behind the FOTA routes: every task change goes through `commit`, which stores
+//! the task with its indexes only if nobody stored it since it was read (its revision), takes
+//! a quota slot in the same store step, keeps the package cache in step, and publishes the
+//! transition as an event. Several instances may share the store.
+//!
+//! This file holds the engine's state, `commit` and the events; the rest is by concern:
+//! `scheduling` (operators: schedule, cancel, schedules), `device` (devices: identity, work,
+//! reports, packages), `imports`, `timers` and `progress`.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod device;
+mod imports;
+mod progress;
+mod scheduling;
+mod timers;
+
+use super::clock::Clock;
+use super::import::Importer;
+use super::request::{RequestError, ScheduleRequest};
+use super::schedule::{self, Calendar, Schedule, ScheduleError};
+use super::task::{waiting, FotaTask, Report, Status, TaskOptions};
+use super::view::TaskEvent;
+use super::{check_device, FotaError};
+use crate::config::FotaConfig;
+use crate::firmware::{FirmwareError, Ingested, Repository, UploadRequest};
+use crate::meta::{DeviceInfo, FirmwareRecord, MetaStore, Put};
+use crate::name::FirmwareName;
+
+/// Lock stripes: operations on one task are serialised, different tasks rarely contend.
+const STRIPES: usize = 64;
+/// Fresh reads a step gets when the task keeps changing under it.
+const STALE_RETRIES: usize = 16;
+/// How long a package lookup is reused for the next block or range of the same task.
+const PACKAGE_TTL: Duration = Duration::from_secs(1);
+/// Tasks handled per batch when timers fire.
+const DUE_BATCH: usize = 256;
+/// Hint to a device whose firmware is still being imported.
+const IMPORT_RETRY: Duration = Duration::from_secs(10);
+/// After a failed timer pass, try again after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Events a slow subscriber may fall behind before it is told it lagged.
+const EVENT_BUFFER: usize = 4096;
+
+/// What a device gets when it asks for work.
+pub enum Work {
+    /// Download `record` from the task's package URI.
+    Task {
+        task: Box<FotaTask>,
+        record: Arc<FirmwareRecord>,
+    },
+    /// Nothing now; ask again after the hint.
+    Nothing { retry_after: Duration },
+}
+
+/// A task's firmware, resolved for serving bytes on its package URI.
+pub struct Package {
+    capability: String,
+    pub task_id: String,
+    pub record: Arc<FirmwareRecord>,
+    progress: Arc<AtomicU64>,
+}
+
+impl Package {
+    /// Counts bytes served to the task.
+    pub fn served(&self, n: u64) {
+        self.progress.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The FOTA engine.
+pub struct Engine {
+    store: Arc<dyn MetaStore>,
+    repo: Arc<Repository>,
+    clock: Arc<dyn Clock>,
+    config: FotaConfig,
+    importer: Importer,
+    /// Public base per URI scheme, set once the listeners are bound.
+    bases: OnceLock<Vec<(&'static str, String)>>,
+    /// `auth.package_tokens`: a package URI works only with its capability.
+    package_tokens: AtomicBool,
+    /// `auth.device_credentials`: every device must present its device token.
+    device_credentials: AtomicBool,
+    locks: Vec<tokio::sync::Mutex<()>>,
+    /// Bytes served per task not yet folded into the stored task.
+    progress: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    packages: Mutex<HashMap<String, (Arc<Package>, Instant)>>,
+    importing: Mutex<HashSet<String>>,
+    events: broadcast::Sender<Arc<TaskEvent>>,
+    /// Names this instance in announcements, so it skips its own when they come back.
+    origin: String,
+    due_changed: Notify,
+    /// Shutdown: timers and imports stop when it fires and run on `work`.
+    cancel: CancellationToken,
+    work: TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A task id: creation time (ms, 6 bytes) then 10 random bytes, in hex, so ids sort by
+/// creation and cannot be guessed.
+fn new_id(now_ms: i64) -> String {
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(&now_ms.max(0).to_be_bytes()[2..]);
+    getrandom::fill(&mut b[6..]).expect("system random source");
+    hex::encode(b)
+}
+
+/// 128 random bits, base64url: the package URI's last segment.
+fn new_capability() -> String {
+    use base64::Engine as _;
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("system random source");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Compares without an early exit, so the time taken does not tell how much matched.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Runs a read-change-store step again, on a fresh read, while another writer (a concurrent
+/// request, another instance) stored the task first.
+async fn retried<T, F: Future<Output = Result<T, FotaError>>>(
+    mut step: impl FnMut() -> F,
+) -> Result<T, FotaError> {
+    for _ in 0..STALE_RETRIES {
+        match step().await {
+            Err(FotaError::Stale(_)) => continue,
+            other => return other,
+        }
+    }
+    step().await
+}
+
+fn until(now: i64, at: i64) -> Duration {
+    Duration::from_millis((at - now).max(0) as u64)
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn MetaStore>,
+        repo: Arc<Repository>,
+        clock: Arc<dyn Clock>,
+        config: FotaConfig,
+        cancel: CancellationToken,
+        work: TaskTracker,
+    ) -> Engine {
+        Engine {
+            cancel,
+            work,
+            origin: new_capability(),
+            importer: Importer::new(&config),
+            store,
+            repo,
+            clock,
+            config,
+            bases: OnceLock::new(),
+            package_tokens: AtomicBool::new(false),
+            device_credentials: AtomicBool::new(false),
+            locks: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            progress: Mutex::new(HashMap::new()),
+            packages: Mutex::new(HashMap::new()),
+            importing: Mutex::new(HashSet::new()),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            due_changed: Notify::new(),
+        }
+    }
+
+    /// Sets the public bases of package URIs; the first call wins.
+    pub fn set_bases(&self, bases: Vec<(&'static str, String)>) {
+        let _ = self.bases.set(bases);
+    }
+
+    /// Requires each package URI's capability (`auth.package_tokens`).
+    pub fn set_package_tokens(&self, on: bool) {
+        self.package_tokens.store(on, Ordering::Relaxed);
+    }
+
+    pub fn package_tokens(&self) -> bool {
+        self.package_tokens.load(Ordering::Relaxed)
+    }
+
+    pub fn set_device_credentials(&self, on: bool) {
+        self.device_credentials.store(on, Ordering::Relaxed);
+    }
+
+    fn bases(&self) -> &[(&'static str, String)] {
+        self.bases.get().map(Vec::as_slice).unwrap_or_default()
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// The announcement of `event` to the other instances sharing the store, if any; the
+    /// store sends it when, and in the transaction in which, it stores the task.
+    fn announcement(&self, event: &TaskEvent) -> Option<String> {
+        self.store
+            .shared()
+            .then(|| json!({"origin": self.origin, "event": event}).to_string())
+    }
+
+    /// Passes on what other instances announce: their transitions reach this instance's
+    /// subscribers, and a change of theirs may move a deadline this instance times.
+    fn follow_others(self: &Arc<Self>) {
+        let Some(mut announced) = self.store.announcements(self.cancel.clone()) else {
+            return;
+        };
+        let this = Arc::clone(self);
+        self.work.spawn(async move {
+            while let Some(message) = announced.recv().await {
+                #[derive(serde::Deserialize)]
+                struct Announcement {
+                    origin: String,
+                    event: TaskEvent,
+                }
+                match serde_json::from_str::<Announcement>(&message) {
+                    Ok(a) if a.origin == this.origin => {}
+                    Ok(a) => {
+                        let _ = this.events.send(Arc::new(a.event));
+                        this.due_changed.notify_one();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "unreadable FOTA announcement"),
+                }
+            }
+        });
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
+        self.events.subscribe()
+    }
+
+    async fn lock_task(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let h = id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        self.locks[h % STRIPES].lock().await
+    }
+
+    /// Restarts interrupted imports, follows what other instances announce and runs the timer
+    /// until shutdown.
+    pub async fn start(self: &Arc<Self>) -> Result<(), FotaError> {
+        for task in self.store.importing().await? {
+            self.spawn_import(task.id);
+        }
+        self.follow_others();
+        let this = Arc::clone(self);
+        self.work.spawn(async move { this.run_timers().await });
+        let this = Arc::clone(self);
+        self.work
+            .spawn(async move { this.save_progress_every().await });
+        Ok(())
+    }
+
+    /// Persists a changed task and everything that follows from the change. Refused when the
+    /// stored task changed since `before` was read ([`FotaError::Stale`]; the step is run
+    /// again on a fresh read) and when the change takes a quota slot none is left for
+    /// ([`FotaError::QuotaFull`]).
+    async fn commit(&self, before: &FotaTask, t: &mut FotaTask) -> Result<(), FotaError> {
+        let unsaved = lock(&self.progress).get(&t.id).cloned();
+        let folded = unsaved.as_ref().map_or(0, |p| p.swap(0, Ordering::Relaxed));
+        t.bytes_served += folded;
+        t.revision = before.revision + 1;
+        let quota = (!before.holds_quota() && t.holds_quota()).then_some(self.config.quota);
+        let transition =
+            before.status != t.status || before.reason != t.reason || before.state != t.state;
+        let event = transition.then(|| TaskEvent::of(t, self.now_ms()));
+        let announce = event.as_ref().and_then(|e| self.announcement(e));
+        let put = self
+            .store
+            .put_task(t, before.revision, quota, announce.as_deref())
+            .await;
+        if !matches!(put, Ok(Put::Stored)) {
+            if let Some(p) = unsaved {
+                p.fetch_add(folded, Ordering::Relaxed);
+            }
+            t.bytes_served -= folded;
+            t.revision = before.revision;
+            return Err(match put {
+                Err(e) => e.into(),
+                Ok(Put::QuotaFull) => FotaError::QuotaFull,
+                Ok(_) => FotaError::Stale(t.id.clone()),
+            });
+        }
+        lock(&self.packages).remove(&t.id);
+        if !t.is_active() {
+            lock(&self.progress).remove(&t.id);
+            // Expired firmware this task kept alive may go now.
+            self.repo.expiry_changed.notify_one();
+        }
+        if before.due_ms() != t.due_ms() {
+            self.due_changed.notify_one();
+        }
+        if let Some(event) = event {
+            let _ = self.events.send(Arc::new(event));
+            tracing::info!(
+                fota_id = %t.id, device = %t.device_id, status = t.status.as_str(),
+                reason = t.reason.as_deref().unwrap_or(""), "FOTA task"
+            );
+        }
+        Ok(())
+    }
+
+    /// Bytes served to a task, including what is not yet stored.
+    pub fn bytes_served(&self, t: &FotaTask) -> u64 {
+        t.bytes_served
+            + lock(&self.progress)
+                .get(&t.id)
+                .map_or(0, |p| p.load(Ordering::Relaxed))
+    }
+
+    pub async fn task(&self, id: &str) -> Result<FotaTask, FotaError> {
+        self.store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| FotaError::NotFound(id.to_owned()))
+    }
+
+    /// A page of tasks, optionally of one device and in one status, and the next cursor.
+    pub async fn list(
+        &self,
+        device: Option<&str>,
+        status: Option<Status>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<FotaTask>, Option<String>), FotaError> {
+        if let Some(d) = device {
+            check_device(d)?;
+        }
+        let page = self.store.list_tasks(device, after, limit).await?;
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|t| t.id.clone()))
+            .flatten();
+        let tasks = page
+            .into_iter()
+            .filter(|t| status.is_none_or(|s| t.status == s))
+            .collect();
+        Ok((tasks, next))
+    }
+}
+
+/// A stored schedule was checked when it was saved; one that no longer compiles (a time zone
+/// gone from the system database) is treated as always open rather than blocking forever.
+fn calendar(s: &Schedule) -> Calendar {
+    s.calendar().unwrap_or_else(|e| {
+        tracing::warn!(schedule = %s.name, error = %e, "schedule does not compile; treating it as always open");
+        Calendar::always()
+    })
+}

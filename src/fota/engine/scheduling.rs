@@ -1,0 +1,231 @@
+//! Operators' side: scheduling a task (schedule, quota, cached data, window placement),
+//! cancelling one, and the maintenance schedules themselves.
+
+use super::*;
+
+impl Engine {
+    /// The schedule named in a request: built in, or stored.
+    pub(super) async fn find_schedule(&self, name: &str) -> Result<Schedule, FotaError> {
+        if let Some(s) = schedule::built_in(name) {
+            return Ok(s);
+        }
+        self.store.get_schedule(name).await?.ok_or_else(|| {
+            RequestError::Meaningless {
+                field: "schedule",
+                message: format!("no schedule named {name:?}"),
+            }
+            .into()
+        })
+    }
+
+    pub(super) fn served_protocols(&self) -> String {
+        self.bases()
+            .iter()
+            .filter_map(|(scheme, _)| crate::fota::request::Protocol::of_scheme(scheme))
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether the device already runs the firmware, by what it last reported.
+    pub(super) async fn runs_already(
+        &self,
+        device: &str,
+        record: &FirmwareRecord,
+    ) -> Result<Option<String>, FotaError> {
+        let (Some(want_name), Some(want_version)) = (&record.description, &record.version) else {
+            return Ok(None);
+        };
+        let Some(info) = self.store.get_device(device).await? else {
+            return Ok(None);
+        };
+        Ok(
+            (info.pkg_name.as_ref() == Some(want_name)
+                && info.pkg_version.as_ref() == Some(want_version))
+            .then(|| {
+                format!("device reported {want_name} {want_version} already (useCachedData); nothing to download")
+            }),
+        )
+    }
+
+    /// Creates a task from the seed's `scheduleFirmwareUpdate` payload.
+    pub async fn schedule(
+        self: &Arc<Self>,
+        device: &str,
+        body: &Value,
+    ) -> Result<FotaTask, FotaError> {
+        check_device(device)?;
+        let req = ScheduleRequest::parse(body)?;
+        let scheme = req.protocol.scheme();
+        let base = self
+            .bases()
+            .iter()
+            .find(|(s, _)| *s == scheme)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(|| FotaError::ProtocolNotServed {
+                requested: req.protocol.name(),
+                served: self.served_protocols(),
+            })?;
+        let sched = self.find_schedule(&req.schedule).await?;
+        if let Some(active) = self.store.active_task(device).await? {
+            return Err(FotaError::DeviceBusy {
+                device: device.to_owned(),
+                fota_id: active,
+            });
+        }
+        let record = match self.repo.resolve(&req.name).await {
+            Ok(r) => Some(r),
+            Err(FirmwareError::NotFound(_)) if req.firmware_url.is_some() => None,
+            Err(FirmwareError::NotFound(n)) => return Err(FotaError::NoFirmware(n)),
+            Err(e) => return Err(e.into()),
+        };
+        let now = self.now_ms();
+        let id = new_id(now);
+        let capability = new_capability();
+        let mut t = FotaTask {
+            package_uri: format!("{base}/p/{id}/{capability}"),
+            capability,
+            id,
+            device_id: device.to_owned(),
+            firmware: req.name.to_string(),
+            options: TaskOptions {
+                timeout_ms: req.timeout.as_millis() as i64,
+                protocol: req.protocol,
+                firmware_url: req.firmware_url.as_ref().map(|u| u.to_string()),
+                retention_secs: req.retention.map(|d| d.as_secs()),
+                description: req.description.clone(),
+                use_quota: req.use_quota,
+                use_cached_data: req.use_cached_data,
+                resume_after_downlink_failure: req.resume_after_downlink_failure,
+                upgrade_strategy: req.upgrade_strategy,
+                schedule: sched,
+            },
+            status: Status::Pending,
+            reason: None,
+            note: None,
+            state: 0,
+            update_result: 0,
+            bytes_served: 0,
+            size: record.as_ref().map(|r| r.size),
+            created_ms: now,
+            started_ms: None,
+            finished_ms: None,
+            deadline_ms: None,
+            remaining_ms: None,
+            wake_ms: None,
+            import_owner: None,
+            history: Vec::new(),
+            revision: 0,
+        };
+        match &record {
+            None => t.set(Status::Pending, Some(waiting::IMPORT), now),
+            Some(r) => match self.cached(&t, r).await? {
+                Some(note) => {
+                    t.note = Some(note);
+                    t.update_result = 1;
+                    t.set(Status::Succeeded, Some("cached-data"), now);
+                }
+                None => self.place(&mut t, now),
+            },
+        }
+        let event = TaskEvent::of(&t, now);
+        let announce = self.announcement(&event);
+        if let Some(active) = self.store.create_task(&t, announce.as_deref()).await? {
+            return Err(FotaError::DeviceBusy {
+                device: device.to_owned(),
+                fota_id: active,
+            });
+        }
+        let _ = self.events.send(Arc::new(event));
+        tracing::info!(fota_id = %t.id, device, firmware = %t.firmware, status = t.status.as_str(), "FOTA task scheduled");
+        if t.is_importing() {
+            self.spawn_import(t.id.clone());
+        }
+        if t.due_ms().is_some() {
+            self.due_changed.notify_one();
+        }
+        Ok(t)
+    }
+
+    pub(super) async fn cached(
+        &self,
+        t: &FotaTask,
+        r: &FirmwareRecord,
+    ) -> Result<Option<String>, FotaError> {
+        if !t.options.use_cached_data {
+            return Ok(None);
+        }
+        self.runs_already(&t.device_id, r).await
+    }
+
+    /// A task whose firmware is ready waits for its window or for the device.
+    pub(super) fn place(&self, t: &mut FotaTask, now: i64) {
+        let cal = calendar(&t.options.schedule);
+        if cal.is_open(now) {
+            t.set(Status::Pending, Some(waiting::DEVICE), now);
+        } else {
+            t.wake_ms = cal.next_open(now);
+            t.set(Status::Pending, Some(waiting::WINDOW), now);
+        }
+    }
+
+    /// Cancels a task that has not reached `updating`.
+    pub async fn cancel(&self, id: &str) -> Result<FotaTask, FotaError> {
+        retried(|| self.cancel_once(id)).await
+    }
+
+    pub(super) async fn cancel_once(&self, id: &str) -> Result<FotaTask, FotaError> {
+        let _g = self.lock_task(id).await;
+        let mut t = self
+            .store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
+        let before = t.clone();
+        t.cancel(self.now_ms())?;
+        self.commit(&before, &mut t).await?;
+        Ok(t)
+    }
+
+    /// Every schedule: the built-in ones, then the stored ones.
+    pub async fn schedules(&self) -> Result<Vec<Schedule>, FotaError> {
+        let mut all = schedule::built_ins();
+        all.extend(self.store.list_schedules().await?);
+        Ok(all)
+    }
+
+    pub async fn get_schedule(&self, name: &str) -> Result<Schedule, FotaError> {
+        if let Some(s) = schedule::built_in(name) {
+            return Ok(s);
+        }
+        self.store
+            .get_schedule(name)
+            .await?
+            .ok_or_else(|| ScheduleError::NotFound(name.to_owned()).into())
+    }
+
+    /// Creates or replaces a user-defined schedule. Tasks keep the schedule they were created
+    /// with.
+    pub async fn put_schedule(&self, name: &str, mut s: Schedule) -> Result<Schedule, FotaError> {
+        schedule::check_name(name)?;
+        if schedule::built_in(name).is_some() {
+            return Err(ScheduleError::BuiltIn(name.to_owned()).into());
+        }
+        s.name = name.to_owned();
+        s.built_in = false;
+        s.check()?;
+        self.store.put_schedule(&s).await?;
+        Ok(s)
+    }
+
+    pub async fn delete_schedule(&self, name: &str) -> Result<(), FotaError> {
+        if schedule::built_in(name).is_some() {
+            return Err(ScheduleError::BuiltIn(name.to_owned()).into());
+        }
+        if self.store.delete_schedule(name).await? {
+            Ok(())
+        } else {
+            Err(ScheduleError::NotFound(name.to_owned()).into())
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The timer: one loop sleeps until the earliest stored deadline or window opening (or a
+//! change that moves it, local or announced by another instance) and moves the tasks due.
+
+use super::*;
+
+impl Engine {
+    pub(super) async fn run_timers(self: Arc<Self>) {
+        let cancel = self.cancel.clone();
+        loop {
+            let changed = self.due_changed.notified();
+            let now = self.clock.now_ms();
+            let mut next = match self.tick(now).await {
+                Ok(next) => next.unwrap_or(now + 3_600_000),
+                Err(e) => {
+                    tracing::warn!(error = %e, "FOTA timer pass failed");
+                    now + RETRY_AFTER.as_millis() as i64
+                }
+            };
+            if self.store.shared() {
+                // Other instances set deadlines and windows this one is not told of.
+                next = next.min(now + self.config.shared_timer_poll.0.as_millis() as i64);
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = changed => {}
+                _ = self.clock.sleep_until(next) => {}
+            }
+        }
+    }
+
+    /// Handles every task due by `now`; returns when the next one is due.
+    pub(super) async fn tick(self: &Arc<Self>, now: i64) -> Result<Option<i64>, FotaError> {
+        loop {
+            let batch = self.store.due(now, DUE_BATCH).await?;
+            for task in &batch {
+                retried(|| self.on_due(&task.id, now)).await?;
+            }
+            if batch.len() < DUE_BATCH {
+                break;
+            }
+        }
+        Ok(self.store.next_due().await?)
+    }
+
+    pub(super) async fn on_due(self: &Arc<Self>, id: &str, now: i64) -> Result<(), FotaError> {
+        let _g = self.lock_task(id).await;
+        let Some(mut t) = self.store.get_task(id).await? else {
+            return Ok(());
+        };
+        if t.is_importing() {
+            // The lease on the import ran out: this instance's is renewed, another's is
+            // taken over.
+            drop(_g);
+            if self.claim_import(id).await? {
+                self.spawn_import(id.to_owned());
+            }
+            return Ok(());
+        }
+        let before = t.clone();
+        if t.deadline_ms.is_some_and(|d| d <= now) {
+            t.set(Status::Failed, Some("timeout"), now);
+        } else if t.wake_ms.is_some_and(|w| w <= now) {
+            t.wake_ms = None;
+            if t.status == Status::Pending {
+                let cal = calendar(&t.options.schedule);
+                if cal.is_open(now) {
+                    t.set(Status::Pending, Some(waiting::DEVICE), now);
+                } else {
+                    t.wake_ms = cal.next_open(now);
+                    if t.reason.as_deref() != Some(waiting::WINDOW) {
+                        t.pause_clock(now);
+                        t.set(Status::Pending, Some(waiting::WINDOW), now);
+                    }
+                }
+            }
+        } else {
+            return Ok(());
+        }
+        self.commit(&before, &mut t).await
+    }
+}
