@@ -14,6 +14,7 @@ pub mod keys;
 pub mod mcuboot;
 pub mod meta;
 pub mod metrics;
+pub mod model;
 pub mod name;
 pub mod retention;
 pub mod server;

@@ -12,10 +12,9 @@ mod engine;
 pub mod import;
 pub mod report;
 pub mod request;
-pub mod schedule;
-pub mod task;
 pub mod view;
 
+pub use crate::model::{schedule, task};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{Engine, Package, Work};
 

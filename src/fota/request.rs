@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::name::{parse_duration, FirmwareName};
@@ -32,76 +31,7 @@ pub enum RequestError {
     Push,
 }
 
-/// The transport of a task's package URI (`protocolType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Protocol {
-    #[serde(rename = "COAP")]
-    Coap,
-    #[serde(rename = "COAPS")]
-    Coaps,
-    #[serde(rename = "COAP_TCP")]
-    CoapTcp,
-    #[serde(rename = "COAPS_TCP")]
-    CoapsTcp,
-    #[serde(rename = "HTTP")]
-    Http,
-    #[serde(rename = "HTTPS")]
-    Https,
-}
-
-impl Protocol {
-    const ALL: [(Protocol, &'static str, &'static str); 6] = [
-        (Protocol::Coap, "COAP", "coap"),
-        (Protocol::Coaps, "COAPS", "coaps"),
-        (Protocol::CoapTcp, "COAP_TCP", "coap+tcp"),
-        (Protocol::CoapsTcp, "COAPS_TCP", "coaps+tcp"),
-        (Protocol::Http, "HTTP", "http"),
-        (Protocol::Https, "HTTPS", "https"),
-    ];
-
-    pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|p| p.0 == self).expect("listed").1
-    }
-
-    /// The URI scheme, which is also the key of the transport's public base.
-    pub fn scheme(self) -> &'static str {
-        Self::ALL.iter().find(|p| p.0 == self).expect("listed").2
-    }
-
-    /// The protocol type whose URIs use `scheme`.
-    pub fn of_scheme(scheme: &str) -> Option<Protocol> {
-        Self::ALL.iter().find(|p| p.2 == scheme).map(|p| p.0)
-    }
-
-    fn parse(s: &str) -> Option<Protocol> {
-        Self::ALL
-            .iter()
-            .find(|p| p.1.eq_ignore_ascii_case(s))
-            .map(|p| p.0)
-    }
-}
-
-/// How the device's driver follows the update; stored and handed on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum UpgradeStrategy {
-    WithoutObservations,
-    ObservationTrigger,
-    ObservationBased,
-    SendBased,
-}
-
-impl UpgradeStrategy {
-    const ALL: [(UpgradeStrategy, &'static str); 4] = [
-        (UpgradeStrategy::WithoutObservations, "WithoutObservations"),
-        (UpgradeStrategy::ObservationTrigger, "ObservationTrigger"),
-        (UpgradeStrategy::ObservationBased, "ObservationBased"),
-        (UpgradeStrategy::SendBased, "SendBased"),
-    ];
-
-    pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|p| p.0 == self).expect("listed").1
-    }
-}
+pub use crate::model::protocol::{Protocol, UpgradeStrategy};
 
 /// A parsed schedule request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use super::firmware::view;
 use super::{parse_name, AppState};
 use crate::firmware::Ingested;
 use crate::fota::report::{self, MAX_REPORT};
-use crate::fota::request::parse_url;
+use crate::fota::request::{parse_url, ScheduleRequest};
 use crate::fota::schedule::Schedule;
 use crate::fota::task::{FotaTask, Status};
 use crate::fota::view::{task_json, work_json};
@@ -52,7 +52,9 @@ pub async fn schedule(
             ))
         }
     };
-    let t = app.engine.schedule(&device, &req).await?;
+    crate::fota::check_device(&device)?;
+    let req = ScheduleRequest::parse(&req).map_err(FotaError::from)?;
+    let t = app.engine.schedule(&device, req).await?;
     let mut answer = json!({"fotaId": t.id});
     if issue {
         let (token, _) = app.engine.issue_device_token(&device).await.map_err(|e| {
@@ -265,7 +267,8 @@ pub async fn method(
     let result: Result<Value, ApiError> = async {
         match method.as_str() {
             "scheduleFirmwareUpdate" => {
-                let t = app.engine.schedule(&device, &payload).await?;
+                let req = ScheduleRequest::parse(&payload).map_err(FotaError::from)?;
+                let t = app.engine.schedule(&device, req).await?;
                 Ok(json!({"fotaId": t.id}))
             }
             "checkFirmwareUpdateStatus" => {

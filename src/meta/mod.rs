@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::config::MetaBackend;
-use crate::fota::schedule::Schedule;
-use crate::fota::task::FotaTask;
+use crate::model::schedule::Schedule;
+use crate::model::task::FotaTask;
 
 /// Why the metadata store failed.
 #[derive(Debug, thiserror::Error)]
@@ -330,7 +330,7 @@ pub(crate) mod suite {
 
     /// Tasks and their indexes move together.
     async fn tasks(store: &dyn MetaStore) {
-        use crate::fota::task::{tests::task, Status};
+        use crate::model::task::{tests::task, Status};
         let mut t1 = task(false);
         t1.id = "01".into();
         t1.options.use_quota = true;
@@ -450,7 +450,7 @@ pub(crate) mod suite {
         assert!(store.remove_device_credential("d").await.unwrap());
         assert!(!store.remove_device_credential("d").await.unwrap());
         assert_eq!(store.device_credential("d").await.unwrap(), None);
-        let s = crate::fota::schedule::Schedule {
+        let s = crate::model::schedule::Schedule {
             name: "n".into(),
             time_zone: "UTC".into(),
             windows: Vec::new(),

@@ -21,8 +21,8 @@ use super::{
     MetaError, Put, ScheduleStore, TaskStore,
 };
 use crate::auth::{StoredToken, TokenTable};
-use crate::fota::schedule::Schedule;
-use crate::fota::task::FotaTask;
+use crate::model::schedule::Schedule;
+use crate::model::task::FotaTask;
 
 /// Connections kept open; each request takes one for the length of its statement.
 const POOL_SIZE: usize = 8;
@@ -924,7 +924,7 @@ mod tests {
         tokio::spawn(conn);
         // A database from before versions were recorded: the first tables, a task in them.
         client.batch_execute(MIGRATIONS[0]).await.unwrap();
-        let mut t = crate::fota::task::tests::task(false);
+        let mut t = crate::model::task::tests::task(false);
         t.id = "old".into();
         client
             .execute(
@@ -980,7 +980,7 @@ mod tests {
         let store = super::PgStore::open(&url).await.unwrap();
         let cancel = tokio_util::sync::CancellationToken::new();
         let mut heard = store.announcements(cancel.clone()).unwrap();
-        let mut t = crate::fota::task::tests::task(false);
+        let mut t = crate::model::task::tests::task(false);
         assert_eq!(store.create_task(&t, Some("created")).await.unwrap(), None);
         // LISTEN starts on its own connection: write until the first announcement is heard.
         let first = loop {
@@ -1006,7 +1006,7 @@ mod tests {
         let full = store.put_task(&t, current, Some(0), Some("full"));
         assert_eq!(full.await.unwrap(), Put::QuotaFull);
         // A second task for the device is refused and announces nothing.
-        let mut twin = crate::fota::task::tests::task(false);
+        let mut twin = crate::model::task::tests::task(false);
         twin.id = "twin".into();
         assert!(store
             .create_task(&twin, Some("twin"))

@@ -12,8 +12,8 @@ use sled::Transactional;
 
 use super::sled_store::{backend, SledStore};
 use super::{DeviceCredential, DeviceInfo, DeviceStore, MetaError, Put, ScheduleStore, TaskStore};
-use crate::fota::schedule::Schedule;
-use crate::fota::task::FotaTask;
+use crate::model::schedule::Schedule;
+use crate::model::task::FotaTask;
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, MetaError> {
     serde_json::from_slice(value).map_err(|e| MetaError::Corrupt {

@@ -98,19 +98,11 @@ impl Engine {
             });
         }
         if let Some(note) = self.cached(&t, &record).await? {
-            t.note = Some(note);
-            t.update_result = 1;
-            t.set(Status::Succeeded, Some("cached-data"), now);
+            t.succeed_from_cache(note, now);
             self.commit(&before, &mut t).await?;
             return Ok(Work::Nothing { retry_after: poll });
         }
-        let cal = calendar(&t.options.schedule);
-        if !cal.is_open(now) {
-            t.pause_clock(now);
-            t.wake_ms = cal.next_open(now);
-            if t.reason.as_deref() != Some(waiting::WINDOW) {
-                t.set(Status::Pending, Some(waiting::WINDOW), now);
-            }
+        if !t.wait_for_window(&calendar(&t.options.schedule), now) {
             let retry_after = t.wake_ms.map_or(poll, |w| until(now, w));
             if t != before {
                 self.commit(&before, &mut t).await?;

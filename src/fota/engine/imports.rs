@@ -135,14 +135,7 @@ impl Engine {
         match outcome {
             Ok(record) => {
                 t.size = Some(record.size);
-                match self.cached(&t, record).await? {
-                    Some(note) => {
-                        t.note = Some(note);
-                        t.update_result = 1;
-                        t.set(Status::Succeeded, Some("cached-data"), now);
-                    }
-                    None => self.place(&mut t, now),
-                }
+                self.settle(&mut t, record, now).await?;
             }
             Err(e) => {
                 t.note = Some(e.clone());

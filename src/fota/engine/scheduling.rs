@@ -28,34 +28,13 @@ impl Engine {
     }
 
     /// Whether the device already runs the firmware, by what it last reported.
-    pub(super) async fn runs_already(
-        &self,
-        device: &str,
-        record: &FirmwareRecord,
-    ) -> Result<Option<String>, FotaError> {
-        let (Some(want_name), Some(want_version)) = (&record.description, &record.version) else {
-            return Ok(None);
-        };
-        let Some(info) = self.store.get_device(device).await? else {
-            return Ok(None);
-        };
-        Ok(
-            (info.pkg_name.as_ref() == Some(want_name)
-                && info.pkg_version.as_ref() == Some(want_version))
-            .then(|| {
-                format!("device reported {want_name} {want_version} already (useCachedData); nothing to download")
-            }),
-        )
-    }
-
     /// Creates a task from the seed's `scheduleFirmwareUpdate` payload.
     pub async fn schedule(
         self: &Arc<Self>,
         device: &str,
-        body: &Value,
+        req: ScheduleRequest,
     ) -> Result<FotaTask, FotaError> {
         check_device(device)?;
-        let req = ScheduleRequest::parse(body)?;
         let scheme = req.protocol.scheme();
         let base = self
             .bases()
@@ -119,14 +98,7 @@ impl Engine {
         };
         match &record {
             None => t.set(Status::Pending, Some(waiting::IMPORT), now),
-            Some(r) => match self.cached(&t, r).await? {
-                Some(note) => {
-                    t.note = Some(note);
-                    t.update_result = 1;
-                    t.set(Status::Succeeded, Some("cached-data"), now);
-                }
-                None => self.place(&mut t, now),
-            },
+            Some(r) => self.settle(&mut t, r, now).await?,
         }
         let event = TaskEvent::of(&t, now);
         let announce = self.announcement(&event);
@@ -147,6 +119,8 @@ impl Engine {
         Ok(t)
     }
 
+    /// useCachedData: why the task has nothing to download, if the device last reported
+    /// running this firmware.
     pub(super) async fn cached(
         &self,
         t: &FotaTask,
@@ -155,18 +129,28 @@ impl Engine {
         if !t.options.use_cached_data {
             return Ok(None);
         }
-        self.runs_already(&t.device_id, r).await
+        let Some(info) = self.store.get_device(&t.device_id).await? else {
+            return Ok(None);
+        };
+        Ok(t.runs_already(
+            (info.pkg_name.as_deref(), info.pkg_version.as_deref()),
+            (r.description.as_deref(), r.version.as_deref()),
+        ))
     }
 
-    /// A task whose firmware is ready waits for its window or for the device.
-    pub(super) fn place(&self, t: &mut FotaTask, now: i64) {
-        let cal = calendar(&t.options.schedule);
-        if cal.is_open(now) {
-            t.set(Status::Pending, Some(waiting::DEVICE), now);
-        } else {
-            t.wake_ms = cal.next_open(now);
-            t.set(Status::Pending, Some(waiting::WINDOW), now);
+    /// A task whose firmware is ready: done at once when the device runs it already
+    /// (useCachedData), else placed in its window.
+    pub(super) async fn settle(
+        &self,
+        t: &mut FotaTask,
+        r: &FirmwareRecord,
+        now: i64,
+    ) -> Result<(), FotaError> {
+        match self.cached(t, r).await? {
+            Some(note) => t.succeed_from_cache(note, now),
+            None => t.place(&calendar(&t.options.schedule), now),
         }
+        Ok(())
     }
 
     /// Cancels a task that has not reached `updating`.

@@ -62,16 +62,7 @@ impl Engine {
         } else if t.wake_ms.is_some_and(|w| w <= now) {
             t.wake_ms = None;
             if t.status == Status::Pending {
-                let cal = calendar(&t.options.schedule);
-                if cal.is_open(now) {
-                    t.set(Status::Pending, Some(waiting::DEVICE), now);
-                } else {
-                    t.wake_ms = cal.next_open(now);
-                    if t.reason.as_deref() != Some(waiting::WINDOW) {
-                        t.pause_clock(now);
-                        t.set(Status::Pending, Some(waiting::WINDOW), now);
-                    }
-                }
+                t.place(&calendar(&t.options.schedule), now);
             }
         } else {
             return Ok(());

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::request::{Protocol, UpgradeStrategy};
-use super::schedule::Schedule;
+use super::protocol::{Protocol, UpgradeStrategy};
+use super::schedule::{Calendar, Schedule};
 
 /// Transitions kept per task; older ones are dropped first (a device deferring forever).
 const HISTORY_LIMIT: usize = 100;
@@ -256,6 +256,49 @@ impl FotaTask {
         if let Some(deadline) = self.deadline_ms.take() {
             self.remaining_ms = Some((deadline - now).max(0));
         }
+    }
+
+    /// Whether the schedule's window is open at `now`. When it is not, the task waits for it
+    /// (pending, reason window, woken when it opens) with its timeout paused.
+    pub fn wait_for_window(&mut self, cal: &Calendar, now: i64) -> bool {
+        if cal.is_open(now) {
+            return true;
+        }
+        self.pause_clock(now);
+        self.wake_ms = cal.next_open(now);
+        if self.reason.as_deref() != Some(waiting::WINDOW) {
+            self.set(Status::Pending, Some(waiting::WINDOW), now);
+        }
+        false
+    }
+
+    /// A task whose firmware is ready waits for its window, or for the device while it is open.
+    pub fn place(&mut self, cal: &Calendar, now: i64) {
+        if self.wait_for_window(cal, now) {
+            self.set(Status::Pending, Some(waiting::DEVICE), now);
+        }
+    }
+
+    /// useCachedData: the device last reported this firmware's package name and version (the
+    /// firmware's description and version), so there is nothing to download; the note says so.
+    pub fn runs_already(
+        &self,
+        reported: (Option<&str>, Option<&str>),
+        firmware: (Option<&str>, Option<&str>),
+    ) -> Option<String> {
+        let (Some(name), Some(version)) = firmware else {
+            return None;
+        };
+        (self.options.use_cached_data && reported == (Some(name), Some(version))).then(|| {
+            format!("device reported {name} {version} already (useCachedData); nothing to download")
+        })
+    }
+
+    /// Succeeds without a download: the device runs the firmware already.
+    pub fn succeed_from_cache(&mut self, note: String, now: i64) {
+        self.note = Some(note);
+        self.update_result = 1;
+        self.set(Status::Succeeded, Some("cached-data"), now);
     }
 
     /// First (or renewed) delivery of the package URI to the device.
