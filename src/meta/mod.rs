@@ -1,6 +1,7 @@
 //! Metadata: small traits, one per concern, behind `Arc<dyn MetaStore>`, so a second backend
 //! (PostgreSQL) is a second implementation and callers do not change.
 
+mod group_flush;
 mod pg_schema;
 pub(crate) mod pg_tls;
 mod postgres;

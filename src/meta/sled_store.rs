@@ -28,6 +28,8 @@ pub struct SledStore {
     /// Held while a task takes a quota slot: counting the holders and storing the task are
     /// one step (one process owns a sled database).
     pub(super) quota_gate: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Concurrent changes share fsyncs.
+    group: super::group_flush::GroupFlush,
 }
 
 pub(super) fn backend(e: impl std::fmt::Display) -> MetaError {
@@ -69,6 +71,7 @@ impl SledStore {
                 device_credentials: db.open_tree("device_credentials").map_err(backend)?,
                 schedules: db.open_tree("schedules").map_err(backend)?,
                 quota_gate: Default::default(),
+                group: Default::default(),
                 db,
             })
         })
@@ -86,12 +89,11 @@ impl SledStore {
             .map_err(backend)?
     }
 
-    /// Makes every write so far durable. sled's `flush_async` stalled for good under a few
-    /// dozen concurrent callers (bench/fota.sh); the blocking flush on the blocking pool does
-    /// not, and concurrent callers share the fsync that is in progress.
+    /// Makes every write so far durable, sharing the fsync with the changes that arrive
+    /// together (group commit). sled's `flush_async` stalled for good under a few dozen
+    /// concurrent callers (bench/fota.sh); its blocking flush, one at a time, does not.
     pub(super) async fn flush(&self) -> Result<(), MetaError> {
-        self.blocking(|s| s.db.flush().map(|_| ()).map_err(backend))
-            .await
+        self.group.flush(&self.db).await
     }
 
     /// Runs a transaction over both trees; `Abort(r)` returns `r` without committing.

@@ -53,7 +53,9 @@ async fn schemathesis_in_namespace() {
         ])
         .args(["--url", &srv.base])
         .args(["--header", &format!("Authorization: Bearer {admin}")])
-        .args(["--checks", "all", "--max-examples", "100", "--workers", "2"])
+        // One worker: CPython 3.11's parser is not safe to enter from several threads at once
+        // (schemathesis' coverage phase failed with "AST constructor recursion depth mismatch").
+        .args(["--checks", "all", "--max-examples", "100", "--workers", "1"])
         .args(["--seed", &seed, "--request-timeout", "10", "--no-color"])
         .args(["--exclude-path", "/v1/events"])
         .args(["--exclude-path", "/v1/tokens/{token}"])

@@ -1,0 +1,156 @@
+//! Group commit for sled: every change is durable before it is answered, and changes that
+//! arrive together share one fsync. A caller takes a ticket after its write; if no flush is
+//! running it starts one covering every ticket taken so far, else it waits for the running one
+//! to end and goes again. A flush started after a write covers it, so no caller returns
+//! before its own write is on disk, and under load one fsync serves all who queued behind it.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use super::MetaError;
+
+#[derive(Default)]
+struct State {
+    /// Tickets handed out.
+    taken: u64,
+    /// Whether a flush is running.
+    running: bool,
+    /// Flushes run so far.
+    runs: u64,
+}
+
+/// Flushes of one sled database, grouped.
+#[derive(Clone)]
+pub struct GroupFlush {
+    state: Arc<Mutex<State>>,
+    /// The highest ticket a finished flush covered; changes wake the waiters (also when a
+    /// flush failed, so another one starts).
+    flushed: Arc<watch::Sender<u64>>,
+}
+
+impl Default for GroupFlush {
+    fn default() -> Self {
+        GroupFlush {
+            state: Arc::default(),
+            flushed: Arc::new(watch::Sender::new(0)),
+        }
+    }
+}
+
+impl GroupFlush {
+    /// Returns once every write made before the call is durable in `db`.
+    pub async fn flush(&self, db: &sled::Db) -> Result<(), MetaError> {
+        let db = db.clone();
+        self.run(Arc::new(move || {
+            db.flush()
+                .map(|_| ())
+                .map_err(|e| MetaError::Backend(e.to_string()))
+        }))
+        .await
+    }
+
+    /// Returns once a run of `fsync` that started after this call has succeeded.
+    async fn run(
+        &self,
+        fsync: Arc<dyn Fn() -> Result<(), MetaError> + Send + Sync>,
+    ) -> Result<(), MetaError> {
+        let ticket = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.taken += 1;
+            s.taken
+        };
+        let mut flushed = self.flushed.subscribe();
+        loop {
+            if *flushed.borrow_and_update() >= ticket {
+                return Ok(());
+            }
+            let lead = {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                (!s.running).then(|| {
+                    s.running = true;
+                    s.runs += 1;
+                    s.taken
+                })
+            };
+            if let Some(covers) = lead {
+                // The flush and its bookkeeping run on their own, so a caller that goes away
+                // (a dropped request) cannot leave `running` set.
+                let (state, done, fsync) =
+                    (self.state.clone(), self.flushed.clone(), fsync.clone());
+                tokio::spawn(async move {
+                    let r = tokio::task::spawn_blocking(move || fsync())
+                        .await
+                        .unwrap_or_else(|e| Err(MetaError::Backend(e.to_string())));
+                    state.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+                    done.send_modify(|f| {
+                        if r.is_ok() {
+                            *f = (*f).max(covers);
+                        }
+                    });
+                    r
+                })
+                .await
+                .map_err(|e| MetaError::Backend(e.to_string()))??;
+                continue;
+            }
+            if flushed.changed().await.is_err() {
+                return Err(MetaError::Backend("flusher gone".into()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_that_queue_behind_a_flush_share_the_next_one() {
+        let group = GroupFlush::default();
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate));
+        let first_call = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let fsync: Arc<dyn Fn() -> Result<(), MetaError> + Send + Sync> = Arc::new(move || {
+            // The first flush waits until the test lets it end.
+            if first_call.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                gate.lock().unwrap().recv().unwrap();
+            }
+            Ok(())
+        });
+        let mut callers = Vec::new();
+        let spawn = |callers: &mut Vec<_>| {
+            let (g, f) = (group.clone(), fsync.clone());
+            callers.push(tokio::spawn(async move { g.run(f).await }));
+        };
+        spawn(&mut callers);
+        let taken = || group.state.lock().unwrap().taken;
+        while group.state.lock().unwrap().runs == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Ten more arrive while the first flush runs; none of them is covered by it.
+        for _ in 0..10 {
+            spawn(&mut callers);
+        }
+        while taken() < 11 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        for c in callers {
+            c.await.unwrap().unwrap();
+        }
+        assert_eq!(group.state.lock().unwrap().runs, 2, "one flush for the ten");
+        assert_eq!(*group.flushed.borrow(), 11);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_flush_is_reported_and_the_next_caller_flushes_again() {
+        let group = GroupFlush::default();
+        let fail: Arc<dyn Fn() -> Result<(), MetaError> + Send + Sync> =
+            Arc::new(|| Err(MetaError::Backend("disk full".into())));
+        assert!(group.run(fail).await.is_err());
+        let ok: Arc<dyn Fn() -> Result<(), MetaError> + Send + Sync> = Arc::new(|| Ok(()));
+        group.run(ok).await.unwrap();
+        assert_eq!(group.state.lock().unwrap().runs, 2);
+    }
+}
