@@ -187,3 +187,55 @@ async fn a_client_that_stops_reading_is_cut() {
     assert!(cut, "the stalled response was not cut");
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tls_connections_are_closed_and_others_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::common::test_certificate(dir.path());
+    let mut sets: Vec<String> = LIMITS.iter().map(|s| s.to_string()).collect();
+    sets.extend([
+        "https.listen=127.0.0.1:0".to_owned(),
+        format!("https.cert={}", cert.display()),
+        format!("https.key={}", key.display()),
+    ]);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let running = fwrepo::server::start(
+        &crate::common::config(dir.path(), &sets),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("starts with HTTPS");
+    let addr = running.https_addr.unwrap();
+    // 150 connections that never start the handshake (more than the cap of 100).
+    let mut silent = Vec::new();
+    for _ in 0..150 {
+        silent.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let closed = until_closed(&mut s, Duration::from_secs(20))
+                .await
+                .is_some();
+            (closed, start.elapsed())
+        }));
+    }
+    let pem = std::fs::read(&cert).unwrap();
+    let tls = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .build()
+        .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(15),
+        tls.get(format!("https://{addr}/healthz")).send(),
+    )
+    .await
+    .expect("served while silent connections are open")
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    for s in silent {
+        let (closed, lived) = s.await.unwrap();
+        assert!(closed, "a silent TLS connection stayed open");
+        assert!(lived < Duration::from_secs(10), "{lived:?}");
+    }
+    running.shutdown();
+    running.wait().await;
+}
