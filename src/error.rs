@@ -19,8 +19,6 @@ pub enum Kind {
     TooLarge,
     RangeNotSatisfiable,
     Unavailable,
-    /// A server this service fetched from failed (imports).
-    BadGateway,
     Internal,
 }
 
@@ -37,7 +35,6 @@ impl Kind {
             Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Kind::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Kind::BadGateway => StatusCode::BAD_GATEWAY,
             Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -57,7 +54,6 @@ impl Kind {
             Kind::TooLarge => code(4, 13),
             Kind::RangeNotSatisfiable => code(4, 2),
             Kind::Unavailable => code(5, 3),
-            Kind::BadGateway => code(5, 2),
             Kind::Internal => code(5, 0),
         }
     }

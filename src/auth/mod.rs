@@ -35,7 +35,7 @@ pub enum AuthError {
     NameTaken(String),
     #[error("no token named or numbered {0:?}")]
     NotFound(String),
-    #[error("{0:?} is the last admin token: revoking it would leave nobody able to manage tokens (create another admin token first; the command line can force it)")]
+    #[error("{0:?} is the last admin token: revoking it would leave nobody able to manage tokens (create another admin token first, or force it with `fwrepo token revoke --force`)")]
     LastAdmin(String),
     #[error("token store {path}: {message}")]
     Store { path: String, message: String },

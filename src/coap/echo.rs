@@ -2,8 +2,8 @@
 //! could turn a 9-byte GET into a 1 KiB block sent to a victim. So the first request from an
 //! address not yet verified is answered 4.01 Unauthorized carrying an Echo option, a few
 //! bytes larger than the request at most; the client repeats its request with that Echo value
-//! (libcoap and aiocoap do it on their own), which proves it receives at that address, and it
-//! is served from then on. Echo values are stateless: a MAC over the address and the time
+//! (libcoap's client does it on its own; aiocoap's does only inside OSCORE), which proves it
+//! receives at that address, and it is served from then on. Echo values are stateless: a MAC over the address and the time
 //! issued, under a key made at start-up, so spoofed requests cost no memory.
 
 use std::collections::HashMap;

@@ -47,6 +47,8 @@ pub struct ScheduleRequest {
     pub resume_after_downlink_failure: bool,
     pub upgrade_strategy: UpgradeStrategy,
     pub schedule: String,
+    /// Not in the seed's payload: make the device's token along with the task.
+    pub issue_device_token: bool,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> RequestError {
@@ -103,7 +105,7 @@ pub fn parse_url(field: &'static str, s: &str) -> Result<url::Url, RequestError>
     Ok(url)
 }
 
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 13] = [
     "name",
     "firmwareUrl",
     "timeout",
@@ -116,6 +118,7 @@ const FIELDS: [&str; 12] = [
     "imageDeliveryMethod",
     "upgradeStrategy",
     "schedule",
+    "issueDeviceToken",
 ];
 
 impl ScheduleRequest {
@@ -192,6 +195,7 @@ impl ScheduleRequest {
             resume_after_downlink_failure: f.bool("resumeAfterDownlinkFailure")?,
             upgrade_strategy,
             schedule,
+            issue_device_token: f.bool("issueDeviceToken")?,
         })
     }
 }

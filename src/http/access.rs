@@ -62,12 +62,7 @@ fn method_not_allowed(by_method: &[(Method, Rule)]) -> Response {
     if allow.contains(&"GET") && !allow.contains(&"HEAD") {
         allow.push("HEAD");
     }
-    let mut resp = ApiError::new(
-        crate::error::Kind::MethodNotAllowed,
-        "method-not-allowed",
-        "method not allowed on this resource",
-    )
-    .into_response();
+    let mut resp = ApiError::method_not_allowed().into_response();
     if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
         resp.headers_mut().insert(header::ALLOW, v);
     }

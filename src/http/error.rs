@@ -37,6 +37,14 @@ impl ApiError {
     pub fn not_found() -> ApiError {
         ApiError::new(Kind::NotFound, "not-found", "no such resource")
     }
+
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(
+            Kind::MethodNotAllowed,
+            "method-not-allowed",
+            "method not allowed on this resource",
+        )
+    }
 }
 
 impl IntoResponse for ApiError {

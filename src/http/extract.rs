@@ -72,14 +72,13 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     }
 }
 
-pub(crate) fn body_error(e: &BytesRejection) -> ApiError {
+fn body_error(e: &BytesRejection) -> ApiError {
     match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            code: "too-large",
-            message: "the request body is larger than this route accepts".into(),
-            detail: None,
-        },
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            crate::error::Kind::TooLarge,
+            "too-large",
+            "the request body is larger than this route accepts",
+        ),
         status if status.is_client_error() => ApiError {
             status,
             code: "invalid-body",

@@ -37,39 +37,37 @@ pub async fn schedule(
     Path(device): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let mut req = json_body(&body)?;
-    // Not part of the seed's payload: asks for a device token along with the task.
-    let issue = match req
-        .as_object_mut()
-        .and_then(|o| o.remove("issueDeviceToken"))
-    {
-        None => false,
-        Some(Value::Bool(b)) => b,
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid-parameter",
-                "issueDeviceToken: a boolean",
-            ))
-        }
-    };
+    let body = json_body(&body)?;
     crate::fota::check_device(&device)?;
-    let req = ScheduleRequest::parse(&req).map_err(FotaError::from)?;
-    let t = app.engine.schedule(&device, req).await?;
-    let mut answer = json!({"fotaId": t.id});
-    if issue {
-        let (token, _) = app.engine.issue_device_token(&device).await.map_err(|e| {
-            let mut err = ApiError::from(e);
-            err.detail = Some(("fotaId", t.id.clone()));
-            err
-        })?;
-        answer["deviceToken"] = token.into();
-    }
+    let req = ScheduleRequest::parse(&body).map_err(FotaError::from)?;
+    let (t, answer) = scheduled(&app, &device, req).await?;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/fota/{}", t.id))],
         Json(answer),
     )
         .into_response())
+}
+
+/// Schedules a task; the answer is `{"fotaId"}`, with the device's new token as
+/// `deviceToken` when the request asked for one.
+async fn scheduled(
+    app: &AppState,
+    device: &str,
+    req: ScheduleRequest,
+) -> Result<(FotaTask, Value), ApiError> {
+    let issue = req.issue_device_token;
+    let t = app.engine.schedule(device, req).await?;
+    let mut answer = json!({"fotaId": t.id});
+    if issue {
+        let (token, _) = app.engine.issue_device_token(device).await.map_err(|e| {
+            let mut err = ApiError::from(e);
+            err.detail = Some(("fotaId", t.id.clone()));
+            err
+        })?;
+        answer["deviceToken"] = token.into();
+    }
+    Ok((t, answer))
 }
 
 /// `POST /v1/devices/{deviceId}/token`: a new device token (the old one stops working); the
@@ -268,8 +266,7 @@ pub async fn method(
         match method.as_str() {
             "scheduleFirmwareUpdate" => {
                 let req = ScheduleRequest::parse(&payload).map_err(FotaError::from)?;
-                let t = app.engine.schedule(&device, req).await?;
-                Ok(json!({"fotaId": t.id}))
+                Ok(scheduled(&app, &device, req).await?.1)
             }
             "checkFirmwareUpdateStatus" => {
                 let t = task_of(&app, &device, &payload).await?;

@@ -220,13 +220,7 @@ pub fn router(state: AppState) -> Router {
     routes
         .router
         .fallback(|| async { ApiError::not_found() })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                crate::error::Kind::MethodNotAllowed,
-                "method-not-allowed",
-                "method not allowed on this resource",
-            )
-        })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             (state.clone(), Arc::new(rules)),

@@ -10,6 +10,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -85,6 +86,8 @@ pub async fn serve<L: Listener>(
 /// What a connection is doing, for its watchdog.
 struct Activity {
     state: Mutex<State>,
+    /// Mirrors `State::write_blocked.is_some()`, so a write that did not wait takes no lock.
+    write_waiting: AtomicBool,
     /// Wakes the watchdog when a phase with a deadline begins.
     changed: Notify,
 }
@@ -228,6 +231,7 @@ impl Activity {
                 write_blocked: None,
                 head: HeadScan::new(),
             }),
+            write_waiting: AtomicBool::new(false),
             changed: Notify::new(),
         }
     }
@@ -253,13 +257,16 @@ impl Activity {
         let mut s = self.state();
         if s.write_blocked.is_none() {
             s.write_blocked = Some(Instant::now());
+            self.write_waiting.store(true, Ordering::Relaxed);
             drop(s);
             self.changed.notify_one();
         }
     }
 
     fn wrote(&self) {
-        self.state().write_blocked = None;
+        if self.write_waiting.swap(false, Ordering::Relaxed) {
+            self.state().write_blocked = None;
+        }
     }
 
     /// A request begins; whether its head had conflicting framing headers.

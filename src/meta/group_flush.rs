@@ -20,6 +20,9 @@ struct State {
     runs: u64,
 }
 
+/// What makes every earlier write durable (for sled, `Db::flush`).
+type Fsync = Arc<dyn Fn() -> Result<(), MetaError> + Send + Sync>;
+
 /// Flushes of one sled database, grouped.
 #[derive(Clone)]
 pub struct GroupFlush {
@@ -27,34 +30,30 @@ pub struct GroupFlush {
     /// The highest ticket a finished flush covered; changes wake the waiters (also when a
     /// flush failed, so another one starts).
     flushed: Arc<watch::Sender<u64>>,
-}
-
-impl Default for GroupFlush {
-    fn default() -> Self {
-        GroupFlush {
-            state: Arc::default(),
-            flushed: Arc::new(watch::Sender::new(0)),
-        }
-    }
+    fsync: Fsync,
 }
 
 impl GroupFlush {
-    /// Returns once every write made before the call is durable in `db`.
-    pub async fn flush(&self, db: &sled::Db) -> Result<(), MetaError> {
-        let db = db.clone();
-        self.run(Arc::new(move || {
+    /// Groups the flushes of `db`.
+    pub fn new(db: sled::Db) -> GroupFlush {
+        GroupFlush::with(Arc::new(move || {
             db.flush()
                 .map(|_| ())
                 .map_err(|e| MetaError::Backend(e.to_string()))
         }))
-        .await
     }
 
-    /// Returns once a run of `fsync` that started after this call has succeeded.
-    async fn run(
-        &self,
-        fsync: Arc<dyn Fn() -> Result<(), MetaError> + Send + Sync>,
-    ) -> Result<(), MetaError> {
+    fn with(fsync: Fsync) -> GroupFlush {
+        GroupFlush {
+            state: Arc::default(),
+            flushed: Arc::new(watch::Sender::new(0)),
+            fsync,
+        }
+    }
+
+    /// Returns once every write made before the call is durable: once a run of `fsync` that
+    /// started after the call has succeeded.
+    pub async fn flush(&self) -> Result<(), MetaError> {
         let ticket = {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
             s.taken += 1;
@@ -77,7 +76,7 @@ impl GroupFlush {
                 // The flush and its bookkeeping run on their own, so a caller that goes away
                 // (a dropped request) cannot leave `running` set.
                 let (state, done, fsync) =
-                    (self.state.clone(), self.flushed.clone(), fsync.clone());
+                    (self.state.clone(), self.flushed.clone(), self.fsync.clone());
                 tokio::spawn(async move {
                     let r = tokio::task::spawn_blocking(move || fsync())
                         .await
@@ -107,21 +106,20 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn callers_that_queue_behind_a_flush_share_the_next_one() {
-        let group = GroupFlush::default();
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let gate = Arc::new(Mutex::new(gate));
         let first_call = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let fsync: Arc<dyn Fn() -> Result<(), MetaError> + Send + Sync> = Arc::new(move || {
+        let group = GroupFlush::with(Arc::new(move || {
             // The first flush waits until the test lets it end.
             if first_call.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 gate.lock().unwrap().recv().unwrap();
             }
             Ok(())
-        });
+        }));
         let mut callers = Vec::new();
         let spawn = |callers: &mut Vec<_>| {
-            let (g, f) = (group.clone(), fsync.clone());
-            callers.push(tokio::spawn(async move { g.run(f).await }));
+            let g = group.clone();
+            callers.push(tokio::spawn(async move { g.flush().await }));
         };
         spawn(&mut callers);
         let taken = || group.state.lock().unwrap().taken;
@@ -145,12 +143,16 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_flush_is_reported_and_the_next_caller_flushes_again() {
-        let group = GroupFlush::default();
-        let fail: Arc<dyn Fn() -> Result<(), MetaError> + Send + Sync> =
-            Arc::new(|| Err(MetaError::Backend("disk full".into())));
-        assert!(group.run(fail).await.is_err());
-        let ok: Arc<dyn Fn() -> Result<(), MetaError> + Send + Sync> = Arc::new(|| Ok(()));
-        group.run(ok).await.unwrap();
+        let fails = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let first = fails.clone();
+        let group = GroupFlush::with(Arc::new(move || {
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(MetaError::Backend("disk full".into()));
+            }
+            Ok(())
+        }));
+        assert!(group.flush().await.is_err());
+        group.flush().await.unwrap();
         assert_eq!(group.state.lock().unwrap().runs, 2);
     }
 }

@@ -12,7 +12,6 @@ use super::{ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError};
 /// and the FOTA trees of `sled_tasks`.
 #[derive(Clone)]
 pub struct SledStore {
-    pub(super) db: sled::Db,
     firmware: sled::Tree,
     expiry: sled::Tree,
     /// Task id → JSON task.
@@ -71,8 +70,7 @@ impl SledStore {
                 device_credentials: db.open_tree("device_credentials").map_err(backend)?,
                 schedules: db.open_tree("schedules").map_err(backend)?,
                 quota_gate: Default::default(),
-                group: Default::default(),
-                db,
+                group: super::group_flush::GroupFlush::new(db),
             })
         })
         .await
@@ -93,7 +91,7 @@ impl SledStore {
     /// together (group commit). sled's `flush_async` stalled for good under a few dozen
     /// concurrent callers (bench/fota.sh); its blocking flush, one at a time, does not.
     pub(super) async fn flush(&self) -> Result<(), MetaError> {
-        self.group.flush(&self.db).await
+        self.group.flush().await
     }
 
     /// Runs a transaction over both trees; `Abort(r)` returns `r` without committing.

@@ -117,8 +117,13 @@ impl TestServer {
 }
 
 pub fn blob_files(root: &Path) -> Vec<PathBuf> {
+    files_under(&root.join("storage/blobs"))
+}
+
+/// Every file under `dir`, at any depth.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let mut dirs = vec![root.join("storage/blobs")];
+    let mut dirs = vec![dir.to_owned()];
     while let Some(d) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;

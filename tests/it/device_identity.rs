@@ -11,6 +11,30 @@ use serde_json::{json, Value};
 
 use crate::coap_protocol::{connect, get, recv};
 use crate::common::client;
+
+/// `POST /v1/devices/{device}/token`: the new token.
+async fn issue_token(f: &Fota, device: &str) -> String {
+    let r = client()
+        .post(f.srv.url(&format!("/v1/devices/{device}/token")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// `DELETE /v1/devices/{device}/token`: the status.
+async fn revoke_token(f: &Fota, device: &str) -> StatusCode {
+    let r = client()
+        .delete(f.srv.url(&format!("/v1/devices/{device}/token")))
+        .send()
+        .await
+        .unwrap();
+    r.status()
+}
 use crate::fota::Fota;
 
 async fn schedule_with_token(f: &Fota, device: &str) -> (String, String) {
@@ -93,54 +117,24 @@ async fn a_device_with_a_token_must_present_it_and_acts_only_for_itself() {
     assert_eq!(status, StatusCode::OK);
 
     // A new token replaces the old one; revoking leaves the device without.
-    let r = client()
-        .post(f.srv.url("/v1/devices/meter-2/token"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let fresh: Value = r.json().await.unwrap();
-    let fresh = fresh["token"].as_str().unwrap().to_owned();
+    let fresh = issue_token(&f, "meter-2").await;
     assert_eq!(
         work(&f, "meter-2", Some(&other_token)).await.0,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(work(&f, "meter-2", Some(&fresh)).await.0, StatusCode::OK);
-    let r = client()
-        .delete(f.srv.url("/v1/devices/meter-2/token"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let r = client()
-        .delete(f.srv.url("/v1/devices/meter-2/token"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(revoke_token(&f, "meter-2").await, StatusCode::NO_CONTENT);
+    assert_eq!(revoke_token(&f, "meter-2").await, StatusCode::NOT_FOUND);
     let (status, _) = report(&f, &other_id, json!({"state": 2, "result": 0}), None).await;
     assert_eq!(status, StatusCode::OK);
     // Tokens are stored hashed only.
     let mut stored = Vec::new();
-    for entry in walk(f.dir.path()) {
+    for entry in crate::common::files_under(f.dir.path()) {
         stored.extend(std::fs::read(entry).unwrap_or_default());
     }
     let stored = String::from_utf8_lossy(&stored);
     assert!(!stored.contains(&token[4..]) && !stored.contains(&fresh[4..]));
     f.srv.stop().await;
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,15 +149,7 @@ async fn with_device_credentials_on_every_device_needs_its_token_over_http_and_c
     let (status, _) = report(&f, &id, json!({"state": 0, "result": 5}), None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-    let r = client()
-        .post(f.srv.url("/v1/devices/tracker/token"))
-        .send()
-        .await
-        .unwrap();
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = issue_token(&f, "tracker").await;
 
     // CoAP: the token as Uri-Query token=...
     let mut c = connect(&f.srv, 8192, false).await;

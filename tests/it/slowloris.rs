@@ -173,14 +173,7 @@ async fn a_client_that_stops_reading_is_cut() {
     s.read_exact(&mut head).await.unwrap();
     assert!(head.starts_with(b"HTTP/1.1 200"));
     let status = || async {
-        let m = client()
-            .get(srv.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = srv.get("/metrics").await.text().await.unwrap();
         m.contains("fwrepo_http_connections_cut_total{reason=\"write-stalled\"} 1")
     };
     let cut = crate::common::poll(status, |c| *c).await;

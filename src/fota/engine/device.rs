@@ -140,26 +140,18 @@ impl Engine {
         report: &Report,
         credential: Option<&str>,
     ) -> Result<FotaTask, FotaError> {
-        let t = self
-            .store
-            .get_task(id)
-            .await?
-            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
-        self.identify(&t.device_id, credential).await?;
-        retried(|| self.report_once(id, report)).await
+        retried(|| self.report_once(id, report, credential)).await
     }
 
     pub(super) async fn report_once(
         &self,
         id: &str,
         report: &Report,
+        credential: Option<&str>,
     ) -> Result<FotaTask, FotaError> {
         let _g = self.lock_task(id).await;
-        let mut t = self
-            .store
-            .get_task(id)
-            .await?
-            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
+        let mut t = self.task(id).await?;
+        self.identify(&t.device_id, credential).await?;
         let before = t.clone();
         let now = self.now_ms();
         let deferred_until = now.saturating_add(self.config.deferred_retry.0.as_millis() as i64);

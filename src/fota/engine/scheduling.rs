@@ -160,11 +160,7 @@ impl Engine {
 
     pub(super) async fn cancel_once(&self, id: &str) -> Result<FotaTask, FotaError> {
         let _g = self.lock_task(id).await;
-        let mut t = self
-            .store
-            .get_task(id)
-            .await?
-            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
+        let mut t = self.task(id).await?;
         let before = t.clone();
         t.cancel(self.now_ms())?;
         self.commit(&before, &mut t).await?;
