@@ -16,7 +16,7 @@ pub mod view;
 
 pub use crate::model::{schedule, task};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{Engine, Package, Work};
+pub use engine::{Engine, Joiner, Package, Work};
 
 use crate::firmware::FirmwareError;
 use crate::meta::MetaError;

@@ -2,9 +2,11 @@
 //! (PostgreSQL) is a second implementation and callers do not change.
 
 mod group_flush;
+mod pg_fleet;
 mod pg_schema;
 pub(crate) mod pg_tls;
 mod postgres;
+mod sled_fleet;
 mod sled_store;
 mod sled_tasks;
 
@@ -14,6 +16,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::config::MetaBackend;
+use crate::model::campaign::{Campaign, Counts, Member};
+use crate::model::device::Device;
+use crate::model::group::Group;
 use crate::model::schedule::Schedule;
 use crate::model::task::FotaTask;
 
@@ -96,16 +101,6 @@ pub trait ExpiryIndex: Send + Sync {
     ) -> Result<Vec<FirmwareRecord>, MetaError>;
 }
 
-/// What a device last told us about the firmware it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceInfo {
-    pub device_id: String,
-    pub pkg_name: Option<String>,
-    pub pkg_version: Option<String>,
-    pub reported_ms: i64,
-}
-
 /// A device's credential: what is kept of its device token (only the SHA-256, as for access
 /// tokens).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,17 +129,19 @@ pub trait TaskStore: Send + Sync {
     ) -> Option<tokio::sync::mpsc::Receiver<String>> {
         None
     }
-    /// Stores a new task unless its device has an active one; returns that one's id then.
-    /// A shared store tells the other instances `announce` (JSON) when, and only when, the
-    /// task is stored.
+    /// Stores a new task unless its device has an active one. A task a campaign releases
+    /// (`task.campaign`) moves its member from waiting or skipped to the task's status, with
+    /// the counts, in the same step; a member released already refuses it. A shared store
+    /// tells the other instances `announce` (JSON) when, and only when, the task is stored.
     async fn create_task(
         &self,
         task: &FotaTask,
         announce: Option<&str>,
-    ) -> Result<Option<String>, MetaError>;
+    ) -> Result<Created, MetaError>;
     async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError>;
     /// Replaces a task that is still at revision `expected` (`task.revision` is the new one)
-    /// and moves its index entries; durable when it returns. With `quota`, the task takes a
+    /// and moves its index entries, and its campaign member and counts when a campaign
+    /// released it; durable when it returns. With `quota`, the task takes a
     /// quota slot, and only if fewer than that many tasks hold one. `announce` as for
     /// [`TaskStore::create_task`].
     async fn put_task(
@@ -174,6 +171,16 @@ pub trait TaskStore: Send + Sync {
     async fn firmware_in_use(&self, name: &str) -> Result<bool, MetaError>;
 }
 
+/// What became of a new task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    Stored,
+    /// The device has this active task.
+    DeviceBusy(String),
+    /// The campaign member was released already (by another instance, or before a restart).
+    MemberTaken,
+}
+
 /// What became of a task update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Put {
@@ -184,11 +191,34 @@ pub enum Put {
     QuotaFull,
 }
 
-/// What devices reported (for `useCachedData`), and their credentials.
+/// The device registry, and the devices' credentials.
 #[async_trait]
 pub trait DeviceStore: Send + Sync {
-    async fn get_device(&self, device_id: &str) -> Result<Option<DeviceInfo>, MetaError>;
-    async fn put_device(&self, info: &DeviceInfo) -> Result<(), MetaError>;
+    async fn get_device(&self, device_id: &str) -> Result<Option<Device>, MetaError>;
+    /// Replaces the top-level fields of `patch` in the device's record (creating it, made at
+    /// `now_ms`, if it is new) in one atomic step, so writers of different fields (an operator's
+    /// tags, a device's report) never undo each other; returns the record as stored.
+    async fn merge_device(
+        &self,
+        device_id: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+        now_ms: i64,
+    ) -> Result<Device, MetaError>;
+    /// [`DeviceStore::merge_device`] for many devices, each atomic on its own, durable when
+    /// it returns.
+    async fn merge_devices(
+        &self,
+        patches: &[(String, serde_json::Map<String, serde_json::Value>)],
+        now_ms: i64,
+    ) -> Result<(), MetaError>;
+    /// Removes the device and its credential; whether it was there.
+    async fn delete_device(&self, device_id: &str) -> Result<bool, MetaError>;
+    /// Devices in id order after `after`.
+    async fn list_devices(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Device>, MetaError>;
     async fn device_credential(
         &self,
         device_id: &str,
@@ -197,6 +227,73 @@ pub trait DeviceStore: Send + Sync {
     async fn put_device_credential(&self, credential: &DeviceCredential) -> Result<(), MetaError>;
     /// Whether there was one to remove.
     async fn remove_device_credential(&self, device_id: &str) -> Result<bool, MetaError>;
+}
+
+/// Named groups of devices.
+#[async_trait]
+pub trait GroupStore: Send + Sync {
+    async fn get_group(&self, name: &str) -> Result<Option<Group>, MetaError>;
+    async fn put_group(&self, group: &Group) -> Result<(), MetaError>;
+    async fn delete_group(&self, name: &str) -> Result<bool, MetaError>;
+    async fn list_groups(&self) -> Result<Vec<Group>, MetaError>;
+}
+
+/// Campaigns, their members and the counts kept with every member change.
+#[async_trait]
+pub trait CampaignStore: Send + Sync {
+    async fn create_campaign(&self, campaign: &Campaign) -> Result<(), MetaError>;
+    async fn get_campaign(&self, id: &str) -> Result<Option<Campaign>, MetaError>;
+    /// Replaces a campaign still at revision `expected`; `false` when someone changed it.
+    async fn put_campaign(&self, campaign: &Campaign, expected: u64) -> Result<bool, MetaError>;
+    /// Campaigns in id (creation) order after `after`.
+    async fn list_campaigns(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Campaign>, MetaError>;
+    /// Running and paused campaigns.
+    async fn live_campaigns(&self) -> Result<Vec<Campaign>, MetaError>;
+    /// Stores the started campaign (still at revision `expected`) with its members, all
+    /// waiting, and their counts, in one step; `false` when someone changed it first.
+    async fn start_campaign(
+        &self,
+        campaign: &Campaign,
+        expected: u64,
+        members: &[Member],
+    ) -> Result<bool, MetaError>;
+    async fn campaign_counts(&self, id: &str) -> Result<Counts, MetaError>;
+    async fn get_member(&self, campaign: &str, device: &str) -> Result<Option<Member>, MetaError>;
+    /// Adds a member unless the device is one already; whether it was added.
+    async fn add_member(&self, campaign: &str, member: &Member) -> Result<bool, MetaError>;
+    /// Replaces a member whose status is one of `from`, moving the counts; whether it was.
+    async fn move_member(
+        &self,
+        campaign: &str,
+        from: &[&str],
+        member: &Member,
+    ) -> Result<bool, MetaError>;
+    /// Members in device order after `after`, of one status or all.
+    async fn list_members(
+        &self,
+        campaign: &str,
+        status: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Member>, MetaError>;
+    /// Waiting members of waves up to `max_wave`, in release order (wave, then position).
+    async fn waiting_members(
+        &self,
+        campaign: &str,
+        max_wave: u32,
+        limit: usize,
+    ) -> Result<Vec<Member>, MetaError>;
+    /// Skipped members whose retry time has come.
+    async fn skipped_due(
+        &self,
+        campaign: &str,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Member>, MetaError>;
 }
 
 /// User-defined maintenance schedules.
@@ -210,10 +307,20 @@ pub trait ScheduleStore: Send + Sync {
 
 /// Every metadata concern of the service.
 pub trait MetaStore:
-    FirmwareCatalog + ExpiryIndex + TaskStore + DeviceStore + ScheduleStore
+    FirmwareCatalog + ExpiryIndex + TaskStore + DeviceStore + ScheduleStore + GroupStore + CampaignStore
 {
 }
-impl<T: FirmwareCatalog + ExpiryIndex + TaskStore + DeviceStore + ScheduleStore> MetaStore for T {}
+impl<
+        T: FirmwareCatalog
+            + ExpiryIndex
+            + TaskStore
+            + DeviceStore
+            + ScheduleStore
+            + GroupStore
+            + CampaignStore,
+    > MetaStore for T
+{
+}
 
 /// Opens the configured backend, and the tokens that go with it (see [`open_tokens`]); with
 /// PostgreSQL both share one store and its connections.
@@ -335,12 +442,12 @@ pub(crate) mod suite {
         let mut t1 = task(false);
         t1.id = "01".into();
         t1.options.use_quota = true;
-        assert_eq!(store.create_task(&t1, None).await.unwrap(), None);
+        assert_eq!(store.create_task(&t1, None).await.unwrap(), Created::Stored);
         let mut other = t1.clone();
         other.id = "02".into();
         assert_eq!(
             store.create_task(&other, None).await.unwrap(),
-            Some("01".into()),
+            Created::DeviceBusy("01".into()),
             "one active task per device"
         );
         assert_eq!(store.active_task("d").await.unwrap(), Some("01".into()));
@@ -372,7 +479,7 @@ pub(crate) mod suite {
         q.id = "00".into();
         q.device_id = "q".into();
         q.options.use_quota = true;
-        assert_eq!(store.create_task(&q, None).await.unwrap(), None);
+        assert_eq!(store.create_task(&q, None).await.unwrap(), Created::Stored);
         let pending = q.clone();
         q.deliver(100);
         q.revision = 1;
@@ -411,7 +518,10 @@ pub(crate) mod suite {
         t3.set(Status::Pending, Some("import"), 5);
         store.create_task(&t3, None).await.unwrap();
         assert_eq!(store.importing().await.unwrap(), vec![t3.clone()]);
-        assert_eq!(store.create_task(&other, None).await.unwrap(), None);
+        assert_eq!(
+            store.create_task(&other, None).await.unwrap(),
+            Created::Stored
+        );
         let ids = |v: Vec<FotaTask>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
         assert_eq!(
             ids(store.list_tasks(None, None, 10).await.unwrap()),
@@ -430,14 +540,13 @@ pub(crate) mod suite {
             ["03"]
         );
 
-        let info = DeviceInfo {
-            device_id: "d".into(),
-            pkg_name: Some("app".into()),
-            pkg_version: None,
-            reported_ms: 1,
-        };
-        store.put_device(&info).await.unwrap();
-        assert_eq!(store.get_device("d").await.unwrap(), Some(info));
+        let patch = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let d = store
+            .merge_device("d", &patch(serde_json::json!({"pkgName": "app"})), 7)
+            .await
+            .unwrap();
+        assert_eq!((d.pkg_name.as_deref(), d.created_ms), (Some("app"), 7));
+        assert_eq!(store.get_device("d").await.unwrap(), Some(d));
         assert_eq!(store.device_credential("d").await.unwrap(), None);
         let mut cred = DeviceCredential {
             device_id: "d".into(),
@@ -461,5 +570,220 @@ pub(crate) mod suite {
         assert_eq!(store.list_schedules().await.unwrap(), vec![s.clone()]);
         assert!(store.delete_schedule("n").await.unwrap());
         assert!(!store.delete_schedule("n").await.unwrap());
+        fleet(store).await;
+    }
+
+    /// The registry merges field by field; campaign members and counts move together,
+    /// also when a campaign task moves them.
+    async fn fleet(store: &dyn MetaStore) {
+        use crate::model::campaign::{tests::campaign, Member, State, Wave, WaveSize};
+        use crate::model::group::{Group, Members};
+        use crate::model::task::{tests::task, CampaignLink, Status};
+        use serde_json::json;
+        let patch = |v: serde_json::Value| v.as_object().unwrap().clone();
+
+        // A report and an operator's tags, written apart, both stay.
+        store
+            .merge_device("m1", &patch(json!({"tags": {"region": "eu"}})), 1)
+            .await
+            .unwrap();
+        let d = store
+            .merge_device(
+                "m1",
+                &patch(json!({"pkgVersion": "1.0", "createdMs": 99})),
+                2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(d.tags.get("region").map(String::as_str), Some("eu"));
+        assert_eq!((d.pkg_version.as_deref(), d.created_ms), (Some("1.0"), 1));
+        let many: Vec<_> = (0..30)
+            .map(|i| {
+                (
+                    format!("m{i:02}"),
+                    patch(json!({"tags": {"n": i.to_string()}})),
+                )
+            })
+            .chain([("m1".to_owned(), patch(json!({"attributes": {"hw": "b"}})))])
+            .collect();
+        store.merge_devices(&many, 3).await.unwrap();
+        let m1 = store.get_device("m1").await.unwrap().unwrap();
+        assert_eq!(m1.attributes.get("hw").map(String::as_str), Some("b"));
+        assert_eq!(
+            m1.pkg_version.as_deref(),
+            Some("1.0"),
+            "an import keeps reports"
+        );
+        let ids = |v: Vec<crate::model::device::Device>| {
+            v.into_iter().map(|d| d.device_id).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(store.list_devices(Some("m08"), 3).await.unwrap()),
+            ["m09", "m1", "m10"]
+        );
+        assert!(store.delete_device("m1").await.unwrap());
+        assert!(!store.delete_device("m1").await.unwrap());
+
+        let g = Group {
+            name: "eu".into(),
+            members: Members::Filter("tag.region = eu".into()),
+            description: None,
+            updated_ms: 1,
+        };
+        store.put_group(&g).await.unwrap();
+        assert_eq!(store.get_group("eu").await.unwrap(), Some(g.clone()));
+        assert_eq!(store.list_groups().await.unwrap(), vec![g]);
+        assert!(store.delete_group("eu").await.unwrap());
+        assert!(!store.delete_group("eu").await.unwrap());
+
+        // A campaign: created, changed only from its revision, started with its members.
+        let mut c = campaign(vec![
+            Wave {
+                size: WaveSize::Count(2),
+                success_share: 1.0,
+                pause: false,
+            },
+            Wave {
+                size: WaveSize::Rest,
+                success_share: 1.0,
+                pause: false,
+            },
+        ]);
+        c.id = "c1".into();
+        store.create_campaign(&c).await.unwrap();
+        let member = |d: &str, wave: u32, position: u64| Member {
+            device_id: d.into(),
+            wave,
+            position,
+            status: "waiting".into(),
+            task_id: None,
+            reason: None,
+            retry_at_ms: None,
+        };
+        let members = [member("x3", 0, 0), member("x1", 0, 1), member("x2", 1, 2)];
+        let mut started = c.clone();
+        started.started(vec![2, 1], "alice", 5);
+        started.revision = 1;
+        assert!(!store.start_campaign(&started, 7, &members).await.unwrap());
+        assert!(store.start_campaign(&started, 0, &members).await.unwrap());
+        assert!(
+            !store.start_campaign(&started, 1, &members).await.unwrap(),
+            "once"
+        );
+        assert_eq!(store.live_campaigns().await.unwrap(), vec![started.clone()]);
+        let counts = store.campaign_counts("c1").await.unwrap();
+        assert_eq!(
+            (counts.wave(0, "waiting"), counts.wave(1, "waiting")),
+            (2, 1)
+        );
+        let devs = |v: Vec<Member>| v.into_iter().map(|m| m.device_id).collect::<Vec<_>>();
+        assert_eq!(
+            devs(store.waiting_members("c1", 0, 10).await.unwrap()),
+            ["x3", "x1"]
+        );
+        assert_eq!(
+            devs(store.waiting_members("c1", 1, 10).await.unwrap()),
+            ["x3", "x1", "x2"]
+        );
+
+        // Releasing a member is its task's creation; a second release is refused.
+        let mut t = task(false);
+        t.id = "c1-x3".into();
+        t.device_id = "x3".into();
+        t.campaign = Some(CampaignLink {
+            id: "c1".into(),
+            wave: 0,
+        });
+        assert_eq!(store.create_task(&t, None).await.unwrap(), Created::Stored);
+        let mut again = t.clone();
+        again.id = "c1-x3-again".into();
+        assert_eq!(
+            store.create_task(&again, None).await.unwrap(),
+            Created::MemberTaken
+        );
+        assert_eq!(store.get_task("c1-x3-again").await.unwrap(), None);
+        // A busy device leaves its member waiting.
+        let mut busy = task(false);
+        busy.id = "c1-x1".into();
+        busy.device_id = "d".into();
+        busy.campaign = Some(CampaignLink {
+            id: "c1".into(),
+            wave: 0,
+        });
+        let mut member_x1 = member("x1", 0, 1);
+        member_x1.device_id = "d".into();
+        assert!(store.add_member("c1", &member_x1).await.unwrap());
+        assert!(!store.add_member("c1", &member_x1).await.unwrap(), "once");
+        assert!(matches!(
+            store.create_task(&busy, None).await.unwrap(),
+            Created::DeviceBusy(_)
+        ));
+        assert_eq!(
+            store.get_member("c1", "d").await.unwrap(),
+            Some(member_x1.clone())
+        );
+
+        // The task's transitions move the member and the counts.
+        let before = t.clone();
+        t.set(Status::Failed, Some("integrity-check-failure"), 9);
+        t.revision = 1;
+        assert_eq!(
+            store
+                .put_task(&t, before.revision, None, None)
+                .await
+                .unwrap(),
+            Put::Stored
+        );
+        let counts = store.campaign_counts("c1").await.unwrap();
+        assert_eq!(counts.wave(0, "failed"), 1);
+        assert_eq!(counts.wave(0, "waiting"), 2, "x1 and d");
+        assert_eq!(counts.wave(0, "pending"), 0);
+        assert_eq!(counts.reasons.get("integrity-check-failure"), Some(&1));
+        let failed = store
+            .list_members("c1", Some("failed"), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(devs(failed.clone()), ["x3"]);
+        assert_eq!(failed[0].task_id.as_deref(), Some("c1-x3"));
+
+        // Moving a member checks where it is.
+        let mut retry = failed[0].clone();
+        retry.status = "waiting".into();
+        retry.task_id = None;
+        assert!(!store.move_member("c1", &["skipped"], &retry).await.unwrap());
+        assert!(store.move_member("c1", &["failed"], &retry).await.unwrap());
+        let counts = store.campaign_counts("c1").await.unwrap();
+        assert_eq!((counts.wave(0, "failed"), counts.reasons.len()), (0, 0));
+        let mut skip = member("x2", 1, 2);
+        skip.status = "skipped".into();
+        skip.retry_at_ms = Some(100);
+        assert!(store.move_member("c1", &["waiting"], &skip).await.unwrap());
+        assert!(store.skipped_due("c1", 99, 10).await.unwrap().is_empty());
+        assert_eq!(
+            devs(store.skipped_due("c1", 100, 10).await.unwrap()),
+            ["x2"]
+        );
+        assert_eq!(
+            devs(
+                store
+                    .list_members("c1", None, Some("x1"), 10)
+                    .await
+                    .unwrap()
+            ),
+            ["x2", "x3"]
+        );
+
+        // Campaign records change only from the revision they were read at.
+        let mut paused = started.clone();
+        paused.state = State::Paused;
+        paused.revision = 2;
+        assert!(!store.put_campaign(&paused, 0).await.unwrap());
+        assert!(store.put_campaign(&paused, 1).await.unwrap());
+        assert_eq!(
+            store.get_campaign("c1").await.unwrap(),
+            Some(paused.clone())
+        );
+        assert_eq!(store.list_campaigns(None, 10).await.unwrap(), vec![paused]);
+        assert_eq!(store.list_campaigns(Some("c1"), 10).await.unwrap(), vec![]);
     }
 }

@@ -13,14 +13,15 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
+use super::pg_fleet;
 use super::pg_schema;
 use super::pg_tls::{self, PgTls};
 
 use super::{
-    DeviceCredential, DeviceInfo, DeviceStore, ExpiryIndex, FirmwareCatalog, FirmwareRecord,
-    MetaError, Put, ScheduleStore, TaskStore,
+    Created, ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError, Put, ScheduleStore, TaskStore,
 };
 use crate::auth::{StoredToken, TokenTable};
+use crate::model::campaign::{member, Member};
 use crate::model::schedule::Schedule;
 use crate::model::task::FotaTask;
 
@@ -43,19 +44,25 @@ fn setting(e: String) -> MetaError {
     MetaError::Backend(format!("postgres: {e}"))
 }
 
-fn decode<T: serde::de::DeserializeOwned>(key: &str, json: &str) -> Result<T, MetaError> {
+pub(super) fn decode<T: serde::de::DeserializeOwned>(
+    key: &str,
+    json: &str,
+) -> Result<T, MetaError> {
     serde_json::from_str(json).map_err(|e| MetaError::Corrupt {
         key: key.to_owned(),
         message: e.to_string(),
     })
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<String, MetaError> {
+pub(super) fn encode<T: serde::Serialize>(value: &T) -> Result<String, MetaError> {
     serde_json::to_string(value).map_err(backend)
 }
 
 /// The JSON in column `col` of each row, decoded.
-fn rows<T: serde::de::DeserializeOwned>(rows: &[Row], col: &str) -> Result<Vec<T>, MetaError> {
+pub(super) fn rows<T: serde::de::DeserializeOwned>(
+    rows: &[Row],
+    col: &str,
+) -> Result<Vec<T>, MetaError> {
     rows.iter()
         .map(|r| decode(col, r.get::<_, &str>(col)))
         .collect()
@@ -87,7 +94,7 @@ impl PgStore {
         Ok(store)
     }
 
-    async fn conn(&self) -> Result<Conn<'_>, MetaError> {
+    pub(super) async fn conn(&self) -> Result<Conn<'_>, MetaError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let free = (0..POOL_SIZE).find_map(|k| self.slots[(start + k) % POOL_SIZE].try_lock().ok());
         let mut slot = match free {
@@ -159,40 +166,48 @@ where
     }
 }
 
-type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+pub(super) type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
 
 /// One statement on a pooled connection.
 impl PgStore {
-    async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64, MetaError> {
+    pub(super) async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64, MetaError> {
         let c = self.conn().await?;
         c.client().execute(sql, params).await.map_err(backend)
     }
 
-    async fn query(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, MetaError> {
+    pub(super) async fn query(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Vec<Row>, MetaError> {
         let c = self.conn().await?;
         c.client().query(sql, params).await.map_err(backend)
     }
 
-    async fn query_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, MetaError> {
+    pub(super) async fn query_opt(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Option<Row>, MetaError> {
         let c = self.conn().await?;
         c.client().query_opt(sql, params).await.map_err(backend)
     }
 
-    async fn query_one(&self, sql: &str, params: &Params<'_>) -> Result<Row, MetaError> {
+    pub(super) async fn query_one(&self, sql: &str, params: &Params<'_>) -> Result<Row, MetaError> {
         let c = self.conn().await?;
         c.client().query_one(sql, params).await.map_err(backend)
     }
 }
 
 /// A connection taken from the pool.
-struct Conn<'a>(MutexGuard<'a, Option<Client>>);
+pub(super) struct Conn<'a>(MutexGuard<'a, Option<Client>>);
 
 impl Conn<'_> {
-    fn client(&self) -> &Client {
+    pub(super) fn client(&self) -> &Client {
         self.0.as_ref().expect("connected")
     }
 
-    fn client_mut(&mut self) -> &mut Client {
+    pub(super) fn client_mut(&mut self) -> &mut Client {
         self.0.as_mut().expect("connected")
     }
 }
@@ -449,15 +464,41 @@ impl TaskStore for PgStore {
         &self,
         task: &FotaTask,
         announce: Option<&str>,
-    ) -> Result<Option<String>, MetaError> {
+    ) -> Result<Created, MetaError> {
         let row = TaskRow::of(task)?;
-        let c = self.conn().await?;
+        let mut c = self.conn().await?;
         let mut params = row.params();
         let statement = announcing(&mut params, &announce, INSERT_TASK, INSERT_TASK_ANNOUNCED);
-        // One statement: the unique index on active tasks per device decides a race.
-        let inserted = c.client().execute(statement, &params).await;
+        // One statement (with the member's move, one transaction): the unique index on
+        // active tasks per device decides a race.
+        let inserted = match &task.campaign {
+            None => c.client().execute(statement, &params).await.map(|_| true),
+            Some(link) => {
+                let tx = c.client_mut().transaction().await.map_err(backend)?;
+                let Some(old) = pg_fleet::lock_member(&tx, &link.id, &task.device_id)
+                    .await?
+                    .filter(|m| m.status == member::WAITING || m.status == member::SKIPPED)
+                else {
+                    return Ok(Created::MemberTaken);
+                };
+                match tx.execute(statement, &params).await {
+                    Ok(_) => {
+                        let new = Member {
+                            status: task.status.as_str().to_owned(),
+                            task_id: Some(task.id.clone()),
+                            reason: task.reason.clone(),
+                            retry_at_ms: None,
+                            ..old.clone()
+                        };
+                        pg_fleet::moved(&tx, &link.id, Some(&old), &new).await?;
+                        tx.commit().await.map(|_| true)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
         match inserted {
-            Ok(_) => Ok(None),
+            Ok(_) => Ok(Created::Stored),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                 let active = c
                     .client()
@@ -468,7 +509,7 @@ impl TaskStore for PgStore {
                     .await
                     .map_err(backend)?;
                 match active {
-                    Some(r) => Ok(Some(r.get(0))),
+                    Some(r) => Ok(Created::DeviceBusy(r.get(0))),
                     None => Err(backend(e)),
                 }
             }
@@ -497,31 +538,34 @@ impl TaskStore for PgStore {
         // The announcement goes out at commit, and only if the task was stored.
         let statement = announcing(&mut params, &announce, UPDATE_TASK, UPDATE_TASK_ANNOUNCED);
         let mut c = self.conn().await?;
-        let Some(limit) = quota else {
+        if quota.is_none() && task.campaign.is_none() {
             let n = c
                 .client()
                 .execute(statement, &params)
                 .await
                 .map_err(backend)?;
             return Ok(if n == 1 { Put::Stored } else { Put::Stale });
-        };
-        // Instances taking a slot queue on one lock; counting the holders and storing the
-        // task then commit together.
+        }
         let tx = c.client_mut().transaction().await.map_err(backend)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&QUOTA_LOCK])
-            .await
-            .map_err(backend)?;
-        let holders: i64 = tx
-            .query_one(COUNT_QUOTA, &[])
-            .await
-            .map_err(backend)?
-            .get(0);
-        if holders as u64 >= limit {
-            return Ok(Put::QuotaFull);
+        if let Some(limit) = quota {
+            // Instances taking a slot queue on one lock; counting the holders and storing
+            // the task then commit together.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&QUOTA_LOCK])
+                .await
+                .map_err(backend)?;
+            let holders: i64 = tx
+                .query_one(COUNT_QUOTA, &[])
+                .await
+                .map_err(backend)?
+                .get(0);
+            if holders as u64 >= limit {
+                return Ok(Put::QuotaFull);
+            }
         }
         if tx.execute(statement, &params).await.map_err(backend)? != 1 {
             return Ok(Put::Stale);
         }
+        pg_fleet::follow(&tx, task).await?;
         tx.commit().await.map_err(backend)?;
         Ok(Put::Stored)
     }
@@ -593,64 +637,6 @@ impl TaskStore for PgStore {
             )
             .await?;
         Ok(row.get(0))
-    }
-}
-
-#[async_trait]
-impl DeviceStore for PgStore {
-    async fn get_device(&self, device_id: &str) -> Result<Option<DeviceInfo>, MetaError> {
-        let row = self
-            .query_opt(
-                "SELECT info FROM fwrepo_devices WHERE device_id = $1",
-                &[&device_id],
-            )
-            .await?;
-        row.map(|r| decode(device_id, r.get(0))).transpose()
-    }
-
-    async fn put_device(&self, info: &DeviceInfo) -> Result<(), MetaError> {
-        let json = encode(info)?;
-        self.execute(
-            "INSERT INTO fwrepo_devices (device_id, info) VALUES ($1, $2)
-                 ON CONFLICT (device_id) DO UPDATE SET info = $2",
-            &[&info.device_id, &json],
-        )
-        .await?;
-        Ok(())
-    }
-
-    async fn device_credential(
-        &self,
-        device_id: &str,
-    ) -> Result<Option<DeviceCredential>, MetaError> {
-        let row = self
-            .query_opt(
-                "SELECT credential FROM fwrepo_device_credentials WHERE device_id = $1",
-                &[&device_id],
-            )
-            .await?;
-        row.map(|r| decode(device_id, r.get(0))).transpose()
-    }
-
-    async fn put_device_credential(&self, credential: &DeviceCredential) -> Result<(), MetaError> {
-        let json = encode(credential)?;
-        self.execute(
-            "INSERT INTO fwrepo_device_credentials (device_id, credential) VALUES ($1, $2)
-                 ON CONFLICT (device_id) DO UPDATE SET credential = $2",
-            &[&credential.device_id, &json],
-        )
-        .await?;
-        Ok(())
-    }
-
-    async fn remove_device_credential(&self, device_id: &str) -> Result<bool, MetaError> {
-        let n = self
-            .execute(
-                "DELETE FROM fwrepo_device_credentials WHERE device_id = $1",
-                &[&device_id],
-            )
-            .await?;
-        Ok(n == 1)
     }
 }
 
@@ -981,7 +967,10 @@ mod tests {
         let cancel = tokio_util::sync::CancellationToken::new();
         let mut heard = store.announcements(cancel.clone()).unwrap();
         let mut t = crate::model::task::tests::task(false);
-        assert_eq!(store.create_task(&t, Some("created")).await.unwrap(), None);
+        assert_eq!(
+            store.create_task(&t, Some("created")).await.unwrap(),
+            super::super::Created::Stored
+        );
         // LISTEN starts on its own connection: write until the first announcement is heard.
         let first = loop {
             t.revision += 1;
@@ -1008,11 +997,9 @@ mod tests {
         // A second task for the device is refused and announces nothing.
         let mut twin = crate::model::task::tests::task(false);
         twin.id = "twin".into();
-        assert!(store
-            .create_task(&twin, Some("twin"))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(
+            store.create_task(&twin, Some("twin")).await.unwrap() != super::super::Created::Stored
+        );
         let stored = store.put_task(&t, current, Some(10), Some("stored"));
         assert_eq!(stored.await.unwrap(), Put::Stored);
         let next = tokio::time::timeout(Duration::from_secs(10), heard.recv());

@@ -24,6 +24,13 @@ pub struct SledStore {
     pub(super) device_credentials: sled::Tree,
     /// Schedule name → JSON schedule.
     pub(super) schedules: sled::Tree,
+    /// Group name → JSON group.
+    pub(super) groups: sled::Tree,
+    /// Campaigns, their members and counts (see `sled_fleet`).
+    pub(super) fleet: sled::Tree,
+    /// Held by every change of campaign members: their counts are shared keys, and one
+    /// writer at a time is cheaper than sled's conflict retries on them.
+    pub(super) fleet_gate: std::sync::Arc<std::sync::Mutex<()>>,
     /// Held while a task takes a quota slot: counting the holders and storing the task are
     /// one step (one process owns a sled database).
     pub(super) quota_gate: std::sync::Arc<std::sync::Mutex<()>>,
@@ -69,6 +76,9 @@ impl SledStore {
                 devices: db.open_tree("devices").map_err(backend)?,
                 device_credentials: db.open_tree("device_credentials").map_err(backend)?,
                 schedules: db.open_tree("schedules").map_err(backend)?,
+                groups: db.open_tree("groups").map_err(backend)?,
+                fleet: db.open_tree("fleet").map_err(backend)?,
+                fleet_gate: Default::default(),
                 quota_gate: Default::default(),
                 group: super::group_flush::GroupFlush::new(db),
             })

@@ -1,5 +1,6 @@
-//! FOTA tasks, device reports and schedules in sled. A task and its index entries change in
-//! one transaction over two trees, so the indexes never disagree with the tasks.
+//! FOTA tasks and schedules in sled. A task, its index entries and (for a task a campaign
+//! released) its campaign member and counts change in one transaction over three trees, so
+//! the indexes and counts never disagree with the tasks.
 //!
 //! Index keys in `fota_index`, each led by a one-byte kind:
 //! `a` device → active task id; `d` due ms (8 bytes, big-endian) ‖ id; `q` id (holds a quota
@@ -10,8 +11,10 @@ use async_trait::async_trait;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
+use super::sled_fleet::{get_member, put_member};
 use super::sled_store::{backend, SledStore};
-use super::{DeviceCredential, DeviceInfo, DeviceStore, MetaError, Put, ScheduleStore, TaskStore};
+use super::{Created, MetaError, Put, ScheduleStore, TaskStore};
+use crate::model::campaign::{member, Member};
 use crate::model::schedule::Schedule;
 use crate::model::task::FotaTask;
 
@@ -84,12 +87,44 @@ fn write<T>(
     Ok(())
 }
 
+/// The member a campaign task's change moves: to the task's status (and its failure reason),
+/// while the member still follows this task (a retried member follows a newer one).
+fn follow<T>(
+    fleet: &TransactionalTree,
+    task: &FotaTask,
+) -> Result<(), ConflictableTransactionError<T>> {
+    let Some(link) = &task.campaign else {
+        return Ok(());
+    };
+    let Some(old) = get_member(fleet, &link.id, &task.device_id)? else {
+        return Ok(());
+    };
+    if old.task_id.as_deref() != Some(task.id.as_str()) {
+        return Ok(());
+    }
+    let new = Member {
+        status: task.status.as_str().to_owned(),
+        reason: task.reason.clone(),
+        ..old.clone()
+    };
+    if new != old {
+        put_member(fleet, &link.id, Some(&old), &new)?;
+    }
+    Ok(())
+}
+
 impl SledStore {
     fn transact_tasks<T>(
         &self,
-        f: impl Fn(&TransactionalTree, &TransactionalTree) -> Result<T, ConflictableTransactionError<T>>,
+        campaign: bool,
+        f: impl Fn(
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+        ) -> Result<T, ConflictableTransactionError<T>>,
     ) -> Result<T, MetaError> {
-        match (&self.tasks, &self.task_index).transaction(|(t, i)| f(t, i)) {
+        let _one = campaign.then(|| self.fleet_gate.lock().unwrap_or_else(|e| e.into_inner()));
+        match (&self.tasks, &self.task_index, &self.fleet).transaction(|(t, i, f2)| f(t, i, f2)) {
             Ok(v) | Err(TransactionError::Abort(v)) => Ok(v),
             Err(TransactionError::Storage(e)) => Err(backend(e)),
         }
@@ -129,25 +164,43 @@ impl TaskStore for SledStore {
         &self,
         task: &FotaTask,
         _announce: Option<&str>,
-    ) -> Result<Option<String>, MetaError> {
+    ) -> Result<Created, MetaError> {
         let task = task.clone();
         let json = serde_json::to_vec(&task).map_err(backend)?;
-        let busy = self
+        let created = self
             .blocking(move |s| {
-                s.transact_tasks(|t, i| {
+                s.transact_tasks(task.campaign.is_some(), |t, i, f| {
+                    if let Some(link) = &task.campaign {
+                        let old = get_member(f, &link.id, &task.device_id)?;
+                        let Some(old) = old
+                            .filter(|m| m.status == member::WAITING || m.status == member::SKIPPED)
+                        else {
+                            return Err(ConflictableTransactionError::Abort(Created::MemberTaken));
+                        };
+                        if i.get(key(b'a', &[task.device_id.as_bytes()]))?.is_none() {
+                            let new = Member {
+                                status: task.status.as_str().to_owned(),
+                                task_id: Some(task.id.clone()),
+                                reason: task.reason.clone(),
+                                retry_at_ms: None,
+                                ..old.clone()
+                            };
+                            put_member(f, &link.id, Some(&old), &new)?;
+                        }
+                    }
                     if let Some(active) = i.get(key(b'a', &[task.device_id.as_bytes()]))? {
                         let id = String::from_utf8_lossy(&active).into_owned();
-                        return Err(ConflictableTransactionError::Abort(Some(id)));
+                        return Err(ConflictableTransactionError::Abort(Created::DeviceBusy(id)));
                     }
                     write(t, i, None, &task, &json)?;
-                    Ok(None)
+                    Ok(Created::Stored)
                 })
             })
             .await?;
-        if busy.is_none() {
+        if created == Created::Stored {
             self.flush().await?;
         }
-        Ok(busy)
+        Ok(created)
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError> {
@@ -172,7 +225,7 @@ impl TaskStore for SledStore {
                         return Ok(Put::QuotaFull);
                     }
                 }
-                s.transact_tasks(|t, i| {
+                s.transact_tasks(task.campaign.is_some(), |t, i, f| {
                     let old = t
                         .get(task.id.as_bytes())?
                         .and_then(|v| serde_json::from_slice::<FotaTask>(&v).ok());
@@ -180,6 +233,7 @@ impl TaskStore for SledStore {
                         return Err(ConflictableTransactionError::Abort(Put::Stale));
                     }
                     write(t, i, old.as_ref(), &task, &json)?;
+                    follow(f, &task)?;
                     Ok(Put::Stored)
                 })
             })
@@ -291,74 +345,6 @@ impl TaskStore for SledStore {
         let prefix = key(b'f', &[name.as_bytes(), b""]);
         self.blocking(move |s| Ok(!s.scan_ids(prefix, 1)?.is_empty()))
             .await
-    }
-}
-
-#[async_trait]
-impl DeviceStore for SledStore {
-    async fn get_device(&self, device_id: &str) -> Result<Option<DeviceInfo>, MetaError> {
-        let id = device_id.to_owned();
-        self.blocking(move |s| {
-            s.devices
-                .get(id.as_bytes())
-                .map_err(backend)?
-                .map(|v| decode(id.as_bytes(), &v))
-                .transpose()
-        })
-        .await
-    }
-
-    async fn put_device(&self, info: &DeviceInfo) -> Result<(), MetaError> {
-        let json = serde_json::to_vec(info).map_err(backend)?;
-        let id = info.device_id.clone();
-        self.blocking(move |s| {
-            s.devices.insert(id.as_bytes(), json).map_err(backend)?;
-            Ok(())
-        })
-        .await?;
-        self.flush().await
-    }
-
-    async fn device_credential(
-        &self,
-        device_id: &str,
-    ) -> Result<Option<DeviceCredential>, MetaError> {
-        let id = device_id.to_owned();
-        self.blocking(move |s| {
-            s.device_credentials
-                .get(id.as_bytes())
-                .map_err(backend)?
-                .map(|v| decode(id.as_bytes(), &v))
-                .transpose()
-        })
-        .await
-    }
-
-    async fn put_device_credential(&self, credential: &DeviceCredential) -> Result<(), MetaError> {
-        let json = serde_json::to_vec(credential).map_err(backend)?;
-        let id = credential.device_id.clone();
-        self.blocking(move |s| {
-            s.device_credentials
-                .insert(id.as_bytes(), json)
-                .map_err(backend)?;
-            Ok(())
-        })
-        .await?;
-        self.flush().await
-    }
-
-    async fn remove_device_credential(&self, device_id: &str) -> Result<bool, MetaError> {
-        let id = device_id.to_owned();
-        let gone = self
-            .blocking(move |s| {
-                Ok(s.device_credentials
-                    .remove(id.as_bytes())
-                    .map_err(backend)?
-                    .is_some())
-            })
-            .await?;
-        self.flush().await?;
-        Ok(gone)
     }
 }
 

@@ -171,6 +171,17 @@ pub struct FotaTask {
     /// Bumped by every stored change; a change made from an older read is refused.
     #[serde(default)]
     pub revision: u64,
+    /// The campaign that released the task; its counts move with the task's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<CampaignLink>,
+}
+
+/// A task's place in a campaign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CampaignLink {
+    pub id: String,
+    pub wave: u32,
 }
 
 /// Why a report or command is refused by the state machine.
@@ -195,6 +206,20 @@ pub struct Report {
     pub result: u8,
     pub pkg_name: Option<String>,
     pub pkg_version: Option<String>,
+    /// /3/0/3 Firmware Version.
+    pub firmware_version: Option<String>,
+    /// /5/0/8 Firmware Update Protocol Support.
+    pub protocols: Option<Vec<u8>>,
+}
+
+impl Report {
+    /// Whether the report says what the device runs or supports (kept in the registry).
+    pub fn names_firmware(&self) -> bool {
+        self.pkg_name.is_some()
+            || self.pkg_version.is_some()
+            || self.firmware_version.is_some()
+            || self.protocols.is_some()
+    }
 }
 
 impl FotaTask {
@@ -411,6 +436,7 @@ pub(crate) mod tests {
             import_owner: None,
             history: Vec::new(),
             revision: 0,
+            campaign: None,
         }
     }
 

@@ -40,17 +40,71 @@ impl Engine {
         Ok(self.store.remove_device_credential(device).await?)
     }
 
-    /// What the device should do now.
+    /// Registers a device on its first contact and keeps its last-seen time, writing at most
+    /// once per [`SEEN_EVERY`] for a device that only polls; `report` (its firmware) is
+    /// always written.
+    pub(super) async fn seen(
+        &self,
+        device: &str,
+        report: Option<&Report>,
+    ) -> Result<(), FotaError> {
+        let now = self.now_ms();
+        let mut patch = serde_json::Map::new();
+        if let Some(r) = report.filter(|r| r.names_firmware()) {
+            let text = |v: &Option<String>| v.clone().map_or(serde_json::Value::Null, Into::into);
+            if r.pkg_name.is_some() || r.pkg_version.is_some() {
+                patch.insert("pkgName".into(), text(&r.pkg_name));
+                patch.insert("pkgVersion".into(), text(&r.pkg_version));
+            }
+            if r.firmware_version.is_some() {
+                patch.insert("firmwareVersion".into(), text(&r.firmware_version));
+            }
+            if let Some(p) = &r.protocols {
+                patch.insert("protocols".into(), json!(p));
+            }
+            patch.insert("reportedMs".into(), now.into());
+        }
+        let fresh = lock(&self.seen)
+            .get(device)
+            .is_some_and(|at| now - at < SEEN_EVERY.as_millis() as i64);
+        if patch.is_empty() && fresh {
+            return Ok(());
+        }
+        patch.insert("lastSeenMs".into(), now.into());
+        self.store.merge_device(device, &patch, now).await?;
+        let mut seen = lock(&self.seen);
+        if seen.len() >= SEEN_REMEMBERED {
+            seen.clear();
+        }
+        seen.insert(device.to_owned(), now);
+        Ok(())
+    }
+
+    /// Sets what a device without a task is offered when it asks: a running campaign it
+    /// has joined since the campaign started.
+    pub fn set_joiner(&self, joiner: Arc<dyn Joiner>) {
+        let _ = self.joiner.set(joiner);
+    }
+
     /// The device's work; `credential` is the device token it presented.
     pub async fn work(&self, device: &str, credential: Option<&str>) -> Result<Work, FotaError> {
         check_device(device)?;
         self.identify(device, credential).await?;
+        self.seen(device, None).await?;
         retried(|| self.work_once(device)).await
     }
 
     pub(super) async fn work_once(&self, device: &str) -> Result<Work, FotaError> {
         let poll = self.config.poll_interval.0;
-        let Some(id) = self.store.active_task(device).await? else {
+        let mut active = self.store.active_task(device).await?;
+        if active.is_none() {
+            if let Some(joiner) = self.joiner.get() {
+                if joiner.join(device).await? {
+                    active = self.store.active_task(device).await?;
+                }
+            }
+        }
+        let Some(id) = active else {
             return Ok(Work::Nothing { retry_after: poll });
         };
         let _g = self.lock_task(&id).await;
@@ -156,16 +210,7 @@ impl Engine {
         let now = self.now_ms();
         let deferred_until = now.saturating_add(self.config.deferred_retry.0.as_millis() as i64);
         t.apply(report, deferred_until, now)?;
-        if report.pkg_name.is_some() || report.pkg_version.is_some() {
-            self.store
-                .put_device(&DeviceInfo {
-                    device_id: t.device_id.clone(),
-                    pkg_name: report.pkg_name.clone(),
-                    pkg_version: report.pkg_version.clone(),
-                    reported_ms: now,
-                })
-                .await?;
-        }
+        self.seen(&t.device_id, Some(report)).await?;
         if t != before {
             self.commit(&before, &mut t).await?;
         }

@@ -28,12 +28,12 @@ use super::clock::Clock;
 use super::import::Importer;
 use super::request::{RequestError, ScheduleRequest};
 use super::schedule::{self, Calendar, Schedule, ScheduleError};
-use super::task::{waiting, FotaTask, Report, Status, TaskOptions};
+use super::task::{waiting, CampaignLink, FotaTask, Report, Status, TaskOptions};
 use super::view::TaskEvent;
 use super::{check_device, FotaError};
 use crate::config::FotaConfig;
 use crate::firmware::{FirmwareError, Ingested, Repository, UploadRequest};
-use crate::meta::{DeviceInfo, FirmwareRecord, MetaStore, Put};
+use crate::meta::{Created, FirmwareRecord, MetaStore, Put};
 use crate::name::FirmwareName;
 
 /// Lock stripes: operations on one task are serialised, different tasks rarely contend.
@@ -50,6 +50,18 @@ const IMPORT_RETRY: Duration = Duration::from_secs(10);
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Events a slow subscriber may fall behind before it is told it lagged.
 const EVENT_BUFFER: usize = 4096;
+
+/// A device that polls is written to the registry at most this often (its last-seen time).
+const SEEN_EVERY: Duration = Duration::from_secs(60);
+/// Devices whose last write is remembered; the memory is forgotten past it (costing a write).
+const SEEN_REMEMBERED: usize = 200_000;
+
+/// Offers a device without an active task the campaigns it has joined since they started.
+#[async_trait::async_trait]
+pub trait Joiner: Send + Sync {
+    /// Whether a task was released for `device`.
+    async fn join(&self, device: &str) -> Result<bool, FotaError>;
+}
 
 /// What a device gets when it asks for work.
 pub enum Work {
@@ -95,6 +107,9 @@ pub struct Engine {
     progress: Mutex<HashMap<String, Arc<AtomicU64>>>,
     packages: Mutex<HashMap<String, (Arc<Package>, Instant)>>,
     importing: Mutex<HashSet<String>>,
+    /// When this instance last wrote each device's last-seen time.
+    seen: Mutex<HashMap<String, i64>>,
+    joiner: OnceLock<Arc<dyn Joiner>>,
     events: broadcast::Sender<Arc<TaskEvent>>,
     /// Names this instance in announcements, so it skips its own when they come back.
     origin: String,
@@ -177,6 +192,8 @@ impl Engine {
             progress: Mutex::new(HashMap::new()),
             packages: Mutex::new(HashMap::new()),
             importing: Mutex::new(HashSet::new()),
+            seen: Mutex::new(HashMap::new()),
+            joiner: OnceLock::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
             due_changed: Notify::new(),
         }

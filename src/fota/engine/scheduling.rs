@@ -27,12 +27,43 @@ impl Engine {
             .join(", ")
     }
 
-    /// Whether the device already runs the firmware, by what it last reported.
     /// Creates a task from the seed's `scheduleFirmwareUpdate` payload.
     pub async fn schedule(
         self: &Arc<Self>,
         device: &str,
         req: ScheduleRequest,
+    ) -> Result<FotaTask, FotaError> {
+        let t = self.new_task(device, &req, None).await?;
+        match self.store_new(&t).await? {
+            Created::Stored => Ok(t),
+            Created::DeviceBusy(active) => Err(FotaError::DeviceBusy {
+                device: device.to_owned(),
+                fota_id: active,
+            }),
+            Created::MemberTaken => Err(FotaError::Meta(crate::meta::MetaError::Backend(
+                "a task scheduled alone was refused as a campaign member".into(),
+            ))),
+        }
+    }
+
+    /// Creates the task a campaign releases for one of its members; the store moves the
+    /// member in the same step, or refuses when it was released already.
+    pub async fn release(
+        self: &Arc<Self>,
+        device: &str,
+        req: &ScheduleRequest,
+        link: CampaignLink,
+    ) -> Result<(Created, FotaTask), FotaError> {
+        let t = self.new_task(device, req, Some(link)).await?;
+        Ok((self.store_new(&t).await?, t))
+    }
+
+    /// A new task for `device`, placed (or done, with useCachedData), not yet stored.
+    async fn new_task(
+        &self,
+        device: &str,
+        req: &ScheduleRequest,
+        campaign: Option<CampaignLink>,
     ) -> Result<FotaTask, FotaError> {
         check_device(device)?;
         let scheme = req.protocol.scheme();
@@ -46,11 +77,13 @@ impl Engine {
                 served: self.served_protocols(),
             })?;
         let sched = self.find_schedule(&req.schedule).await?;
-        if let Some(active) = self.store.active_task(device).await? {
-            return Err(FotaError::DeviceBusy {
-                device: device.to_owned(),
-                fota_id: active,
-            });
+        if campaign.is_none() {
+            if let Some(active) = self.store.active_task(device).await? {
+                return Err(FotaError::DeviceBusy {
+                    device: device.to_owned(),
+                    fota_id: active,
+                });
+            }
         }
         let record = match self.repo.resolve(&req.name).await {
             Ok(r) => Some(r),
@@ -95,28 +128,32 @@ impl Engine {
             import_owner: None,
             history: Vec::new(),
             revision: 0,
+            campaign,
         };
         match &record {
             None => t.set(Status::Pending, Some(waiting::IMPORT), now),
             Some(r) => self.settle(&mut t, r, now).await?,
         }
-        let event = TaskEvent::of(&t, now);
+        Ok(t)
+    }
+
+    /// Stores a new task and starts what follows from it (its event, import, timer).
+    async fn store_new(self: &Arc<Self>, t: &FotaTask) -> Result<Created, FotaError> {
+        let event = TaskEvent::of(t, self.now_ms());
         let announce = self.announcement(&event);
-        if let Some(active) = self.store.create_task(&t, announce.as_deref()).await? {
-            return Err(FotaError::DeviceBusy {
-                device: device.to_owned(),
-                fota_id: active,
-            });
+        let created = self.store.create_task(t, announce.as_deref()).await?;
+        if created != Created::Stored {
+            return Ok(created);
         }
         let _ = self.events.send(Arc::new(event));
-        tracing::info!(fota_id = %t.id, device, firmware = %t.firmware, status = t.status.as_str(), "FOTA task scheduled");
+        tracing::info!(fota_id = %t.id, device = %t.device_id, firmware = %t.firmware, status = t.status.as_str(), "FOTA task scheduled");
         if t.is_importing() {
             self.spawn_import(t.id.clone());
         }
         if t.due_ms().is_some() {
             self.due_changed.notify_one();
         }
-        Ok(t)
+        Ok(created)
     }
 
     /// useCachedData: why the task has nothing to download, if the device last reported
