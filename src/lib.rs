@@ -8,6 +8,7 @@ pub mod coap;
 pub mod config;
 pub mod error;
 pub mod firmware;
+pub mod fleet;
 pub mod fota;
 pub mod http;
 pub mod keys;

@@ -233,9 +233,9 @@ pub async fn start_with_clock(
     let mut tasks = Vec::new();
     let work = TaskTracker::new();
     let engine = Arc::new(Engine::new(
-        meta,
+        Arc::clone(&meta),
         Arc::clone(&repo),
-        clock,
+        Arc::clone(&clock),
         config.fota.clone(),
         cancel.clone(),
         work.clone(),
@@ -247,7 +247,17 @@ pub async fn start_with_clock(
     engine.set_package_tokens(config.auth.package_tokens);
     engine.set_device_credentials(config.auth.device_credentials);
     engine.start().await?;
+    let fleet = crate::fleet::Fleet::new(
+        meta,
+        Arc::clone(&engine),
+        Arc::clone(&repo),
+        clock,
+        cancel.clone(),
+        work.clone(),
+    );
+    fleet.run();
     let state = AppState {
+        fleet,
         repo: Arc::clone(&repo),
         metrics: Arc::clone(&metrics),
         uri_bases: Arc::new(uri_bases),

@@ -30,6 +30,9 @@ pub struct TaskEvent {
     pub update_result: u8,
     pub bytes_served: u64,
     pub at: String,
+    /// The campaign that released the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
 }
 
 impl TaskEvent {
@@ -44,6 +47,7 @@ impl TaskEvent {
             update_result: t.update_result,
             bytes_served: t.bytes_served,
             at: rfc3339(now_ms),
+            campaign: t.campaign.as_ref().map(|c| c.id.clone()),
         }
     }
 }
@@ -81,6 +85,7 @@ pub fn task_json(t: &FotaTask, bytes_served: u64) -> Value {
             "upgradeStrategy": o.upgrade_strategy.name(),
             "schedule": o.schedule.name,
         },
+        "campaignId": t.campaign.as_ref().map(|c| &c.id),
         "history": t.history.iter().map(|h| json!({
             "at": rfc3339(h.at_ms),
             "status": h.status.as_str(),

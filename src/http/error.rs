@@ -17,7 +17,7 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     /// One more member of the error object, such as the `fotaId` a conflict is about.
-    pub detail: Option<(&'static str, String)>,
+    pub detail: Option<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -51,7 +51,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
         if let Some((k, v)) = self.detail {
-            body["error"][k] = v.into();
+            body["error"][k] = v;
         }
         (self.status, Json(body)).into_response()
     }
@@ -76,7 +76,18 @@ impl From<FotaError> for ApiError {
         let (code, kind) = e.code();
         let mut err = ApiError::domain(code, kind, &e);
         if let FotaError::DeviceBusy { fota_id, .. } = e {
-            err.detail = Some(("fotaId", fota_id));
+            err.detail = Some(("fotaId", fota_id.into()));
+        }
+        err
+    }
+}
+
+impl From<crate::fleet::FleetError> for ApiError {
+    fn from(e: crate::fleet::FleetError) -> ApiError {
+        let (code, kind) = e.code();
+        let mut err = ApiError::domain(code, kind, &e);
+        if let crate::fleet::FleetError::Filter(f) = &e {
+            err.detail = Some(("position", f.position.into()));
         }
         err
     }

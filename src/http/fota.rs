@@ -62,7 +62,7 @@ async fn scheduled(
     if issue {
         let (token, _) = app.engine.issue_device_token(device).await.map_err(|e| {
             let mut err = ApiError::from(e);
-            err.detail = Some(("fotaId", t.id.clone()));
+            err.detail = Some(("fotaId", t.id.clone().into()));
             err
         })?;
         answer["deviceToken"] = token.into();

@@ -1,6 +1,8 @@
 //! The HTTP API: routes, shared state, request metrics and JSON fallbacks.
 
 pub mod access;
+mod campaigns;
+mod devices;
 mod download;
 pub mod error;
 mod events;
@@ -44,6 +46,7 @@ pub struct AppState {
     /// Public base of device URIs per transport (`http`, `coap+tcp`, ...), no trailing slash.
     pub uri_bases: Arc<Vec<(&'static str, String)>>,
     pub engine: Arc<Engine>,
+    pub fleet: Arc<crate::fleet::Fleet>,
     /// Fires at shutdown; long-lived responses (event streams) end with it.
     pub cancel: tokio_util::sync::CancellationToken,
     pub access: Arc<access::Access>,
@@ -203,6 +206,102 @@ pub fn routes() -> Routes {
         "/v1/schedules/{name}",
         role(Operator),
         fota::delete_schedule,
+    )
+    .add(M::GET, "/v1/devices", role(Reader), devices::list)
+    .add(
+        M::POST,
+        "/v1/devices:import",
+        role(Operator),
+        devices::import,
+    )
+    .add(M::GET, "/v1/devices/{deviceId}", role(Reader), devices::get)
+    .add(
+        M::PUT,
+        "/v1/devices/{deviceId}",
+        role(Operator),
+        devices::put,
+    )
+    .add(
+        M::PATCH,
+        "/v1/devices/{deviceId}",
+        role(Operator),
+        devices::patch,
+    )
+    .add(
+        M::DELETE,
+        "/v1/devices/{deviceId}",
+        role(Operator),
+        devices::delete,
+    )
+    .add(M::GET, "/v1/groups", role(Reader), devices::groups)
+    .add(M::GET, "/v1/groups/{name}", role(Reader), devices::group)
+    .add(
+        M::PUT,
+        "/v1/groups/{name}",
+        role(Operator),
+        devices::put_group,
+    )
+    .add(
+        M::DELETE,
+        "/v1/groups/{name}",
+        role(Operator),
+        devices::delete_group,
+    )
+    .add(
+        M::GET,
+        "/v1/groups/{name}/devices",
+        role(Reader),
+        devices::group_devices,
+    )
+    .add(M::GET, "/v1/campaigns", role(Reader), campaigns::list)
+    .add(M::POST, "/v1/campaigns", role(Operator), campaigns::create)
+    .add(
+        M::GET,
+        "/v1/campaigns/{campaignId}",
+        role(Reader),
+        campaigns::status,
+    )
+    .add(
+        M::GET,
+        "/v1/campaigns/{campaignId}/devices",
+        role(Reader),
+        campaigns::devices,
+    )
+    .add(
+        M::POST,
+        "/v1/campaigns/{campaignId}/approve",
+        role(Admin),
+        campaigns::approve,
+    )
+    .add(
+        M::POST,
+        "/v1/campaigns/{campaignId}/start",
+        role(Operator),
+        campaigns::start,
+    )
+    .add(
+        M::POST,
+        "/v1/campaigns/{campaignId}/pause",
+        role(Operator),
+        campaigns::pause,
+    )
+    .add(
+        M::POST,
+        "/v1/campaigns/{campaignId}/resume",
+        role(Operator),
+        campaigns::resume,
+    )
+    .add(
+        M::POST,
+        "/v1/campaigns/{campaignId}/stop",
+        role(Operator),
+        campaigns::stop,
+    )
+    .add(
+        M::POST,
+        "/v1/campaigns/{campaignId}/retry-failed",
+        role(Operator),
+        campaigns::retry_failed,
     )
     .add(M::GET, "/v1/events", role(Reader), events::events)
 }

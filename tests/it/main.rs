@@ -8,6 +8,7 @@ mod crash;
 mod device_identity;
 mod download;
 mod errors;
+mod fleet;
 mod fota;
 mod fota_coap;
 mod fuzz;

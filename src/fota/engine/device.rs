@@ -82,7 +82,7 @@ impl Engine {
 
     /// Sets what a device without a task is offered when it asks: a running campaign it
     /// has joined since the campaign started.
-    pub fn set_joiner(&self, joiner: Arc<dyn Joiner>) {
+    pub fn set_joiner(&self, joiner: std::sync::Weak<dyn Joiner>) {
         let _ = self.joiner.set(joiner);
     }
 
@@ -98,7 +98,7 @@ impl Engine {
         let poll = self.config.poll_interval.0;
         let mut active = self.store.active_task(device).await?;
         if active.is_none() {
-            if let Some(joiner) = self.joiner.get() {
+            if let Some(joiner) = self.joiner.get().and_then(std::sync::Weak::upgrade) {
                 if joiner.join(device).await? {
                     active = self.store.active_task(device).await?;
                 }
@@ -150,6 +150,18 @@ impl Engine {
             return Ok(Work::Nothing {
                 retry_after: until(now, wake),
             });
+        }
+        // A campaign's task starts only while the campaign runs: paused, stopped or aborted,
+        // no new device starts, even before the campaign's pending tasks are cancelled.
+        if let Some(link) = &t.campaign {
+            let running = self
+                .store
+                .get_campaign(&link.id)
+                .await?
+                .is_some_and(|c| c.state == crate::model::campaign::State::Running);
+            if !running {
+                return Ok(Work::Nothing { retry_after: poll });
+            }
         }
         if let Some(note) = self.cached(&t, &record).await? {
             t.succeed_from_cache(note, now);

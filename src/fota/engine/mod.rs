@@ -109,7 +109,8 @@ pub struct Engine {
     importing: Mutex<HashSet<String>>,
     /// When this instance last wrote each device's last-seen time.
     seen: Mutex<HashMap<String, i64>>,
-    joiner: OnceLock<Arc<dyn Joiner>>,
+    /// Weak: the fleet holds the engine, and a cycle would keep the store open after shutdown.
+    joiner: OnceLock<std::sync::Weak<dyn Joiner>>,
     events: broadcast::Sender<Arc<TaskEvent>>,
     /// Names this instance in announcements, so it skips its own when they come back.
     origin: String,

@@ -46,6 +46,23 @@ impl Engine {
         }
     }
 
+    /// Checks what a request names exists here (its schedule, its protocol served), as a
+    /// schedule would, without making a task.
+    pub async fn check_request(&self, req: &ScheduleRequest) -> Result<(), FotaError> {
+        self.find_schedule(&req.schedule).await?;
+        if !self
+            .bases()
+            .iter()
+            .any(|(s, _)| *s == req.protocol.scheme())
+        {
+            return Err(FotaError::ProtocolNotServed {
+                requested: req.protocol.name(),
+                served: self.served_protocols(),
+            });
+        }
+        Ok(())
+    }
+
     /// Creates the task a campaign releases for one of its members; the store moves the
     /// member in the same step, or refuses when it was released already.
     pub async fn release(
@@ -192,12 +209,25 @@ impl Engine {
 
     /// Cancels a task that has not reached `updating`.
     pub async fn cancel(&self, id: &str) -> Result<FotaTask, FotaError> {
-        retried(|| self.cancel_once(id)).await
+        retried(|| self.cancel_once(id, false)).await
     }
 
-    pub(super) async fn cancel_once(&self, id: &str) -> Result<FotaTask, FotaError> {
+    /// Cancels a task only while it is pending (its device has not been handed the package):
+    /// what a campaign that stops does to the tasks it released.
+    pub async fn cancel_pending(&self, id: &str) -> Result<FotaTask, FotaError> {
+        retried(|| self.cancel_once(id, true)).await
+    }
+
+    pub(super) async fn cancel_once(
+        &self,
+        id: &str,
+        only_pending: bool,
+    ) -> Result<FotaTask, FotaError> {
         let _g = self.lock_task(id).await;
         let mut t = self.task(id).await?;
+        if only_pending && t.status != Status::Pending {
+            return Ok(t);
+        }
         let before = t.clone();
         t.cancel(self.now_ms())?;
         self.commit(&before, &mut t).await?;
