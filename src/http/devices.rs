@@ -109,7 +109,7 @@ pub async fn import(
     let essence = ct.split(';').next().unwrap_or("").trim();
     if !matches!(
         essence,
-        "application/x-ndjson" | "application/jsonl" | "application/json-seq" | "text/plain" | ""
+        "application/x-ndjson" | "application/jsonl" | "text/plain"
     ) {
         return Err(ApiError {
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
