@@ -100,15 +100,7 @@ pub fn labels(field: &str, v: &Value) -> Result<BTreeMap<String, String>, String
     }
     let mut out = BTreeMap::new();
     for (k, v) in m {
-        let ok_key = !k.is_empty()
-            && k.len() <= MAX_LABEL_KEY
-            && k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
-        if !ok_key {
-            return Err(format!(
-                "{field}: key {k:?} must be 1-{MAX_LABEL_KEY} characters of letters, digits, _ - . :"
-            ));
-        }
+        check_key(field, k)?;
         let Value::String(s) = v else {
             return Err(format!("{field}.{k} must be a string"));
         };
@@ -120,6 +112,20 @@ pub fn labels(field: &str, v: &Value) -> Result<BTreeMap<String, String>, String
         out.insert(k.clone(), s.clone());
     }
     Ok(out)
+}
+
+fn check_key(field: &str, k: &str) -> Result<(), String> {
+    let ok = !k.is_empty()
+        && k.len() <= MAX_LABEL_KEY
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}: key {k:?} must be 1-{MAX_LABEL_KEY} characters of letters, digits, _ - . :"
+        ))
+    }
 }
 
 /// RFC 7396 merge of a patch into labels: a string sets, `null` removes.
@@ -135,6 +141,7 @@ pub fn patch_labels(
     let mut sets = Map::new();
     for (k, v) in m {
         if v.is_null() {
+            check_key(field, k)?;
             out.remove(k);
         } else {
             sets.insert(k.clone(), v.clone());
@@ -179,6 +186,7 @@ mod tests {
         assert!(labels("tags", &json!(["x"])).is_err());
         let cur = labels("tags", &json!({"a": "1", "b": "2"})).unwrap();
         let out = patch_labels("tags", &cur, &json!({"a": null, "c": "3"})).unwrap();
+        assert!(patch_labels("tags", &cur, &json!({"": null})).is_err());
         assert_eq!(out, labels("tags", &json!({"b": "2", "c": "3"})).unwrap());
     }
 }
