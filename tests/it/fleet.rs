@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{client, image, poll};
+use crate::common::{client, image, poll, TestServer};
 use crate::fota::Fota;
 
 /// Devices polled at once.
@@ -25,8 +25,8 @@ enum Polled {
 
 /// One poll of a device: takes its task if offered, downloads the package and reports
 /// success (saying it now runs `version`) or an integrity failure.
-async fn device_polls(f: &Fota, device: &str, fail: bool, version: &str) -> Polled {
-    let r = f.work(device).await;
+async fn device_polls(srv: &TestServer, device: &str, fail: bool, version: &str) -> Polled {
+    let r = srv.get(&format!("/v1/devices/{device}/fota")).await;
     if r.status() == StatusCode::NO_CONTENT {
         return Polled::Nothing;
     }
@@ -43,7 +43,7 @@ async fn device_polls(f: &Fota, device: &str, fail: bool, version: &str) -> Poll
         .unwrap();
     assert_eq!(body.len() as u64, w["size"].as_u64().unwrap());
     let report = async |v: Value| {
-        let r = f.srv.post(&format!("/v1/fota/{id}/report"), &v).await;
+        let r = srv.post(&format!("/v1/fota/{id}/report"), &v).await;
         assert_eq!(r.status(), StatusCode::OK, "{device}: {v}");
     };
     if fail {
@@ -56,20 +56,23 @@ async fn device_polls(f: &Fota, device: &str, fail: bool, version: &str) -> Poll
     Polled::Updated
 }
 
-/// Every device in `devices` polls once; which of them updated or failed.
+/// Every device in `devices` polls once, each always through the same one of `servers`;
+/// which of them updated or failed.
 async fn round(
-    f: &Fota,
+    servers: &[&TestServer],
     devices: &[String],
     failing: &BTreeSet<String>,
 ) -> (BTreeSet<String>, BTreeSet<String>) {
-    let results: Vec<(String, Polled)> = futures_util::stream::iter(devices.iter().cloned())
-        .map(|d| async move {
-            let p = device_polls(f, &d, failing.contains(&d), "2.1.0").await;
-            (d, p)
-        })
-        .buffer_unordered(PARALLEL)
-        .collect()
-        .await;
+    let results: Vec<(String, Polled)> =
+        futures_util::stream::iter(devices.iter().cloned().enumerate())
+            .map(|(i, d)| async move {
+                let srv = servers[i % servers.len()];
+                let p = device_polls(srv, &d, failing.contains(&d), "2.1.0").await;
+                (d, p)
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
     let pick = |want| {
         results
             .iter()
@@ -80,32 +83,30 @@ async fn round(
     (pick(Polled::Updated), pick(Polled::Failed))
 }
 
-async fn campaign(f: &Fota, id: &str) -> Value {
-    f.srv
-        .get(&format!("/v1/campaigns/{id}"))
+async fn campaign(srv: &TestServer, id: &str) -> Value {
+    srv.get(&format!("/v1/campaigns/{id}"))
         .await
         .json()
         .await
         .unwrap()
 }
 
-async fn act(f: &Fota, id: &str, action: &str) -> (StatusCode, Value) {
-    let r = f
-        .srv
+async fn act(srv: &TestServer, id: &str, action: &str) -> (StatusCode, Value) {
+    let r = srv
         .post(&format!("/v1/campaigns/{id}/{action}"), &json!({}))
         .await;
     (r.status(), r.json().await.unwrap())
 }
 
-async fn wait_state(f: &Fota, id: &str, state: &str) -> Value {
-    let v = poll(async || campaign(f, id).await, |v| v["state"] == state).await;
+async fn wait_state(srv: &TestServer, id: &str, state: &str) -> Value {
+    let v = poll(async || campaign(srv, id).await, |v| v["state"] == state).await;
     assert_eq!(v["state"], state, "campaign never became {state}: {v}");
     v
 }
 
-async fn import(f: &Fota, lines: &str) -> Value {
+async fn import(srv: &TestServer, lines: &str) -> Value {
     let r = client()
-        .post(f.srv.url("/v1/devices:import"))
+        .post(srv.url("/v1/devices:import"))
         .header("content-type", "application/x-ndjson")
         .body(lines.to_owned())
         .send()
@@ -139,7 +140,7 @@ async fn a_rollout_in_waves_pauses_skips_the_updated_takes_a_late_joiner_and_sur
             lines.push_str("{\"deviceId\":\"bad id\"}\nnot json\n");
         }
     }
-    let report = import(&f, &lines).await;
+    let report = import(&f.srv, &lines).await;
     assert_eq!(report["imported"], 1050, "{report}");
     assert_eq!(report["failed"], 2);
     let errors: Vec<u64> = report["errors"]
@@ -158,7 +159,10 @@ async fn a_rollout_in_waves_pauses_skips_the_updated_takes_a_late_joiner_and_sur
             json!({"name": "acme.com-meter-2.1", "protocolType": "HTTP"}),
         )
         .await;
-        assert_eq!(device_polls(&f, d, false, "2.1.0").await, Polled::Updated);
+        assert_eq!(
+            device_polls(&f.srv, d, false, "2.1.0").await,
+            Polled::Updated
+        );
     }
 
     let r = f.srv.post("/v1/devices/meter-0001", &json!({})).await;
@@ -215,10 +219,10 @@ async fn a_rollout_in_waves_pauses_skips_the_updated_takes_a_late_joiner_and_sur
     let id = c["campaignId"].as_str().unwrap().to_owned();
     let everyone: Vec<String> = (0..1000).map(meter).collect();
     // Nothing is offered before the start.
-    let (up, _) = round(&f, &everyone[..50], &BTreeSet::new()).await;
+    let (up, _) = round(&[&f.srv], &everyone[..50], &BTreeSet::new()).await;
     assert!(up.is_empty());
 
-    let (code, c) = act(&f, &id, "start").await;
+    let (code, c) = act(&f.srv, &id, "start").await;
     assert_eq!(code, StatusCode::OK, "{c}");
     assert_eq!(c["devices"], 1000);
     let sizes: Vec<u64> = c["waves"]
@@ -231,36 +235,36 @@ async fn a_rollout_in_waves_pauses_skips_the_updated_takes_a_late_joiner_and_sur
 
     // Wave 1: at most its 10 devices get the image (those on 2.1.0 are up to date).
     let c = poll(
-        async || campaign(&f, &id).await,
+        async || campaign(&f.srv, &id).await,
         |c| c["waves"][0]["counts"]["waiting"].is_null(),
     )
     .await;
     let first = c["waves"][0]["counts"].clone();
-    let (up, _) = round(&f, &everyone, &BTreeSet::new()).await;
+    let (up, _) = round(&[&f.srv], &everyone, &BTreeSet::new()).await;
     let up_to_date = first["up-to-date"].as_u64().unwrap_or(0) as usize;
     assert_eq!(up.len() + up_to_date, 10, "{first}");
     let mut all_up = up.clone();
 
     // Wave 2 follows, then the campaign pauses for a person.
     let c = poll(
-        async || campaign(&f, &id).await,
+        async || campaign(&f.srv, &id).await,
         |c| c["currentWave"] == 2 && c["waves"][1]["counts"]["waiting"].is_null(),
     )
     .await;
     assert_eq!(c["currentWave"], 2, "{c}");
-    let (up, _) = round(&f, &everyone, &BTreeSet::new()).await;
+    let (up, _) = round(&[&f.srv], &everyone, &BTreeSet::new()).await;
     all_up.extend(up.iter().cloned());
-    let c = wait_state(&f, &id, "paused").await;
+    let c = wait_state(&f.srv, &id, "paused").await;
     assert!(c["reason"].as_str().unwrap().contains("wave 2 done"), "{c}");
     assert_eq!(c["waves"][1]["succeeded"], 100);
     // While paused, no device of wave 3 is offered anything; a restart changes nothing.
     let f = f.restart(&[]).await;
-    let (up, failed) = round(&f, &everyone, &BTreeSet::new()).await;
+    let (up, failed) = round(&[&f.srv], &everyone, &BTreeSet::new()).await;
     assert!(up.is_empty() && failed.is_empty(), "{up:?}");
-    assert_eq!(campaign(&f, &id).await["state"], "paused");
+    assert_eq!(campaign(&f.srv, &id).await["state"], "paused");
 
     // A late joiner: a new EU meter shows up while the campaign runs.
-    let (code, _) = act(&f, &id, "resume").await;
+    let (code, _) = act(&f.srv, &id, "resume").await;
     assert_eq!(code, StatusCode::OK);
     let r = client()
         .put(f.srv.url("/v1/devices/meter-late"))
@@ -269,18 +273,25 @@ async fn a_rollout_in_waves_pauses_skips_the_updated_takes_a_late_joiner_and_sur
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    // Wave 3, over several polls (the late joiner waits behind the wave).
+    // Wave 3, over several polls (the late joiner waits behind the wave), with a restart
+    // after the first.
     let mut fleet = everyone.clone();
     fleet.push("meter-late".into());
+    let (up, failed) = round(&[&f.srv], &fleet, &BTreeSet::new()).await;
+    assert!(failed.is_empty() && !up.is_empty());
+    all_up.extend(up);
+    // Released tasks carry package URIs with the public address, so it stays the same.
+    let listen = format!("http.listen={}", f.srv.base.trim_start_matches("http://"));
+    let f = f.restart(&[&listen]).await;
     for _ in 0..10 {
-        let (up, failed) = round(&f, &fleet, &BTreeSet::new()).await;
+        let (up, failed) = round(&[&f.srv], &fleet, &BTreeSet::new()).await;
         assert!(failed.is_empty());
         all_up.extend(up);
-        if campaign(&f, &id).await["state"] == "finished" {
+        if campaign(&f.srv, &id).await["state"] == "finished" {
             break;
         }
     }
-    let c = wait_state(&f, &id, "finished").await;
+    let c = wait_state(&f.srv, &id, "finished").await;
     assert_eq!(c["devices"], 1001, "the late joiner is a member: {c}");
     assert_eq!(c["counts"]["succeeded"], 996, "{c}");
     assert_eq!(
@@ -329,13 +340,13 @@ async fn failures_above_the_threshold_abort_and_retry_failed_runs_them_again() {
     let c: Value = r.json().await.unwrap();
     let id = c["campaignId"].as_str().unwrap().to_owned();
     // Approval is required, and not by the token that created the campaign.
-    let (code, v) = act(&f, &id, "start").await;
+    let (code, v) = act(&f.srv, &id, "start").await;
     assert_eq!(code, StatusCode::CONFLICT);
     assert_eq!(v["error"]["code"], "approval-required");
-    let (code, v) = act(&f, &id, "approve").await;
+    let (code, v) = act(&f.srv, &id, "approve").await;
     assert_eq!(code, StatusCode::FORBIDDEN);
     assert_eq!(v["error"]["code"], "self-approval");
-    let (code, _) = act(&f, &id, "stop").await;
+    let (code, _) = act(&f.srv, &id, "stop").await;
     assert_eq!(code, StatusCode::OK);
 
     let r = f
@@ -353,7 +364,7 @@ async fn failures_above_the_threshold_abort_and_retry_failed_runs_them_again() {
         .await;
     let c: Value = r.json().await.unwrap();
     let id = c["campaignId"].as_str().unwrap().to_owned();
-    let (code, _) = act(&f, &id, "start").await;
+    let (code, _) = act(&f.srv, &id, "start").await;
     assert_eq!(code, StatusCode::OK);
     let mut events = client()
         .get(f.srv.url(&format!("/v1/events?campaignId={id}")))
@@ -365,14 +376,14 @@ async fn failures_above_the_threshold_abort_and_retry_failed_runs_them_again() {
     let failing: BTreeSet<String> = devices.iter().step_by(2).cloned().collect();
     let mut offered = BTreeSet::new();
     for _ in 0..5 {
-        let (up, failed) = round(&f, &devices, &failing).await;
+        let (up, failed) = round(&[&f.srv], &devices, &failing).await;
         offered.extend(up);
         offered.extend(failed);
-        if campaign(&f, &id).await["state"] == "aborted" {
+        if campaign(&f.srv, &id).await["state"] == "aborted" {
             break;
         }
     }
-    let c = wait_state(&f, &id, "aborted").await;
+    let c = wait_state(&f.srv, &id, "aborted").await;
     let reason = c["reason"].as_str().unwrap();
     assert!(reason.contains("error threshold reached"), "{reason}");
     assert_eq!(c["decision"]["aborted"], true);
@@ -400,11 +411,11 @@ async fn failures_above_the_threshold_abort_and_retry_failed_runs_them_again() {
             .collect()
     };
     assert!(offered.is_subset(&wave1));
-    let (up, failed) = round(&f, &devices, &BTreeSet::new()).await;
+    let (up, failed) = round(&[&f.srv], &devices, &BTreeSet::new()).await;
     assert!(
         up.is_empty() && failed.is_empty(),
         "{up:?} {failed:?} {}",
-        campaign(&f, &id).await
+        campaign(&f.srv, &id).await
     );
     let failed_list: Value = f
         .srv
@@ -418,7 +429,7 @@ async fn failures_above_the_threshold_abort_and_retry_failed_runs_them_again() {
         c["counts"]["failed"].as_u64().unwrap()
     );
     // An aborted campaign does not retry; the event stream saw it start and abort.
-    let (code, _) = act(&f, &id, "retry-failed").await;
+    let (code, _) = act(&f.srv, &id, "retry-failed").await;
     assert_eq!(code, StatusCode::CONFLICT);
     let mut aborted = None;
     for _ in 0..5000 {
@@ -448,33 +459,33 @@ async fn failures_above_the_threshold_abort_and_retry_failed_runs_them_again() {
         .await;
     let c: Value = r.json().await.unwrap();
     let id = c["campaignId"].as_str().unwrap().to_owned();
-    assert_eq!(act(&f, &id, "start").await.0, StatusCode::OK);
+    assert_eq!(act(&f.srv, &id, "start").await.0, StatusCode::OK);
     poll(
-        async || campaign(&f, &id).await,
+        async || campaign(&f.srv, &id).await,
         |c| c["counts"]["pending"] == 20,
     )
     .await;
     let failing: BTreeSet<String> = small.iter().take(5).cloned().collect();
-    let (up, failed) = round(&f, &small, &failing).await;
+    let (up, failed) = round(&[&f.srv], &small, &failing).await;
     assert_eq!((up.len(), failed.len()), (15, 5));
-    let c = wait_state(&f, &id, "finished").await;
+    let c = wait_state(&f.srv, &id, "finished").await;
     assert_eq!(c["counts"]["failed"], 5);
-    let (code, v) = act(&f, &id, "retry-failed").await;
+    let (code, v) = act(&f.srv, &id, "retry-failed").await;
     assert_eq!(code, StatusCode::OK, "{v}");
     assert_eq!(v["retried"], 5);
     assert_eq!(v["state"], "running");
     poll(
-        async || campaign(&f, &id).await,
+        async || campaign(&f.srv, &id).await,
         |c| c["counts"]["pending"] == 5,
     )
     .await;
     let (up, _) = poll(
-        async || round(&f, &small, &BTreeSet::new()).await,
+        async || round(&[&f.srv], &small, &BTreeSet::new()).await,
         |(up, _)| !up.is_empty(),
     )
     .await;
     assert_eq!(up, failing);
-    let c = wait_state(&f, &id, "finished").await;
+    let c = wait_state(&f.srv, &id, "finished").await;
     assert_eq!(
         (
             c["counts"]["succeeded"].as_u64(),
@@ -483,4 +494,133 @@ async fn failures_above_the_threshold_abort_and_retry_failed_runs_them_again() {
         (Some(20), None)
     );
     f.srv.stop().await;
+}
+
+/// Two instances on one PostgreSQL drive one campaign, with devices polling both: no device
+/// is started twice, no wave is released twice, the counts are exact, and the error
+/// threshold stops the campaign on whichever instance sees the deciding report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_postgres_race_on_one_campaign() {
+    let Some(url) = crate::common::fresh_postgres().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let shared = crate::postgres::shared(&url, dir.path(), &[]);
+    let sets: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let a = TestServer::start(&dir.path().join("a"), &sets).await;
+    let b = TestServer::start(&dir.path().join("b"), &sets).await;
+    let r = a
+        .put("/v1/firmware/acme.com-pg-2?version=2.1.0", image(1500, 9))
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let devices: Vec<String> = (0..300).map(|i| format!("pg-{i:03}")).collect();
+    let lines: String = devices
+        .iter()
+        .map(|d| format!("{{\"deviceId\":\"{d}\",\"tags\":{{\"site\":\"plant\"}}}}\n"))
+        .collect();
+    assert_eq!(import(&b, &lines).await["imported"], 300);
+    let r = a
+        .post(
+            "/v1/campaigns",
+            &json!({
+                "firmware": "acme.com-pg-2",
+                "options": {"protocolType": "HTTP"},
+                "target": {"filter": "tag.site = plant"},
+                "waves": [{"count": 30}, {"percent": 45}, {}],
+                "errorThreshold": {"share": 0.2, "minFinished": 40}
+            }),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id = r.json::<Value>().await.unwrap()["campaignId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Started through B; both instances' drivers release from then on.
+    let (code, c) = act(&b, &id, "start").await;
+    assert_eq!(code, StatusCode::OK, "{c}");
+    assert_eq!(c["waves"][1]["size"], 135);
+
+    // Wave 1 succeeds; in wave 2 every third device fails, which crosses 20% once enough
+    // have finished.
+    let members = |v: Value| -> Vec<(String, u64)> {
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["deviceId"].as_str().unwrap().to_owned(),
+                    m["wave"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let all: Vec<(String, u64)> = members(
+        a.get(&format!("/v1/campaigns/{id}/devices?limit=1000"))
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(all.len(), 300);
+    let wave2: BTreeSet<String> = all
+        .iter()
+        .filter(|(_, w)| *w == 1)
+        .map(|(d, _)| d.clone())
+        .collect();
+    let wave3: BTreeSet<String> = all
+        .iter()
+        .filter(|(_, w)| *w == 2)
+        .map(|(d, _)| d.clone())
+        .collect();
+    let failing: BTreeSet<String> = wave2.iter().step_by(3).cloned().collect();
+    let (mut updated, mut failed) = (BTreeSet::new(), BTreeSet::new());
+    for _ in 0..20 {
+        let (up, down) = round(&[&a, &b], &devices, &failing).await;
+        assert!(updated.is_disjoint(&up), "a device updated twice");
+        updated.extend(up);
+        failed.extend(down);
+        if campaign(&a, &id).await["state"] == "aborted" {
+            break;
+        }
+    }
+    let c = wait_state(&b, &id, "aborted").await;
+    assert!(c["reason"]
+        .as_str()
+        .unwrap()
+        .contains("error threshold reached"));
+    // Wave 3 never started, and nothing is offered any more.
+    assert!(updated.is_disjoint(&wave3) && failed.is_disjoint(&wave3));
+    let (up, down) = round(&[&a, &b], &devices, &BTreeSet::new()).await;
+    assert!(up.is_empty() && down.is_empty(), "{up:?} {down:?}");
+    // The counts are exact: as many successes and failures as devices saw, every member
+    // counted once.
+    let c = campaign(&a, &id).await;
+    assert_eq!(c["devices"], 300);
+    assert_eq!(c["counts"]["succeeded"], updated.len() as u64, "{c}");
+    assert_eq!(c["counts"]["failed"], failed.len() as u64, "{c}");
+    assert_eq!(c["counts"]["waiting"], 135, "{c}");
+    // One task per started device, whichever instance created it.
+    let mut tasks = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/fota?limit=1000&cursor={c}"),
+            None => "/v1/fota?limit=1000".to_owned(),
+        };
+        let v: Value = b.get(&path).await.json().await.unwrap();
+        tasks.extend(v["tasks"].as_array().unwrap().iter().cloned());
+        match v["next"].as_str() {
+            Some(n) => cursor = Some(n.to_owned()),
+            None => break,
+        }
+    }
+    let per_device: BTreeSet<&str> = tasks
+        .iter()
+        .map(|t| t["deviceId"].as_str().unwrap())
+        .collect();
+    assert_eq!(per_device.len(), tasks.len(), "a device had two tasks");
+    a.stop().await;
+    b.stop().await;
 }

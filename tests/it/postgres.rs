@@ -14,7 +14,7 @@ use crate::common::{
 };
 
 /// Settings for instances sharing the database `url` and the blobs and keys under `dir`.
-fn shared(url: &str, dir: &std::path::Path, more: &[&str]) -> Vec<String> {
+pub(crate) fn shared(url: &str, dir: &std::path::Path, more: &[&str]) -> Vec<String> {
     let mut sets = vec![
         format!("storage.metadata={url}"),
         format!("storage.blobs=file:{}", dir.join("blobs").display()),
