@@ -1,6 +1,8 @@
 //! Device reports, as a plain JSON object or as the LwM2M SenML JSON pack (Content-Format
 //! 110, RFC 8428) a device would Send: /5/0/3 State, /5/0/5 Update Result, /5/0/6 PkgName,
-//! /5/0/7 PkgVersion. Other resources in a pack are ignored.
+//! /5/0/7 PkgVersion, /5/0/8 Firmware Update Protocol Support (one record per instance) and
+//! /3/0/3 Firmware Version; the last four go to the device registry. Other resources in a
+//! pack are ignored.
 
 use serde_json::Value;
 
@@ -52,7 +54,12 @@ fn text(field: &str, v: &Value) -> Result<String, ReportError> {
     Ok(s.to_owned())
 }
 
-/// A report in plain JSON: `{"state", "result", "pkgName", "pkgVersion"}`.
+fn protocol(field: &str, v: &Value) -> Result<u8, ReportError> {
+    small_int(field, v, 5)
+}
+
+/// A report in plain JSON: `{"state", "result", "pkgName", "pkgVersion", "firmwareVersion",
+/// "protocols"}`.
 pub fn from_json(body: &[u8]) -> Result<Report, ReportError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     if v.is_array() {
@@ -69,7 +76,21 @@ pub fn from_json(body: &[u8]) -> Result<Report, ReportError> {
             "result" => result = Some(small_int("result", v, 11)?),
             "pkgName" if !v.is_null() => report.pkg_name = Some(text("pkgName", v)?),
             "pkgVersion" if !v.is_null() => report.pkg_version = Some(text("pkgVersion", v)?),
-            "pkgName" | "pkgVersion" => {}
+            "firmwareVersion" if !v.is_null() => {
+                report.firmware_version = Some(text("firmwareVersion", v)?)
+            }
+            "protocols" if !v.is_null() => {
+                let list = v
+                    .as_array()
+                    .filter(|a| a.len() <= 8)
+                    .ok_or_else(|| bad("protocols must be a list of up to 8 integers 0 to 5"))?;
+                report.protocols = Some(
+                    list.iter()
+                        .map(|p| protocol("protocols", p))
+                        .collect::<Result<_, _>>()?,
+                );
+            }
+            "pkgName" | "pkgVersion" | "firmwareVersion" | "protocols" => {}
             other => return Err(bad(format!("unknown field {other:?}"))),
         }
     }
@@ -118,6 +139,17 @@ fn from_senml_value(v: &Value) -> Result<Report, ReportError> {
             "/5/0/5" => result = Some(small_int("/5/0/5", value("v")?, 11)?),
             "/5/0/6" => report.pkg_name = Some(text("/5/0/6", value("vs")?)?),
             "/5/0/7" => report.pkg_version = Some(text("/5/0/7", value("vs")?)?),
+            "/3/0/3" => report.firmware_version = Some(text("/3/0/3", value("vs")?)?),
+            n if n == "/5/0/8"
+                || n.strip_prefix("/5/0/8/")
+                    .is_some_and(|i| i.parse::<u16>().is_ok()) =>
+            {
+                let list = report.protocols.get_or_insert_with(Vec::new);
+                if list.len() >= 8 {
+                    return Err(bad("at most 8 /5/0/8 instances"));
+                }
+                list.push(protocol(n, value("v")?)?);
+            }
             _ => {}
         }
     }
@@ -141,6 +173,13 @@ mod tests {
         assert!(from_json(br#"{"state":1}"#).is_err());
         assert!(from_json(br#"{"state":1,"result":0,"x":1}"#).is_err());
         assert!(from_json(b"not json").is_err());
+        let r = from_json(br#"{"state":0,"result":0,"firmwareVersion":"1.2","protocols":[2,3]}"#)
+            .unwrap();
+        assert_eq!(
+            (r.firmware_version.as_deref(), r.protocols),
+            (Some("1.2"), Some(vec![2, 3]))
+        );
+        assert!(from_json(br#"{"state":0,"result":0,"protocols":[9]}"#).is_err());
     }
 
     #[test]
@@ -156,6 +195,17 @@ mod tests {
         let r = from_senml(pack).unwrap();
         assert_eq!((r.state, r.result), (0, 1));
         assert_eq!(r.pkg_version.as_deref(), Some("2.0"));
+        assert_eq!(r.firmware_version.as_deref(), Some("1.0.0"));
+        assert_eq!(r.protocols, Some(vec![0]));
+        let r = from_senml(
+            br#"[{"n":"/5/0/3","v":0},{"n":"/5/0/5","v":0},{"n":"/5/0/8/0","v":2},{"n":"/5/0/8/1","v":5}]"#,
+        )
+        .unwrap();
+        assert_eq!(r.protocols, Some(vec![2, 5]));
+        assert!(from_senml(
+            br#"[{"n":"/5/0/3","v":0},{"n":"/5/0/5","v":0},{"n":"/5/0/8/0","v":6}]"#
+        )
+        .is_err());
         let r = from_senml(br#"[{"n":"/5/0/3","v":1.0},{"n":"/5/0/5","v":0}]"#).unwrap();
         assert_eq!((r.state, r.result), (1, 0));
         assert!(from_senml(br#"[{"n":"/5/0/3","v":1}]"#).is_err());

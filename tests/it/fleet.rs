@@ -1,5 +1,5 @@
-//! Fleets over real HTTP: a registry filled by NDJSON import, a dynamic group, and campaigns
-//! over 1,000 simulated devices that poll, download and report like real ones: waves with a
+//! Fleets over real HTTP and CoAP: a registry filled by NDJSON import, a dynamic group, and
+//! campaigns over 1,000 simulated devices that poll, download and report like real ones: waves with a
 //! pause, devices already on the version, a late joiner, retry-failed, a restart in the middle
 //! of a wave, and an error threshold that aborts the rollout.
 
@@ -56,7 +56,69 @@ async fn device_polls(srv: &TestServer, device: &str, fail: bool, version: &str)
     Polled::Updated
 }
 
-/// Every device in `devices` polls once, each always through the same one of `servers`;
+/// The same device over CoAP/TCP: work request and reports (SenML, with /3/0/3 and /5/0/8)
+/// over CoAP, the download from the package URI the task names.
+async fn coap_device_polls(srv: &TestServer, device: &str, fail: bool, version: &str) -> Polled {
+    use bytes::Bytes;
+    use futures_util::SinkExt;
+    use fwrepo::coap::msg::{codes, format, opt, Message};
+    let mut c = crate::coap_protocol::connect(srv, 65536, true).await;
+    let request = |code, token: &[u8], path: &str| {
+        let mut m = Message::new(code, Bytes::copy_from_slice(token));
+        for seg in path.split('/') {
+            m.push(opt::URI_PATH, Bytes::copy_from_slice(seg.as_bytes()));
+        }
+        m
+    };
+    let mut ask = request(codes::GET, b"w", &format!("fota/{device}"));
+    ask.push_uint(opt::ACCEPT, format::JSON as u64);
+    c.send(&ask).await.unwrap();
+    let r = crate::coap_protocol::recv(&mut c).await;
+    assert_eq!(r.code, codes::CONTENT, "{device}");
+    if r.payload.is_empty() {
+        return Polled::Nothing;
+    }
+    let w: Value = serde_json::from_slice(&r.payload).unwrap();
+    let id = w["fotaId"].as_str().unwrap().to_owned();
+    let body = client()
+        .get(w["packageUri"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.len() as u64, w["size"].as_u64().unwrap());
+    let mut n = 0u8;
+    let mut report = async |pack: String| {
+        n += 1;
+        let mut m = request(codes::POST, &[b'r', n], &format!("fota/{id}/report"));
+        m.push_uint(opt::CONTENT_FORMAT, format::SENML_JSON as u64);
+        m.payload = Bytes::from(pack);
+        c.send(&m).await.unwrap();
+        let r = crate::coap_protocol::recv(&mut c).await;
+        assert_eq!(r.code, codes::CHANGED, "{device}");
+    };
+    let pack = |state: u8, result: u8| {
+        format!(
+            r#"[{{"bn":"/5/0/","n":"3","v":{state}}},{{"n":"5","v":{result}}},{{"n":"8/0","v":2}},{{"n":"8/1","v":4}}]"#
+        )
+    };
+    if fail {
+        report(pack(1, 5)).await;
+        return Polled::Failed;
+    }
+    report(pack(2, 0)).await;
+    report(pack(3, 0)).await;
+    report(format!(
+        r#"[{{"n":"/3/0/3","vs":"{version}"}},{{"bn":"/5/0/","n":"3","v":0}},{{"n":"5","v":1}},{{"n":"7","vs":"{version}"}}]"#
+    ))
+    .await;
+    Polled::Updated
+}
+
+/// Every device in `devices` polls once, each always through the same one of `servers`
+/// (every fourth device over CoAP/TCP, the others over HTTP);
 /// which of them updated or failed.
 async fn round(
     servers: &[&TestServer],
@@ -67,7 +129,12 @@ async fn round(
         futures_util::stream::iter(devices.iter().cloned().enumerate())
             .map(|(i, d)| async move {
                 let srv = servers[i % servers.len()];
-                let p = device_polls(srv, &d, failing.contains(&d), "2.1.0").await;
+                let fail = failing.contains(&d);
+                let p = if i % 4 == 3 {
+                    coap_device_polls(srv, &d, fail, "2.1.0").await
+                } else {
+                    device_polls(srv, &d, fail, "2.1.0").await
+                };
                 (d, p)
             })
             .buffer_unordered(PARALLEL)
@@ -314,6 +381,18 @@ async fn a_rollout_in_waves_pauses_skips_the_updated_takes_a_late_joiner_and_sur
         .unwrap();
     assert_eq!(d["firmware"]["pkgVersion"], "2.1.0");
     assert_eq!(d["tags"]["region"], "eu");
+    // meter-0003 polls over CoAP: its SenML report filled /3/0/3 and /5/0/8 in.
+    let d: Value = f
+        .srv
+        .get("/v1/devices/meter-0003")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(d["firmware"]["firmwareVersion"], "2.1.0", "{d}");
+    assert_eq!(d["firmware"]["protocols"], json!(["HTTP", "COAP_TCP"]));
+    assert!(d["lastSeen"].is_string());
+    assert!(d["tasks"][0]["campaignId"].is_string());
     f.srv.stop().await;
 }
 
