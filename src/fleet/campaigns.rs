@@ -417,10 +417,12 @@ impl Fleet {
     /// Resolves the target and stores the members, all waiting, with the campaign now
     /// running; tasks come as waves and the rate release them.
     pub async fn start(&self, id: &str, actor: &str) -> Result<Campaign, FleetError> {
+        let began = std::time::Instant::now();
         let before = self.campaign(id).await?;
         before.can_start()?;
         let selector = self.selector(&before).await?;
         let mut devices = self.resolve(&selector).await?;
+        let resolved = began.elapsed();
         devices.sort_by_cached_key(|d| position(id, d));
         let sizes = wave_sizes(&before.waves, devices.len() as u64);
         let mut members = Vec::with_capacity(devices.len());
@@ -445,6 +447,7 @@ impl Fleet {
         let mut c = before.clone();
         c.started(sizes, actor, self.now_ms());
         c.revision = before.revision + 1;
+        let planned = began.elapsed();
         if !self
             .store
             .start_campaign(&c, before.revision, &members)
@@ -452,6 +455,14 @@ impl Fleet {
         {
             return Err(FleetError::Stale(id.to_owned()));
         }
+        tracing::info!(
+            campaign = id,
+            devices = members.len(),
+            resolve_ms = resolved.as_millis() as u64,
+            plan_ms = (planned - resolved).as_millis() as u64,
+            store_ms = (began.elapsed() - planned).as_millis() as u64,
+            "campaign members stored"
+        );
         self.publish(&c);
         self.wake.notify_one();
         Ok(c)

@@ -11,6 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
+
 use super::{lock, Fleet, FleetError};
 use crate::fota::request::ScheduleRequest;
 use crate::fota::task::CampaignLink;
@@ -23,6 +26,10 @@ use crate::model::campaign::{member, Campaign, Member, State};
 const TICK: Duration = Duration::from_secs(1);
 /// A device busy with another task is tried again after this long.
 const SKIP_RETRY: Duration = Duration::from_secs(30);
+/// How long a pass waits for the transitions arriving with the one that woke it.
+const COALESCE: Duration = Duration::from_millis(20);
+/// Members released at once within a pass.
+const RELEASE_CONCURRENCY: usize = 64;
 /// Tasks cancelled per store call when a campaign ends.
 const CANCEL_BATCH: usize = 500;
 
@@ -38,19 +45,28 @@ impl Fleet {
                 if let Err(e) = this.pass().await {
                     tracing::warn!(error = %e, "campaign pass failed");
                 }
-                tokio::select! {
-                    _ = this.cancel.cancelled() => return,
-                    _ = this.wake.notified() => {}
-                    event = moved.recv() => {
-                        // Only campaign tasks matter; a lag is a reason to look anyway.
-                        if let Ok(e) = event {
-                            if e.campaign.is_none() {
-                                continue;
-                            }
-                        }
+                // Wait for a reason to look again: a campaign task moved (a lag counts), a
+                // person acted, or the tick.
+                loop {
+                    tokio::select! {
+                        _ = this.cancel.cancelled() => return,
+                        _ = this.wake.notified() => break,
+                        event = moved.recv() => match event {
+                            Ok(e) if e.campaign.is_none() => continue,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                            _ => break,
+                        },
+                        _ = tokio::time::sleep(TICK) => break,
                     }
-                    _ = tokio::time::sleep(TICK) => {}
                 }
+                // Transitions that arrive together make one pass: under load many tasks
+                // move per millisecond, and each pass reads every campaign's counts.
+                tokio::time::sleep(COALESCE).await;
+                while !matches!(
+                    moved.try_recv(),
+                    Err(broadcast::error::TryRecvError::Empty
+                        | broadcast::error::TryRecvError::Closed)
+                ) {}
             }
         });
     }
@@ -138,9 +154,13 @@ impl Fleet {
             }
             if next.state == State::Running {
                 let req = self.task_request(&next)?;
-                for m in releases {
-                    self.release(&next, &req, m).await?;
-                }
+                // Concurrently, so the stores' group commit shares their fsyncs.
+                let done: Vec<Result<(), FleetError>> = futures_util::stream::iter(releases)
+                    .map(|m| self.release(&next, &req, m))
+                    .buffer_unordered(RELEASE_CONCURRENCY)
+                    .collect()
+                    .await;
+                done.into_iter().collect::<Result<(), _>>()?;
             }
             return Ok(());
         }
