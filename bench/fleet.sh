@@ -29,4 +29,4 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && 
 backend=sled; [ -z "$metadata" ] || backend=PostgreSQL
 echo "fleet benchmark: $devices devices, $conc connections, metadata $backend"
 target/release/examples/fleet_bench "http://127.0.0.1:$port" "$pid" "$devices" "$conc"
-grep -o 'campaign members stored.*' "$work/fwrepo.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n 1 || true
+grep -o 'campaign members stored.*' "$work/fwrepo.log" | sed 's/\x1b\[[0-9;]*m//g' || true
