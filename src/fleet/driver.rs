@@ -154,9 +154,16 @@ impl Fleet {
             }
             if next.state == State::Running {
                 let req = self.task_request(&next)?;
+                let version = self
+                    .repo
+                    .resolve(&req.name)
+                    .await
+                    .ok()
+                    .and_then(|r| r.version.clone());
+                let version = version.as_deref();
                 // Concurrently, so the stores' group commit shares their fsyncs.
                 let done: Vec<Result<(), FleetError>> = futures_util::stream::iter(releases)
-                    .map(|m| self.release(&next, &req, m))
+                    .map(|m| self.release(&next, &req, version, m))
                     .buffer_unordered(RELEASE_CONCURRENCY)
                     .collect()
                     .await;
@@ -174,24 +181,19 @@ impl Fleet {
             .map_err(|e| super::invalid("options", e.to_string()))
     }
 
-    /// Gives one member its task: none if it runs the version already (up to date), later if
-    /// it is busy with another task (skipped).
+    /// Gives one member its task: none if it runs `version` (the image's) already (up to
+    /// date), later if it is busy with another task (skipped).
     async fn release(
         &self,
         c: &Campaign,
         req: &ScheduleRequest,
+        version: Option<&str>,
         m: Member,
     ) -> Result<(), FleetError> {
         let from = [member::WAITING, member::SKIPPED];
-        let version = self
-            .repo
-            .resolve(&req.name)
-            .await
-            .ok()
-            .and_then(|r| r.version.clone());
         if let Some(v) = version {
             let device = self.store.get_device(&m.device_id).await?;
-            if device.is_some_and(|d| d.runs(&v)) {
+            if device.is_some_and(|d| d.runs(v)) {
                 let done = Member {
                     status: member::UP_TO_DATE.to_owned(),
                     reason: Some(format!("the device reports {v} already")),

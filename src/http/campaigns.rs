@@ -11,17 +11,18 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::{JsonBody, Path};
+use super::page::PageQuery;
 use super::AppState;
 use crate::auth::Caller;
 use crate::fleet::{CampaignRequest, StopRequest};
 use crate::model::campaign::member;
 
+/// An action's body: optional, so an empty one is `{}`.
 fn json_body(body: &[u8]) -> Result<Value, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid-body", format!("invalid JSON: {e}")))
+    super::extract::json_body(body)
 }
 
 /// `POST /v1/campaigns`: a draft; 201 with its status document.
@@ -39,13 +40,6 @@ pub async fn create(
         Json(status),
     )
         .into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PageQuery {
-    cursor: Option<String>,
-    limit: Option<usize>,
 }
 
 /// `GET /v1/campaigns`

@@ -12,7 +12,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::{JsonBody, Path};
+use super::extract::{json_body, JsonBody, Path};
+use super::page::PageQuery;
 use super::AppState;
 use crate::fleet::{device_json, ImportReport};
 use crate::fota::view::rfc3339;
@@ -24,11 +25,6 @@ const IMPORT_LIMIT: usize = 256 << 20;
 const MAX_LINE: usize = 64 << 10;
 /// Lines applied per store call.
 const IMPORT_BATCH: usize = 5000;
-
-fn json_body(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid-body", format!("invalid JSON: {e}")))
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -245,13 +241,6 @@ pub async fn delete_group(
 ) -> Result<StatusCode, ApiError> {
     app.fleet.delete_group(&name).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PageQuery {
-    cursor: Option<String>,
-    limit: Option<usize>,
 }
 
 /// `GET /v1/groups/{name}/devices`

@@ -88,3 +88,9 @@ fn body_error(e: &BytesRejection) -> ApiError {
         _ => ApiError::new(crate::error::Kind::Internal, "internal", "internal error"),
     }
 }
+
+/// A JSON body read by a handler that takes the raw bytes, refused as 400 `invalid-body`.
+pub fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid-body", format!("invalid JSON: {e}")))
+}

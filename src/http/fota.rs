@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::{JsonBody, Path};
+use super::extract::{json_body, JsonBody, Path};
 use super::firmware::view;
 use super::{parse_name, AppState};
 use crate::firmware::Ingested;
@@ -21,11 +21,6 @@ use crate::fota::task::{FotaTask, Status};
 use crate::fota::view::{task_json, work_json};
 use crate::fota::{FotaError, Work};
 use crate::name::parse_duration;
-
-fn json_body(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid-body", format!("invalid JSON: {e}")))
-}
 
 fn task_view(app: &AppState, t: &FotaTask) -> Json<Value> {
     Json(task_json(t, app.engine.bytes_served(t)))

@@ -16,3 +16,11 @@ pub fn limit(asked: Option<usize>) -> Result<usize, ApiError> {
         )),
     }
 }
+
+/// `?cursor=&limit=` of a list route with no other parameter.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub cursor: Option<String>,
+    pub limit: Option<usize>,
+}
