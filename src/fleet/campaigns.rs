@@ -15,6 +15,7 @@ use crate::model::campaign::{
 };
 use crate::model::filter::Filter;
 use crate::model::group::{Members, Selector};
+use crate::model::roster::{self, position};
 
 /// Most waves a campaign may have.
 const MAX_WAVES: usize = 100;
@@ -320,18 +321,6 @@ impl StopRequest {
     }
 }
 
-/// A campaign's order of release: a hash of the campaign and device, so the first waves are a
-/// spread of the fleet rather than the devices whose ids sort first.
-fn position(cid: &str, device: &str) -> u64 {
-    use sha2::Digest;
-    let h = sha2::Sha256::new()
-        .chain_update(cid.as_bytes())
-        .chain_update([0])
-        .chain_update(device.as_bytes())
-        .finalize();
-    u64::from_be_bytes(h[..8].try_into().unwrap_or_default()) >> 1
-}
-
 impl Fleet {
     pub(super) fn publish(&self, c: &Campaign) {
         let step = c.history.last();
@@ -414,35 +403,30 @@ impl Fleet {
         self.act(id, |c, now| Ok(c.approve(actor, now)?)).await
     }
 
-    /// Resolves the target and stores the members, all waiting, with the campaign now
-    /// running; tasks come as waves and the rate release them.
+    /// Resolves the target and stores the members, all waiting, as the campaign's roster,
+    /// with the campaign now running; the driver writes member records from the roster ahead
+    /// of its releases, and tasks come as waves and the rate release them.
     pub async fn start(&self, id: &str, actor: &str) -> Result<Campaign, FleetError> {
         let began = std::time::Instant::now();
         let before = self.campaign(id).await?;
         before.can_start()?;
         let selector = self.selector(&before).await?;
-        let mut devices = self.resolve(&selector).await?;
+        let devices = self.resolve(&selector).await?;
         let resolved = began.elapsed();
-        devices.sort_by_cached_key(|d| position(id, d));
+        let mut devices: Vec<(u64, String)> =
+            devices.into_iter().map(|d| (position(id, &d), d)).collect();
+        devices.sort_unstable();
         let sizes = wave_sizes(&before.waves, devices.len() as u64);
         let mut members = Vec::with_capacity(devices.len());
         let mut wave = 0usize;
         let mut left = sizes.first().copied().unwrap_or(0);
-        for d in devices {
+        for (position, d) in devices {
             while left == 0 && wave + 1 < sizes.len() {
                 wave += 1;
                 left = sizes[wave];
             }
             left = left.saturating_sub(1);
-            members.push(Member {
-                position: position(id, &d),
-                device_id: d,
-                wave: wave as u32,
-                status: member::WAITING.to_owned(),
-                task_id: None,
-                reason: None,
-                retry_at_ms: None,
-            });
+            members.push(roster::waiting(&d, wave as u32, position));
         }
         let mut c = before.clone();
         c.started(sizes, actor, self.now_ms());
@@ -455,12 +439,19 @@ impl Fleet {
         {
             return Err(FleetError::Stale(id.to_owned()));
         }
+        let stored = began.elapsed();
+        // A small campaign's members are all written (and listed) when the start answers; a
+        // large one's first chunks, and the driver writes the rest.
+        if let Err(e) = self.materialize(id).await {
+            tracing::warn!(campaign = id, error = %e, "campaign members not written");
+        }
         tracing::info!(
             campaign = id,
             devices = members.len(),
             resolve_ms = resolved.as_millis() as u64,
             plan_ms = (planned - resolved).as_millis() as u64,
-            store_ms = (began.elapsed() - planned).as_millis() as u64,
+            store_ms = (stored - planned).as_millis() as u64,
+            write_ms = (began.elapsed() - stored).as_millis() as u64,
             "campaign members stored"
         );
         self.publish(&c);

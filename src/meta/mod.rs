@@ -254,16 +254,23 @@ pub trait CampaignStore: Send + Sync {
     /// Running and paused campaigns.
     async fn live_campaigns(&self) -> Result<Vec<Campaign>, MetaError>;
     /// Stores the started campaign (still at revision `expected`) with its members, all
-    /// waiting, and their counts, in one step; `false` when someone changed it first.
+    /// waiting, as a roster (`model::roster`), and their counts, in one step; `false` when
+    /// someone changed it first.
     async fn start_campaign(
         &self,
         campaign: &Campaign,
         expected: u64,
         members: &[Member],
     ) -> Result<bool, MetaError>;
+    /// Writes the member records of the roster's next chunk not yet written (in release
+    /// order); `false` when there is none left. Only materialized members are released,
+    /// listed, moved or cancelled.
+    async fn materialize(&self, campaign: &str) -> Result<bool, MetaError>;
     async fn campaign_counts(&self, id: &str) -> Result<Counts, MetaError>;
+    /// The member, materialized or still in the roster.
     async fn get_member(&self, campaign: &str, device: &str) -> Result<Option<Member>, MetaError>;
-    /// Adds a member unless the device is one already; whether it was added.
+    /// Adds a member unless the device is one already (in the roster too); whether it was
+    /// added.
     async fn add_member(&self, campaign: &str, member: &Member) -> Result<bool, MetaError>;
     /// Replaces a member whose status is one of `from`, moving the counts; whether it was.
     async fn move_member(
@@ -272,7 +279,7 @@ pub trait CampaignStore: Send + Sync {
         from: &[&str],
         member: &Member,
     ) -> Result<bool, MetaError>;
-    /// Members in device order after `after`, of one status or all.
+    /// Materialized members in device order after `after`, of one status or all.
     async fn list_members(
         &self,
         campaign: &str,
@@ -280,7 +287,8 @@ pub trait CampaignStore: Send + Sync {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Member>, MetaError>;
-    /// Waiting members of waves up to `max_wave`, in release order (wave, then position).
+    /// Materialized waiting members of waves up to `max_wave`, in release order (wave, then
+    /// position).
     async fn waiting_members(
         &self,
         campaign: &str,
@@ -578,6 +586,7 @@ pub(crate) mod suite {
     async fn fleet(store: &dyn MetaStore) {
         use crate::model::campaign::{tests::campaign, Member, State, Wave, WaveSize};
         use crate::model::group::{Group, Members};
+        use crate::model::roster;
         use crate::model::task::{tests::task, CampaignLink, Status};
         use serde_json::json;
         let patch = |v: serde_json::Value| v.as_object().unwrap().clone();
@@ -651,16 +660,8 @@ pub(crate) mod suite {
         ]);
         c.id = "c1".into();
         store.create_campaign(&c).await.unwrap();
-        let member = |d: &str, wave: u32, position: u64| Member {
-            device_id: d.into(),
-            wave,
-            position,
-            status: "waiting".into(),
-            task_id: None,
-            reason: None,
-            retry_at_ms: None,
-        };
-        let members = [member("x3", 0, 0), member("x1", 0, 1), member("x2", 1, 2)];
+        let member = |d: &str, wave: u32| roster::waiting(d, wave, roster::position("c1", d));
+        let members = [member("x3", 0), member("x1", 0), member("x2", 1)];
         let mut started = c.clone();
         started.started(vec![2, 1], "alice", 5);
         started.revision = 1;
@@ -677,13 +678,38 @@ pub(crate) mod suite {
             (2, 1)
         );
         let devs = |v: Vec<Member>| v.into_iter().map(|m| m.device_id).collect::<Vec<_>>();
+        // Until the driver writes them, the roster's members are known and waiting, refused
+        // as late joiners, and neither listed nor released.
+        assert_eq!(
+            store.get_member("c1", "x1").await.unwrap(),
+            Some(member("x1", 0))
+        );
+        assert_eq!(store.get_member("c1", "x4").await.unwrap(), None);
+        assert!(!store.add_member("c1", &member("x2", 0)).await.unwrap());
+        assert!(store.waiting_members("c1", 1, 10).await.unwrap().is_empty());
+        assert!(store
+            .list_members("c1", None, None, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(store.materialize("c1").await.unwrap());
+        assert!(!store.materialize("c1").await.unwrap(), "one chunk");
+        let mut wave0 = vec![member("x3", 0), member("x1", 0)];
+        wave0.sort_by_key(|m| m.position);
+        let wave0 = devs(wave0);
         assert_eq!(
             devs(store.waiting_members("c1", 0, 10).await.unwrap()),
-            ["x3", "x1"]
+            wave0
         );
         assert_eq!(
             devs(store.waiting_members("c1", 1, 10).await.unwrap()),
-            ["x3", "x1", "x2"]
+            [wave0.clone(), vec!["x2".to_owned()]].concat()
+        );
+        let counts = store.campaign_counts("c1").await.unwrap();
+        assert_eq!(
+            (counts.wave(0, "waiting"), counts.wave(1, "waiting")),
+            (2, 1),
+            "counted once"
         );
 
         // Releasing a member is its task's creation; a second release is refused.
@@ -710,7 +736,7 @@ pub(crate) mod suite {
             id: "c1".into(),
             wave: 0,
         });
-        let mut member_x1 = member("x1", 0, 1);
+        let mut member_x1 = member("x1", 0);
         member_x1.device_id = "d".into();
         assert!(store.add_member("c1", &member_x1).await.unwrap());
         assert!(!store.add_member("c1", &member_x1).await.unwrap(), "once");
@@ -754,7 +780,7 @@ pub(crate) mod suite {
         assert!(store.move_member("c1", &["failed"], &retry).await.unwrap());
         let counts = store.campaign_counts("c1").await.unwrap();
         assert_eq!((counts.wave(0, "failed"), counts.reasons.len()), (0, 0));
-        let mut skip = member("x2", 1, 2);
+        let mut skip = member("x2", 1);
         skip.status = "skipped".into();
         skip.retry_at_ms = Some(100);
         assert!(store.move_member("c1", &["waiting"], &skip).await.unwrap());
@@ -785,5 +811,42 @@ pub(crate) mod suite {
         );
         assert_eq!(store.list_campaigns(None, 10).await.unwrap(), vec![paused]);
         assert_eq!(store.list_campaigns(Some("c1"), 10).await.unwrap(), vec![]);
+
+        // A roster of several chunks: every device is found before and after its chunk is
+        // written, chunks are written in release order, and each member once.
+        let mut c2 = campaign(c.waves.clone());
+        c2.id = "c2".into();
+        store.create_campaign(&c2).await.unwrap();
+        let n = roster::CHUNK * 2 + 7;
+        let members: Vec<Member> = (0..n)
+            .map(|i| {
+                let d = format!("r{i:05}");
+                roster::waiting(&d, (i % 2) as u32, roster::position("c2", &d))
+            })
+            .collect();
+        let mut started2 = c2.clone();
+        started2.started(vec![n as u64 / 2, n as u64 - n as u64 / 2], "alice", 5);
+        started2.revision = 1;
+        assert!(store.start_campaign(&started2, 0, &members).await.unwrap());
+        let mut order = members.clone();
+        order.sort_by_key(|m| m.position);
+        let probes = [&order[0], &order[roster::CHUNK], &order[n - 1]];
+        for round in 0..4 {
+            for m in probes {
+                assert_eq!(
+                    store.get_member("c2", &m.device_id).await.unwrap().as_ref(),
+                    Some(m),
+                    "round {round}"
+                );
+            }
+            let written = store.list_members("c2", None, None, n).await.unwrap();
+            assert_eq!(written.len(), (round * roster::CHUNK).min(n));
+            assert_eq!(store.materialize("c2").await.unwrap(), round < 3);
+        }
+        let waiting = store.waiting_members("c2", 0, n).await.unwrap();
+        assert_eq!(waiting.len(), n.div_ceil(2));
+        assert!(waiting.windows(2).all(|w| w[0].position < w[1].position));
+        let counts = store.campaign_counts("c2").await.unwrap();
+        assert_eq!(counts.unreleased(None), n as u64);
     }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Transaction};
 
 use super::postgres::{backend, decode, encode, rows, PgStore};
@@ -14,6 +15,7 @@ use super::{CampaignStore, DeviceCredential, DeviceStore, GroupStore, MetaError}
 use crate::model::campaign::{Campaign, Counts, Member};
 use crate::model::device::Device;
 use crate::model::group::Group;
+use crate::model::roster;
 use crate::model::task::FotaTask;
 
 const SHARDS: u32 = 8;
@@ -153,6 +155,27 @@ pub(super) async fn follow(tx: &Transaction<'_>, task: &FotaTask) -> Result<(), 
         moved(tx, &link.id, Some(&old), &new).await?;
     }
     Ok(())
+}
+
+impl PgStore {
+    /// The device's member as the campaign's roster has it (waiting), whether materialized
+    /// or not.
+    async fn in_roster(&self, cid: &str, device: &str) -> Result<Option<Member>, MetaError> {
+        let position = roster::position(cid, device) as i64;
+        let row = self
+            .query_opt(
+                "SELECT waves[i], positions[i] FROM (
+                     SELECT waves, positions, array_position(devices, $2::TEXT) AS i
+                     FROM fwrepo_campaign_rosters
+                     WHERE campaign_id = $1 AND last_position >= $3
+                     ORDER BY last_position LIMIT 1) AS r
+                 WHERE i IS NOT NULL",
+                &[&cid, &device, &position],
+            )
+            .await?;
+        Ok(row
+            .map(|r| roster::waiting(device, r.get::<_, i32>(0) as u32, r.get::<_, i64>(1) as u64)))
+    }
 }
 
 /// A patch without the fields a merge never changes.
@@ -443,21 +466,38 @@ impl CampaignStore for PgStore {
         if n != 1 {
             return Ok(false);
         }
-        for chunk in members.chunks(CHUNK * 4) {
-            let ids: Vec<&str> = chunk.iter().map(|m| m.device_id.as_str()).collect();
-            let waves: Vec<i32> = chunk.iter().map(|m| m.wave as i32).collect();
-            let positions: Vec<i64> = chunk.iter().map(|m| m.position as i64).collect();
-            let statuses: Vec<&str> = chunk.iter().map(|m| m.status.as_str()).collect();
-            tx.execute(
-                "INSERT INTO fwrepo_campaign_members
-                 (campaign_id, device_id, wave, position, status)
-                 SELECT $1, d, w, p, s
-                 FROM unnest($2::TEXT[], $3::INT[], $4::BIGINT[], $5::TEXT[]) AS u(d, w, p, s)",
-                &[&c.id, &ids, &waves, &positions, &statuses],
+        let chunks: Vec<_> = roster::chunks(&c.id, members)
+            .into_iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                let waves: Vec<i32> = chunk.waves.iter().map(|w| *w as i32).collect();
+                let positions: Vec<i64> = chunk.positions.iter().map(|p| *p as i64).collect();
+                (
+                    i as i32,
+                    positions.last().copied().unwrap_or(0),
+                    chunk.devices,
+                    waves,
+                    positions,
+                )
+            })
+            .collect();
+        let insert = tx
+            .prepare(
+                "INSERT INTO fwrepo_campaign_rosters
+                 (campaign_id, chunk, last_position, devices, waves, positions)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .await
             .map_err(backend)?;
-        }
+        // Sent together: the client pipelines them.
+        futures_util::future::try_join_all(chunks.iter().map(
+            |(i, last, devices, waves, positions)| {
+                let params: [&(dyn ToSql + Sync); 6] = [&c.id, i, last, devices, waves, positions];
+                tx.execute_raw(&insert, params)
+            },
+        ))
+        .await
+        .map_err(backend)?;
         let mut deltas = BTreeMap::new();
         for m in members {
             tally(&mut deltas, m, 1);
@@ -465,6 +505,30 @@ impl CampaignStore for PgStore {
         count(&tx, &c.id, 0, deltas).await?;
         tx.commit().await.map_err(backend)?;
         Ok(true)
+    }
+
+    async fn materialize(&self, campaign: &str) -> Result<bool, MetaError> {
+        // One statement: take the next chunk no instance has taken (or is taking), mark it,
+        // and write its members.
+        let written = self
+            .execute(
+                "WITH next AS (
+                     SELECT chunk FROM fwrepo_campaign_rosters
+                     WHERE campaign_id = $1 AND NOT materialized
+                     ORDER BY chunk LIMIT 1 FOR UPDATE SKIP LOCKED),
+                 taken AS (
+                     UPDATE fwrepo_campaign_rosters r SET materialized = true FROM next
+                     WHERE r.campaign_id = $1 AND r.chunk = next.chunk
+                     RETURNING r.devices, r.waves, r.positions)
+                 INSERT INTO fwrepo_campaign_members
+                 (campaign_id, device_id, wave, position, status)
+                 SELECT $1, u.d, u.w, u.p, 'waiting'
+                 FROM taken, unnest(taken.devices, taken.waves, taken.positions) AS u(d, w, p)
+                 ON CONFLICT DO NOTHING",
+                &[&campaign],
+            )
+            .await?;
+        Ok(written > 0)
     }
 
     async fn campaign_counts(&self, id: &str) -> Result<Counts, MetaError> {
@@ -499,10 +563,16 @@ impl CampaignStore for PgStore {
                 &[&campaign, &device],
             )
             .await?;
-        Ok(row.as_ref().map(member))
+        match row {
+            Some(r) => Ok(Some(member(&r))),
+            None => self.in_roster(campaign, device).await,
+        }
     }
 
     async fn add_member(&self, campaign: &str, m: &Member) -> Result<bool, MetaError> {
+        if self.in_roster(campaign, &m.device_id).await?.is_some() {
+            return Ok(false);
+        }
         let mut c = self.conn().await?;
         let tx = c.client_mut().transaction().await.map_err(backend)?;
         if lock_member(&tx, campaign, &m.device_id).await?.is_some() {

@@ -117,8 +117,25 @@ CREATE TABLE IF NOT EXISTS fwrepo_campaign_counts (
 );
 "#;
 
+/// Version 5: campaign rosters (`model::roster`): a started campaign's members in chunks of
+/// release order, each found by its last position, written as member rows chunk by chunk.
+const V5: &str = r#"
+CREATE TABLE IF NOT EXISTS fwrepo_campaign_rosters (
+    campaign_id   TEXT COLLATE "C" NOT NULL,
+    chunk         INTEGER NOT NULL,
+    last_position BIGINT NOT NULL,
+    devices       TEXT[] NOT NULL,
+    waves         INTEGER[] NOT NULL,
+    positions     BIGINT[] NOT NULL,
+    materialized  BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (campaign_id, chunk)
+);
+CREATE INDEX IF NOT EXISTS fwrepo_rosters_last
+    ON fwrepo_campaign_rosters (campaign_id, last_position);
+"#;
+
 /// `MIGRATIONS[k]` takes the schema from version `k` to `k + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i32 = MIGRATIONS.len() as i32;

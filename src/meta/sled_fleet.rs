@@ -7,6 +7,11 @@
 //! `k` cid 0 retry-at ms (8) device (skipped, by retry time); `c` cid 0 wave (4) status →
 //! count; `r` cid 0 reason → failed members with that reason. Counts are 8-byte big-endian
 //! and move in the transaction that moves a member (the task's, when a task moves it).
+//! The roster (`model::roster`): `p` cid 0 chunk (4) → chunk; `P` cid 0 → each chunk's last
+//! position; `D` cid 0 → chunks materialized (4).
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
@@ -17,6 +22,7 @@ use super::{CampaignStore, DeviceCredential, DeviceStore, GroupStore, MetaError}
 use crate::model::campaign::{member, Campaign, Counts, Member};
 use crate::model::device::Device;
 use crate::model::group::Group;
+use crate::model::roster::{self, Chunk};
 
 type Abort<T> = ConflictableTransactionError<T>;
 
@@ -54,6 +60,52 @@ fn count_key(cid: &str, wave: u32, status: &str) -> Vec<u8> {
         status.as_bytes().to_vec(),
     ]
     .concat()
+}
+
+fn chunk_key(cid: &str, chunk: u32) -> Vec<u8> {
+    [k(b'p', cid), chunk.to_be_bytes().to_vec()].concat()
+}
+
+/// Decoded roster records, a bounded few; a started campaign's roster never changes.
+#[derive(Default)]
+pub struct RosterCache {
+    lasts: std::sync::Mutex<HashMap<String, Arc<Vec<u64>>>>,
+    chunks: std::sync::Mutex<HashMap<(String, u32), Arc<Chunk>>>,
+}
+
+impl RosterCache {
+    fn forget(&self, cid: &str) {
+        self.lasts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(cid);
+        self.chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(c, _), _| c != cid);
+    }
+}
+
+/// Entries kept of each kind before the cache starts again.
+const ROSTERS_CACHED: usize = 256;
+
+fn cached<K: std::hash::Hash + Eq, V>(
+    map: &std::sync::Mutex<HashMap<K, Arc<V>>>,
+    key: K,
+    load: impl FnOnce() -> Result<Option<V>, MetaError>,
+) -> Result<Option<Arc<V>>, MetaError> {
+    if let Some(v) = map.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(Some(Arc::clone(v)));
+    }
+    let Some(v) = load()?.map(Arc::new) else {
+        return Ok(None);
+    };
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() >= ROSTERS_CACHED {
+        map.clear();
+    }
+    map.insert(key, Arc::clone(&v));
+    Ok(Some(v))
 }
 
 fn reason_key(cid: &str, reason: &str) -> Vec<u8> {
@@ -148,6 +200,41 @@ pub(super) fn get_member<T>(
 }
 
 impl SledStore {
+    fn get_json<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, MetaError> {
+        self.fleet
+            .get(key)
+            .map_err(backend)?
+            .map(|v| decode(key, &v))
+            .transpose()
+    }
+
+    /// Each roster chunk's last position, if the campaign has a roster.
+    fn roster_lasts(&self, cid: &str) -> Result<Option<Arc<Vec<u64>>>, MetaError> {
+        cached(&self.rosters.lasts, cid.to_owned(), || {
+            self.get_json(&k(b'P', cid))
+        })
+    }
+
+    fn roster_chunk(&self, cid: &str, chunk: u32) -> Result<Option<Arc<Chunk>>, MetaError> {
+        cached(&self.rosters.chunks, (cid.to_owned(), chunk), || {
+            self.get_json(&chunk_key(cid, chunk))
+        })
+    }
+
+    /// The device's member as the roster has it (waiting), whether materialized or not.
+    fn in_roster(&self, cid: &str, device: &str) -> Result<Option<Member>, MetaError> {
+        let Some(lasts) = self.roster_lasts(cid)? else {
+            return Ok(None);
+        };
+        let p = roster::position(cid, device);
+        let Some(i) = roster::chunk_of(&lasts, p) else {
+            return Ok(None);
+        };
+        Ok(self
+            .roster_chunk(cid, i as u32)?
+            .and_then(|c| c.find(device, p)))
+    }
+
     fn transact_fleet<T>(
         &self,
         f: impl Fn(&TransactionalTree) -> Result<T, Abort<T>>,
@@ -395,14 +482,7 @@ impl CampaignStore for SledStore {
 
     async fn get_campaign(&self, id: &str) -> Result<Option<Campaign>, MetaError> {
         let key = campaign_key(id);
-        self.blocking(move |s| {
-            s.fleet
-                .get(&key)
-                .map_err(backend)?
-                .map(|v| decode(&key, &v))
-                .transpose()
-        })
-        .await
+        self.blocking(move |s| s.get_json(&key)).await
     }
 
     async fn put_campaign(&self, campaign: &Campaign, expected: u64) -> Result<bool, MetaError> {
@@ -466,30 +546,31 @@ impl CampaignStore for SledStore {
                 if now.is_none_or(|c| c.revision != expected || c.state.is_live()) {
                     return Ok(false);
                 }
-                // One batch: the campaign, its members and their counts land together. Keys
-                // a crashed earlier start left behind go in the same batch.
+                // One batch: the campaign, its roster and the counts land together. Keys a
+                // crashed earlier start left behind go in the same batch.
                 let mut batch = sled::Batch::default();
-                for kind in [b'm', b's', b'w', b'k', b'c', b'r'] {
+                for kind in [b'm', b's', b'w', b'k', b'c', b'r', b'p', b'P', b'D'] {
                     for item in s.fleet.scan_prefix(k(kind, &cid)) {
                         batch.remove(item.map_err(backend)?.0);
                     }
                 }
+                let chunks = roster::chunks(&cid, &members);
+                let lasts: Vec<u64> = chunks.iter().map(|c| c.bounds().1).collect();
+                for (i, chunk) in chunks.iter().enumerate() {
+                    let json = serde_json::to_vec(chunk).map_err(backend)?;
+                    batch.insert(chunk_key(&cid, i as u32), json);
+                }
+                batch.insert(k(b'P', &cid), serde_json::to_vec(&lasts).map_err(backend)?);
                 let mut counts = std::collections::BTreeMap::<(u32, String), i64>::new();
                 for m in &members {
-                    for e in entries(&cid, m) {
-                        batch.insert(e, &[]);
-                    }
                     *counts.entry((m.wave, m.status.clone())).or_default() += 1;
-                    batch.insert(
-                        member_key(&cid, &m.device_id),
-                        serde_json::to_vec(m).map_err(backend)?,
-                    );
                 }
                 for ((wave, status), n) in counts {
                     batch.insert(count_key(&cid, wave, &status), &n.to_be_bytes());
                 }
                 batch.insert(key, json);
                 s.fleet.apply_batch(batch).map_err(backend)?;
+                s.rosters.forget(&cid);
                 Ok(true)
             })
             .await?;
@@ -497,6 +578,53 @@ impl CampaignStore for SledStore {
             self.flush().await?;
         }
         Ok(stored)
+    }
+
+    async fn materialize(&self, campaign: &str) -> Result<bool, MetaError> {
+        let cid = campaign.to_owned();
+        let wrote = self
+            .blocking(move |s| {
+                let _one = s.fleet_gate.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(lasts) = s.roster_lasts(&cid)? else {
+                    return Ok(false);
+                };
+                let done_key = k(b'D', &cid);
+                let done = s
+                    .fleet
+                    .get(&done_key)
+                    .map_err(backend)?
+                    .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+                    .map_or(0, u32::from_be_bytes);
+                if done as usize >= lasts.len() {
+                    return Ok(false);
+                }
+                let chunk = s
+                    .roster_chunk(&cid, done)?
+                    .ok_or_else(|| MetaError::Corrupt {
+                        key: String::from_utf8_lossy(&chunk_key(&cid, done)).into_owned(),
+                        message: "a roster chunk is missing".into(),
+                    })?;
+                // Counted at the start already; a member record that exists is newer.
+                let mut batch = sled::Batch::default();
+                for m in chunk.members() {
+                    let mk = member_key(&cid, &m.device_id);
+                    if s.fleet.contains_key(&mk).map_err(backend)? {
+                        continue;
+                    }
+                    for e in entries(&cid, &m) {
+                        batch.insert(e, &[]);
+                    }
+                    batch.insert(mk, serde_json::to_vec(&m).map_err(backend)?);
+                }
+                batch.insert(done_key, &(done + 1).to_be_bytes());
+                s.fleet.apply_batch(batch).map_err(backend)?;
+                Ok(true)
+            })
+            .await?;
+        if wrote {
+            self.flush().await?;
+        }
+        Ok(wrote)
     }
 
     async fn campaign_counts(&self, id: &str) -> Result<Counts, MetaError> {
@@ -525,13 +653,10 @@ impl CampaignStore for SledStore {
     }
 
     async fn get_member(&self, campaign: &str, device: &str) -> Result<Option<Member>, MetaError> {
-        let key = member_key(campaign, device);
-        self.blocking(move |s| {
-            s.fleet
-                .get(&key)
-                .map_err(backend)?
-                .map(|v| decode(&key, &v))
-                .transpose()
+        let (cid, device) = (campaign.to_owned(), device.to_owned());
+        self.blocking(move |s| match s.get_json(&member_key(&cid, &device))? {
+            Some(m) => Ok(Some(m)),
+            None => s.in_roster(&cid, &device),
         })
         .await
     }
@@ -540,6 +665,9 @@ impl CampaignStore for SledStore {
         let (cid, m) = (campaign.to_owned(), m.clone());
         let added = self
             .blocking(move |s| {
+                if s.in_roster(&cid, &m.device_id)?.is_some() {
+                    return Ok(false);
+                }
                 s.transact_fleet(|tx| {
                     if get_member::<bool>(tx, &cid, &m.device_id)?.is_some() {
                         return Ok(false);

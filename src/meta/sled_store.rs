@@ -31,6 +31,8 @@ pub struct SledStore {
     /// Held by every change of campaign members: their counts are shared keys, and one
     /// writer at a time is cheaper than sled's conflict retries on them.
     pub(super) fleet_gate: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Decoded roster chunks of started campaigns (they never change).
+    pub(super) rosters: std::sync::Arc<super::sled_fleet::RosterCache>,
     /// Held while a task takes a quota slot: counting the holders and storing the task are
     /// one step (one process owns a sled database).
     pub(super) quota_gate: std::sync::Arc<std::sync::Mutex<()>>,
@@ -84,6 +86,7 @@ impl SledStore {
                 groups: db.open_tree("groups").map_err(backend)?,
                 fleet: db.open_tree("fleet").map_err(backend)?,
                 fleet_gate: Default::default(),
+                rosters: Default::default(),
                 quota_gate: Default::default(),
                 group: super::group_flush::GroupFlush::new(db),
             })

@@ -8,5 +8,6 @@ pub mod device;
 pub mod filter;
 pub mod group;
 pub mod protocol;
+pub mod roster;
 pub mod schedule;
 pub mod task;

@@ -300,14 +300,35 @@ async fn a_rollout_in_waves_pauses_skips_the_updated_takes_a_late_joiner_and_sur
         .collect();
     assert_eq!(sizes, [10, 100, 890]);
 
-    // Wave 1: at most its 10 devices get the image (those on 2.1.0 are up to date).
+    // Wave 1: only its 10 devices get the image (those on 2.1.0 are up to date). Every
+    // member is listed as soon as the start answers (a small campaign's roster is written
+    // within the start).
     let c = poll(
         async || campaign(&f.srv, &id).await,
         |c| c["waves"][0]["counts"]["waiting"].is_null(),
     )
     .await;
     let first = c["waves"][0]["counts"].clone();
-    let (up, _) = round(&[&f.srv], &everyone, &BTreeSet::new()).await;
+    let members: Value = f
+        .srv
+        .get(&format!("/v1/campaigns/{id}/devices?limit=1000"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let members = members["devices"].as_array().unwrap();
+    assert_eq!(members.len(), 1000);
+    let of_wave = |first: bool| -> Vec<String> {
+        members
+            .iter()
+            .filter(|m| (m["wave"] == 0) == first)
+            .map(|m| m["deviceId"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (wave1, others) = (of_wave(true), of_wave(false));
+    let (up, _) = round(&[&f.srv], &others, &BTreeSet::new()).await;
+    assert!(up.is_empty(), "outside wave 1: {up:?}");
+    let (up, _) = round(&[&f.srv], &wave1, &BTreeSet::new()).await;
     let up_to_date = first["up-to-date"].as_u64().unwrap_or(0) as usize;
     assert_eq!(up.len() + up_to_date, 10, "{first}");
     let mut all_up = up.clone();
