@@ -300,8 +300,7 @@ fn init_logging(config: &Config) {
 fn serve(config: Config) -> Result<(), String> {
     init_logging(&config);
     // Metadata and file calls run on the blocking pool. tokio allows 512 threads by default;
-    // under load each idle one keeps its own malloc arena, which cost gigabytes of RSS in
-    // bench/fleet.sh. 128 is more than the stores and disks can use at once.
+    // 128 is more than the stores and disks can use at once.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(128)
         .enable_all()

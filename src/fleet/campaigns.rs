@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use tokio::sync::broadcast;
 
 use super::{invalid, Fleet, FleetError};
 use crate::fota::request::ScheduleRequest;
@@ -19,13 +20,15 @@ use crate::model::roster::{self, position};
 
 /// Most waves a campaign may have.
 const MAX_WAVES: usize = 100;
+/// The key of campaign changes in announcements to other instances.
+const ANNOUNCED: &str = "campaign";
 
 /// A campaign transition as published on `GET /v1/events`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CampaignEvent {
     pub campaign_id: String,
-    pub state: &'static str,
+    pub state: String,
     pub reason: Option<String>,
     pub current_wave: u32,
     pub actor: String,
@@ -322,18 +325,60 @@ impl StopRequest {
 }
 
 impl Fleet {
-    pub(super) fn publish(&self, c: &Campaign) {
+    /// The event of a campaign's change to `c`.
+    pub(super) fn event(&self, c: &Campaign) -> CampaignEvent {
         let step = c.history.last();
-        let event = CampaignEvent {
+        CampaignEvent {
             campaign_id: c.id.clone(),
-            state: c.state.as_str(),
+            state: c.state.as_str().to_owned(),
             reason: c.reason.clone(),
             current_wave: c.current_wave,
             actor: step.map_or_else(|| "fwrepo".into(), |s| s.actor.clone()),
             at: rfc3339(self.now_ms()),
-        };
-        tracing::info!(campaign = %c.id, state = c.state.as_str(), reason = c.reason.as_deref().unwrap_or(""), "campaign");
+        }
+    }
+
+    /// The announcement of `event` to the other instances sharing the store, if any; the
+    /// store sends it with the change.
+    pub(super) fn announcement(&self, event: &CampaignEvent) -> Option<String> {
+        self.engine.announce(ANNOUNCED, event)
+    }
+
+    /// Tells this instance's subscribers of a stored change.
+    pub(super) fn publish(&self, event: CampaignEvent) {
+        tracing::info!(campaign = %event.campaign_id, state = %event.state, reason = event.reason.as_deref().unwrap_or(""), "campaign");
         let _ = self.events.send(Arc::new(event));
+    }
+
+    /// Passes on the campaign changes other instances announce, and looks at the campaign
+    /// again (it may have been resumed, paused or stopped there).
+    pub(super) fn follow_others(self: &Arc<Self>) {
+        let mut others = self.engine.others_announced();
+        let this = Arc::clone(self);
+        self.work.spawn(async move {
+            loop {
+                let announced = tokio::select! {
+                    _ = this.cancel.cancelled() => return,
+                    a = others.recv() => a,
+                };
+                match announced {
+                    Ok(a) => {
+                        let Some(e) = a.get(ANNOUNCED) else { continue };
+                        match serde_json::from_value::<CampaignEvent>(e.clone()) {
+                            Ok(e) => {
+                                let _ = this.events.send(Arc::new(e));
+                                this.wake.notify_one();
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "unreadable campaign announcement")
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => this.wake.notify_one(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
     }
 
     /// The compiled target of a campaign (a group as it is now).
@@ -355,8 +400,11 @@ impl Fleet {
         if let Target::Group(g) = &c.target {
             self.group(g).await?;
         }
-        self.store.create_campaign(&c).await?;
-        self.publish(&c);
+        let event = self.event(&c);
+        self.store
+            .create_campaign(&c, self.announcement(&event).as_deref())
+            .await?;
+        self.publish(event);
         Ok(c)
     }
 
@@ -390,8 +438,14 @@ impl Fleet {
             let mut c = before.clone();
             action(&mut c, self.now_ms())?;
             c.revision = before.revision + 1;
-            if self.store.put_campaign(&c, before.revision).await? {
-                self.publish(&c);
+            let event = self.event(&c);
+            let announce = self.announcement(&event);
+            if self
+                .store
+                .put_campaign(&c, before.revision, announce.as_deref())
+                .await?
+            {
+                self.publish(event);
                 self.wake.notify_one();
                 return Ok(c);
             }
@@ -432,9 +486,11 @@ impl Fleet {
         c.started(sizes, actor, self.now_ms());
         c.revision = before.revision + 1;
         let planned = began.elapsed();
+        let event = self.event(&c);
+        let announce = self.announcement(&event);
         if !self
             .store
-            .start_campaign(&c, before.revision, &members)
+            .start_campaign(&c, before.revision, &members, announce.as_deref())
             .await?
         {
             return Err(FleetError::Stale(id.to_owned()));
@@ -454,7 +510,7 @@ impl Fleet {
             write_ms = (began.elapsed() - stored).as_millis() as u64,
             "campaign members stored"
         );
-        self.publish(&c);
+        self.publish(event);
         self.wake.notify_one();
         Ok(c)
     }

@@ -41,6 +41,7 @@ impl Fleet {
     pub fn run(self: &Arc<Self>) {
         let joiner: Arc<dyn Joiner> = Arc::clone(self) as Arc<dyn Joiner>;
         self.engine.set_joiner(Arc::downgrade(&joiner));
+        self.follow_others();
         let this = Arc::clone(self);
         let mut moved = self.engine.subscribe();
         self.work.spawn(async move {
@@ -157,11 +158,17 @@ impl Fleet {
             }
             if next != c {
                 next.revision = c.revision + 1;
-                if !self.store.put_campaign(&next, c.revision).await? {
+                let event = (next.state != c.state).then(|| self.event(&next));
+                let announce = event.as_ref().and_then(|e| self.announcement(e));
+                if !self
+                    .store
+                    .put_campaign(&next, c.revision, announce.as_deref())
+                    .await?
+                {
                     continue;
                 }
-                if next.state != c.state {
-                    self.publish(&next);
+                if let Some(e) = event {
+                    self.publish(e);
                 }
                 if next.state == State::Aborted {
                     self.cancel_pending(id).await?;

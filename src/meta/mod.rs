@@ -238,13 +238,24 @@ pub trait GroupStore: Send + Sync {
     async fn list_groups(&self) -> Result<Vec<Group>, MetaError>;
 }
 
-/// Campaigns, their members and the counts kept with every member change.
+/// Campaigns, their members and the counts kept with every member change. A shared store
+/// tells the other instances `announce` (JSON) when, and only when, a campaign change it
+/// comes with is stored, as [`TaskStore::create_task`] does.
 #[async_trait]
 pub trait CampaignStore: Send + Sync {
-    async fn create_campaign(&self, campaign: &Campaign) -> Result<(), MetaError>;
+    async fn create_campaign(
+        &self,
+        campaign: &Campaign,
+        announce: Option<&str>,
+    ) -> Result<(), MetaError>;
     async fn get_campaign(&self, id: &str) -> Result<Option<Campaign>, MetaError>;
     /// Replaces a campaign still at revision `expected`; `false` when someone changed it.
-    async fn put_campaign(&self, campaign: &Campaign, expected: u64) -> Result<bool, MetaError>;
+    async fn put_campaign(
+        &self,
+        campaign: &Campaign,
+        expected: u64,
+        announce: Option<&str>,
+    ) -> Result<bool, MetaError>;
     /// Campaigns in id (creation) order after `after`.
     async fn list_campaigns(
         &self,
@@ -261,6 +272,7 @@ pub trait CampaignStore: Send + Sync {
         campaign: &Campaign,
         expected: u64,
         members: &[Member],
+        announce: Option<&str>,
     ) -> Result<bool, MetaError>;
     /// Writes the member records of the roster's next chunk not yet written (in release
     /// order); `false` when there is none left. Only materialized members are released,
@@ -659,16 +671,25 @@ pub(crate) mod suite {
             },
         ]);
         c.id = "c1".into();
-        store.create_campaign(&c).await.unwrap();
+        store.create_campaign(&c, None).await.unwrap();
         let member = |d: &str, wave: u32| roster::waiting(d, wave, roster::position("c1", d));
         let members = [member("x3", 0), member("x1", 0), member("x2", 1)];
         let mut started = c.clone();
         started.started(vec![2, 1], "alice", 5);
         started.revision = 1;
-        assert!(!store.start_campaign(&started, 7, &members).await.unwrap());
-        assert!(store.start_campaign(&started, 0, &members).await.unwrap());
+        assert!(!store
+            .start_campaign(&started, 7, &members, None)
+            .await
+            .unwrap());
+        assert!(store
+            .start_campaign(&started, 0, &members, None)
+            .await
+            .unwrap());
         assert!(
-            !store.start_campaign(&started, 1, &members).await.unwrap(),
+            !store
+                .start_campaign(&started, 1, &members, None)
+                .await
+                .unwrap(),
             "once"
         );
         assert_eq!(store.live_campaigns().await.unwrap(), vec![started.clone()]);
@@ -803,8 +824,8 @@ pub(crate) mod suite {
         let mut paused = started.clone();
         paused.state = State::Paused;
         paused.revision = 2;
-        assert!(!store.put_campaign(&paused, 0).await.unwrap());
-        assert!(store.put_campaign(&paused, 1).await.unwrap());
+        assert!(!store.put_campaign(&paused, 0, None).await.unwrap());
+        assert!(store.put_campaign(&paused, 1, None).await.unwrap());
         assert_eq!(
             store.get_campaign("c1").await.unwrap(),
             Some(paused.clone())
@@ -816,7 +837,7 @@ pub(crate) mod suite {
         // written, chunks are written in release order, and each member once.
         let mut c2 = campaign(c.waves.clone());
         c2.id = "c2".into();
-        store.create_campaign(&c2).await.unwrap();
+        store.create_campaign(&c2, None).await.unwrap();
         let n = roster::CHUNK * 2 + 7;
         let members: Vec<Member> = (0..n)
             .map(|i| {
@@ -827,7 +848,10 @@ pub(crate) mod suite {
         let mut started2 = c2.clone();
         started2.started(vec![n as u64 / 2, n as u64 - n as u64 / 2], "alice", 5);
         started2.revision = 1;
-        assert!(store.start_campaign(&started2, 0, &members).await.unwrap());
+        assert!(store
+            .start_campaign(&started2, 0, &members, None)
+            .await
+            .unwrap());
         let mut order = members.clone();
         order.sort_by_key(|m| m.position);
         let probes = [&order[0], &order[roster::CHUNK], &order[n - 1]];

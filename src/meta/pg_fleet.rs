@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Transaction};
 
-use super::postgres::{backend, decode, encode, rows, PgStore};
+use super::postgres::{announcing, backend, decode, encode, rows, Param, PgStore, EVENTS_CHANNEL};
 use super::{CampaignStore, DeviceCredential, DeviceStore, GroupStore, MetaError};
 use crate::model::campaign::{Campaign, Counts, Member};
 use crate::model::device::Device;
@@ -380,12 +380,19 @@ impl GroupStore for PgStore {
 
 #[async_trait]
 impl CampaignStore for PgStore {
-    async fn create_campaign(&self, c: &Campaign) -> Result<(), MetaError> {
-        self.execute(
+    async fn create_campaign(&self, c: &Campaign, announce: Option<&str>) -> Result<(), MetaError> {
+        let mut params: Vec<Param> = vec![&c.id];
+        let revision = c.revision as i64;
+        let (live, json) = (c.state.is_live(), encode(c)?);
+        params.extend([&revision as Param, &live, &json]);
+        let statement = announcing(
+            &mut params,
+            &announce,
             "INSERT INTO fwrepo_campaigns (id, revision, live, campaign) VALUES ($1, $2, $3, $4)",
-            &[&c.id, &(c.revision as i64), &c.state.is_live(), &encode(c)?],
-        )
-        .await?;
+            "WITH stored AS (INSERT INTO fwrepo_campaigns (id, revision, live, campaign)
+             VALUES ($1, $2, $3, $4) RETURNING 1) SELECT pg_notify($5, $6) FROM stored",
+        );
+        self.query(statement, &params).await?;
         Ok(())
     }
 
@@ -399,21 +406,25 @@ impl CampaignStore for PgStore {
         row.map(|r| decode(id, r.get(0))).transpose()
     }
 
-    async fn put_campaign(&self, c: &Campaign, expected: u64) -> Result<bool, MetaError> {
-        let n = self
-            .execute(
-                "UPDATE fwrepo_campaigns SET revision = $2, live = $3, campaign = $4
-                 WHERE id = $1 AND revision = $5",
-                &[
-                    &c.id,
-                    &(c.revision as i64),
-                    &c.state.is_live(),
-                    &encode(c)?,
-                    &(expected as i64),
-                ],
-            )
-            .await?;
-        Ok(n == 1)
+    async fn put_campaign(
+        &self,
+        c: &Campaign,
+        expected: u64,
+        announce: Option<&str>,
+    ) -> Result<bool, MetaError> {
+        let (revision, expected) = (c.revision as i64, expected as i64);
+        let (live, json) = (c.state.is_live(), encode(c)?);
+        let mut params: Vec<Param> = vec![&c.id, &revision, &live, &json, &expected];
+        let statement = announcing(
+            &mut params,
+            &announce,
+            "UPDATE fwrepo_campaigns SET revision = $2, live = $3, campaign = $4
+             WHERE id = $1 AND revision = $5 RETURNING 1",
+            "WITH stored AS (UPDATE fwrepo_campaigns SET revision = $2, live = $3,
+             campaign = $4 WHERE id = $1 AND revision = $5 RETURNING 1)
+             SELECT pg_notify($6, $7) FROM stored",
+        );
+        Ok(self.query(statement, &params).await?.len() == 1)
     }
 
     async fn list_campaigns(
@@ -446,6 +457,7 @@ impl CampaignStore for PgStore {
         c: &Campaign,
         expected: u64,
         members: &[Member],
+        announce: Option<&str>,
     ) -> Result<bool, MetaError> {
         let mut conn = self.conn().await?;
         let tx = conn.client_mut().transaction().await.map_err(backend)?;
@@ -503,6 +515,12 @@ impl CampaignStore for PgStore {
             tally(&mut deltas, m, 1);
         }
         count(&tx, &c.id, 0, deltas).await?;
+        if let Some(message) = announce {
+            // Sent at the commit.
+            tx.execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &message])
+                .await
+                .map_err(backend)?;
+        }
         tx.commit().await.map_err(backend)?;
         Ok(true)
     }

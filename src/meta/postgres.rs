@@ -129,7 +129,7 @@ async fn watch<F: std::future::Future<Output = Result<(), tokio_postgres::Error>
 }
 
 /// The NOTIFY channel task transitions go out on.
-const EVENTS_CHANNEL: &str = "fwrepo_events";
+pub(super) const EVENTS_CHANNEL: &str = "fwrepo_events";
 
 /// Listens on [`EVENTS_CHANNEL`] on its own connection and passes each payload on, until the
 /// connection ends or `cancel` fires. A full queue drops payloads (the listener fell behind).
@@ -344,7 +344,7 @@ impl ExpiryIndex for PgStore {
 }
 
 /// A task's JSON and due time, computed once per write.
-type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+pub(super) type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
 
 /// A task's columns.
 struct TaskRow<'a> {
@@ -399,7 +399,7 @@ const UPDATE_TASK_ANNOUNCED: &str = "WITH stored AS (UPDATE fwrepo_tasks SET dev
 
 /// `plain`, or with an announcement `announced`, which takes the channel and the message
 /// after `params`.
-fn announcing<'a>(
+pub(super) fn announcing<'a>(
     params: &mut Vec<Param<'a>>,
     announce: &'a Option<&str>,
     plain: &'static str,

@@ -469,7 +469,11 @@ impl GroupStore for SledStore {
 
 #[async_trait]
 impl CampaignStore for SledStore {
-    async fn create_campaign(&self, campaign: &Campaign) -> Result<(), MetaError> {
+    async fn create_campaign(
+        &self,
+        campaign: &Campaign,
+        _announce: Option<&str>,
+    ) -> Result<(), MetaError> {
         let json = serde_json::to_vec(campaign).map_err(backend)?;
         let key = campaign_key(&campaign.id);
         self.blocking(move |s| {
@@ -485,7 +489,12 @@ impl CampaignStore for SledStore {
         self.blocking(move |s| s.get_json(&key)).await
     }
 
-    async fn put_campaign(&self, campaign: &Campaign, expected: u64) -> Result<bool, MetaError> {
+    async fn put_campaign(
+        &self,
+        campaign: &Campaign,
+        expected: u64,
+        _announce: Option<&str>,
+    ) -> Result<bool, MetaError> {
         let json = serde_json::to_vec(campaign).map_err(backend)?;
         let key = campaign_key(&campaign.id);
         let stored = self
@@ -529,6 +538,7 @@ impl CampaignStore for SledStore {
         campaign: &Campaign,
         expected: u64,
         members: &[Member],
+        _announce: Option<&str>,
     ) -> Result<bool, MetaError> {
         let json = serde_json::to_vec(campaign).map_err(backend)?;
         let cid = campaign.id.clone();

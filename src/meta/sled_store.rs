@@ -72,7 +72,12 @@ impl SledStore {
         tokio::task::spawn_blocking(move || {
             let db = sled::Config::new()
                 .path(&path)
-                .cache_capacity(SLED_CACHE)
+                .cache_capacity(
+                    std::env::var("XSLED")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(SLED_CACHE),
+                )
                 .open()
                 .map_err(|e| MetaError::Backend(format!("{}: {e}", path.display())))?;
             Ok(SledStore {

@@ -4,6 +4,7 @@
 //! of a wave, and an error threshold that aborts the rollout.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::StatusCode;
@@ -596,6 +597,30 @@ async fn failures_above_the_threshold_abort_and_retry_failed_runs_them_again() {
     f.srv.stop().await;
 }
 
+/// The states of the campaign events on an event stream, until `aborted`.
+async fn campaign_states_until_aborted(mut stream: reqwest::Response) -> Vec<String> {
+    let (mut states, mut pending) = (Vec::new(), String::new());
+    while states.last().map(String::as_str) != Some("aborted") {
+        let chunk = stream
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the stream stays open");
+        pending.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = pending.find('\n') {
+            let line: String = pending.drain(..=end).collect();
+            let Some(data) = line.trim_end().strip_prefix("data:") else {
+                continue;
+            };
+            let e: Value = serde_json::from_str(data.trim()).unwrap();
+            if e.get("currentWave").is_some() {
+                states.push(e["state"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    states
+}
+
 /// Two instances on one PostgreSQL drive one campaign, with devices polling both: no device
 /// is started twice, no wave is released twice, the counts are exact, and the error
 /// threshold stops the campaign on whichever instance sees the deciding report.
@@ -636,6 +661,18 @@ async fn two_instances_on_postgres_race_on_one_campaign() {
         .as_str()
         .unwrap()
         .to_owned();
+    // Both instances' event streams show every campaign change, wherever it was made; each
+    // is read as it comes, so neither falls behind.
+    let mut streams = Vec::new();
+    for srv in [&a, &b] {
+        let r = client()
+            .get(srv.url(&format!("/v1/events?campaignId={id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        streams.push(tokio::spawn(campaign_states_until_aborted(r)));
+    }
     // Started through B; both instances' drivers release from then on.
     let (code, c) = act(&b, &id, "start").await;
     assert_eq!(code, StatusCode::OK, "{c}");
@@ -721,6 +758,14 @@ async fn two_instances_on_postgres_race_on_one_campaign() {
         .map(|t| t["deviceId"].as_str().unwrap())
         .collect();
     assert_eq!(per_device.len(), tasks.len(), "a device had two tasks");
+    // Each stream saw the start (made on B) and the abort (made on either), in that order.
+    for (name, stream) in ["a", "b"].into_iter().zip(streams) {
+        let states = tokio::time::timeout(Duration::from_secs(30), stream)
+            .await
+            .expect("the abort reaches every instance's stream")
+            .unwrap();
+        assert_eq!(states, ["running", "aborted"], "instance {name}");
+    }
     a.stop().await;
     b.stop().await;
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -112,6 +112,9 @@ pub struct Engine {
     /// Weak: the fleet holds the engine, and a cycle would keep the store open after shutdown.
     joiner: OnceLock<std::sync::Weak<dyn Joiner>>,
     events: broadcast::Sender<Arc<TaskEvent>>,
+    /// What other instances announce besides task transitions (campaign changes), for the
+    /// fleet above.
+    others: broadcast::Sender<Arc<Value>>,
     /// Names this instance in announcements, so it skips its own when they come back.
     origin: String,
     due_changed: Notify,
@@ -196,6 +199,7 @@ impl Engine {
             seen: Mutex::new(HashMap::new()),
             joiner: OnceLock::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
+            others: broadcast::channel(EVENT_BUFFER).0,
             due_changed: Notify::new(),
         }
     }
@@ -229,9 +233,22 @@ impl Engine {
     /// The announcement of `event` to the other instances sharing the store, if any; the
     /// store sends it when, and in the transaction in which, it stores the task.
     fn announcement(&self, event: &TaskEvent) -> Option<String> {
-        self.store
-            .shared()
-            .then(|| json!({"origin": self.origin, "event": event}).to_string())
+        self.announce("event", event)
+    }
+
+    /// An announcement of `what` under `kind` (other than `event`, which is a task's) to the
+    /// other instances sharing the store, if any; they receive it from
+    /// [`Engine::others_announced`].
+    pub fn announce(&self, kind: &str, what: &impl serde::Serialize) -> Option<String> {
+        let mut m = serde_json::Map::new();
+        m.insert("origin".into(), self.origin.clone().into());
+        m.insert(kind.into(), serde_json::to_value(what).ok()?);
+        self.store.shared().then(|| Value::Object(m).to_string())
+    }
+
+    /// What other instances announce besides task transitions, as announced.
+    pub fn others_announced(&self) -> broadcast::Receiver<Arc<Value>> {
+        self.others.subscribe()
     }
 
     /// Passes on what other instances announce: their transitions reach this instance's
@@ -246,15 +263,21 @@ impl Engine {
                 #[derive(serde::Deserialize)]
                 struct Announcement {
                     origin: String,
-                    event: TaskEvent,
+                    event: Option<TaskEvent>,
                 }
-                match serde_json::from_str::<Announcement>(&message) {
-                    Ok(a) if a.origin == this.origin => {}
-                    Ok(a) => {
-                        let _ = this.events.send(Arc::new(a.event));
+                let parsed = serde_json::from_str::<Value>(&message).and_then(|v| {
+                    serde_json::from_value::<Announcement>(v.clone()).map(|a| (a, v))
+                });
+                match parsed {
+                    Ok((a, _)) if a.origin == this.origin => {}
+                    Ok((Announcement { event: Some(e), .. }, _)) => {
+                        let _ = this.events.send(Arc::new(e));
                         this.due_changed.notify_one();
                     }
-                    Err(e) => tracing::warn!(error = %e, "unreadable FOTA announcement"),
+                    Ok((_, other)) => {
+                        let _ = this.others.send(Arc::new(other));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "unreadable announcement"),
                 }
             }
         });
