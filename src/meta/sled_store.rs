@@ -40,8 +40,9 @@ pub struct SledStore {
     group: super::group_flush::GroupFlush,
 }
 
-/// sled's page cache. Its default (1 GiB) let a 100,000-device rollout grow the process
-/// past 1.8 GiB; reads that miss go to the OS page cache, which the kernel can reclaim.
+/// sled's page cache (its default is 1 GiB); reads that miss go to the OS page cache, which
+/// the kernel can reclaim. In bench/fleet.sh a cache of 4 MiB or 16 MiB left the process as
+/// large and made releases a third slower.
 const SLED_CACHE: u64 = 128 << 20;
 
 pub(super) fn backend(e: impl std::fmt::Display) -> MetaError {
@@ -72,12 +73,7 @@ impl SledStore {
         tokio::task::spawn_blocking(move || {
             let db = sled::Config::new()
                 .path(&path)
-                .cache_capacity(
-                    std::env::var("XSLED")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(SLED_CACHE),
-                )
+                .cache_capacity(SLED_CACHE)
                 .open()
                 .map_err(|e| MetaError::Backend(format!("{}: {e}", path.display())))?;
             Ok(SledStore {
