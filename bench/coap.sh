@@ -31,7 +31,7 @@ head -c $((256 << 10)) /dev/urandom > "$work/small.bin"
 http_port=$(free_port); fw_port=$(free_port)
 target/release/fwrepo serve --storage "$work/storage" --keys "$work/keys" \
   --listen "127.0.0.1:$http_port" --set "coap.tcp_listen=127.0.0.1:$fw_port" \
-  --set coap.udp_listen= --set log.level=warn 2>"$work/fwrepo.log" &
+  --set coap.udp_listen= --set coap.dtls_listen= --set log.level=warn 2>"$work/fwrepo.log" &
 pids+=($!); fw_pid=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$http_port/healthz" >/dev/null && break; sleep 0.1; done
 curl -sf -T "$work/big.bin" "http://127.0.0.1:$http_port/v1/firmware/big" >/dev/null

@@ -235,6 +235,17 @@ pub struct CoapConfig {
     /// request cannot make fwrepo send a large block to a victim. Off on trusted networks
     /// saves clients one round trip.
     pub udp_verify_peers: bool,
+    /// CoAP over DTLS 1.2 (`coaps://`, UDP) listener; empty turns it off. Devices connect with
+    /// the pre-shared key set on them (`PUT /v1/devices/{id}/psk`).
+    pub dtls_listen: String,
+    pub public_dtls_url: String,
+    /// DTLS sessions at most (established or not); new handshakes beyond are dropped.
+    pub dtls_max_sessions: u64,
+    /// DTLS handshakes in progress at most.
+    pub dtls_max_handshakes: u64,
+    /// A DTLS handshake not finished in this time is dropped. Idle sessions go after
+    /// `idle_timeout`.
+    pub dtls_handshake_timeout: Dur,
 }
 
 impl Default for CoapConfig {
@@ -251,6 +262,11 @@ impl Default for CoapConfig {
             max_connections: 10_000,
             idle_timeout: Dur(Duration::from_secs(300)),
             udp_verify_peers: true,
+            dtls_listen: "127.0.0.1:5684".into(),
+            public_dtls_url: String::new(),
+            dtls_max_sessions: 10_000,
+            dtls_max_handshakes: 1_000,
+            dtls_handshake_timeout: Dur(Duration::from_secs(30)),
         }
     }
 }
@@ -513,6 +529,7 @@ impl Config {
             ("coap.tcp_listen", &self.coap.tcp_listen),
             ("coap.udp_listen", &self.coap.udp_listen),
             ("coap.tls_listen", &self.coap.tls_listen),
+            ("coap.dtls_listen", &self.coap.dtls_listen),
         ] {
             if !listen.is_empty() && listen.parse::<SocketAddr>().is_err() {
                 return Err(ConfigError::Invalid(format!(
@@ -529,6 +546,7 @@ impl Config {
             ("coap.public_tcp_url", &self.coap.public_tcp_url),
             ("coap.public_udp_url", &self.coap.public_udp_url),
             ("coap.public_tls_url", &self.coap.public_tls_url),
+            ("coap.public_dtls_url", &self.coap.public_dtls_url),
         ] {
             if url.len() + "/fw/".len() + crate::name::MAX_NAME_LEN > 255 {
                 return Err(ConfigError::Invalid(format!(
@@ -573,7 +591,11 @@ impl Config {
         if self.https.enabled() {
             all.push(self.https_listen()?);
         }
-        for listen in [&self.coap.tcp_listen, &self.coap.udp_listen] {
+        for listen in [
+            &self.coap.tcp_listen,
+            &self.coap.udp_listen,
+            &self.coap.dtls_listen,
+        ] {
             if !listen.is_empty() {
                 all.push(addr("coap", listen)?);
             }

@@ -62,6 +62,7 @@ pub struct Running {
     pub coap_tcp_addr: Option<SocketAddr>,
     pub coap_udp_addr: Option<SocketAddr>,
     pub coap_tls_addr: Option<SocketAddr>,
+    pub coap_dtls_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// Work spawned while serving (connections, requests, timers, imports): `wait` returns
@@ -316,6 +317,7 @@ pub async fn start_with_clock(
         coap_tcp_addr: coap.tcp_addr,
         coap_udp_addr: coap.udp_addr,
         coap_tls_addr: coap.tls_addr,
+        coap_dtls_addr: coap.dtls_addr,
         cancel,
         tasks,
         work,

@@ -12,7 +12,7 @@ use super::msg::{codes, format, is_critical, opt, Message};
 use crate::firmware::Repository;
 use crate::fota::report::{self, MAX_REPORT};
 use crate::fota::view::{work_cbor, work_json};
-use crate::fota::{Engine, FotaError, Package, Work};
+use crate::fota::{Engine, FotaError, Package, Proof, Work};
 use crate::meta::FirmwareRecord;
 use crate::metrics::Metrics;
 use crate::name::FirmwareName;
@@ -48,8 +48,30 @@ pub struct CoapContext {
     pub engine: Arc<Engine>,
 }
 
-/// Answers `req` (a request: class 0) with a response carrying the same token.
-pub async fn handle(ctx: &CoapContext, req: &Message, cap: Capacity) -> Message {
+/// Who sent a request: anyone (the device shows its token in the request, if any), or the
+/// device a secure session was established as.
+#[derive(Debug, Clone, Copy)]
+pub enum Sender<'a> {
+    Anyone,
+    Device(&'a str),
+}
+
+impl Sender<'_> {
+    fn proof<'a>(&'a self, req: &'a Message) -> Proof<'a> {
+        match self {
+            Sender::Device(d) => Proof::Session(d),
+            Sender::Anyone => Proof::Token(query_token(req)),
+        }
+    }
+}
+
+/// Answers `req` (a request: class 0) from `sender` with a response carrying the same token.
+pub async fn handle(
+    ctx: &CoapContext,
+    req: &Message,
+    cap: Capacity,
+    sender: Sender<'_>,
+) -> Message {
     if let Some((n, _)) = req
         .options
         .iter()
@@ -92,9 +114,11 @@ pub async fn handle(ctx: &CoapContext, req: &Message, cap: Capacity) -> Message 
                 Err(e) => domain_error(req, e.code().1, &e),
             }
         }
-        (codes::GET, [b"fota", device]) => work(ctx, req, &text(device).unwrap_or_default()).await,
+        (codes::GET, [b"fota", device]) => {
+            work(ctx, req, &text(device).unwrap_or_default(), sender).await
+        }
         (codes::POST, [b"fota", id, b"report"]) => {
-            report(ctx, req, &text(id).unwrap_or_default()).await
+            report(ctx, req, &text(id).unwrap_or_default(), sender).await
         }
         (_, [b".well-known", b"core"] | [b"fw", _] | [b"p", _] | [b"p", _, _] | [b"fota", _]) => {
             error(req, codes::METHOD_NOT_ALLOWED, "only GET is served here")
@@ -164,7 +188,7 @@ async fn blocks(
 
 /// `GET /fota/{deviceId}`: the work answer, or 2.05 without payload and a Max-Age saying when
 /// to ask again.
-async fn work(ctx: &CoapContext, req: &Message, device: &str) -> Message {
+async fn work(ctx: &CoapContext, req: &Message, device: &str, sender: Sender<'_>) -> Message {
     let cbor = match req.uint_option(opt::ACCEPT) {
         None => false,
         Some(f) if f == format::JSON as u64 => false,
@@ -178,7 +202,7 @@ async fn work(ctx: &CoapContext, req: &Message, device: &str) -> Message {
         }
     };
     let mut resp = Message::new(codes::CONTENT, req.token.clone());
-    match ctx.engine.work(device, query_token(req).as_deref()).await {
+    match ctx.engine.work(device, sender.proof(req)).await {
         Ok(Work::Task { task, record }) => {
             if cbor {
                 resp.push_uint(opt::CONTENT_FORMAT, format::CBOR as u64);
@@ -200,7 +224,7 @@ async fn work(ctx: &CoapContext, req: &Message, device: &str) -> Message {
 }
 
 /// `POST /fota/{fotaId}/report`: 2.04 Changed when the report is taken.
-async fn report(ctx: &CoapContext, req: &Message, id: &str) -> Message {
+async fn report(ctx: &CoapContext, req: &Message, id: &str, sender: Sender<'_>) -> Message {
     if req.option(opt::BLOCK1).is_some() || req.payload.len() > MAX_REPORT {
         return error(
             req,
@@ -221,7 +245,7 @@ async fn report(ctx: &CoapContext, req: &Message, id: &str) -> Message {
         }
     };
     let result = match parsed {
-        Ok(r) => ctx.engine.report(id, &r, query_token(req).as_deref()).await,
+        Ok(r) => ctx.engine.report(id, &r, sender.proof(req)).await,
         Err(e) => Err(FotaError::from(e)),
     };
     match result {
@@ -231,12 +255,11 @@ async fn report(ctx: &CoapContext, req: &Message, id: &str) -> Message {
 }
 
 /// The device token a device presents over CoAP: the Uri-Query `token=<token>`.
-fn query_token(req: &Message) -> Option<String> {
+fn query_token(req: &Message) -> Option<&str> {
     req.options
         .iter()
         .filter(|(n, _)| *n == opt::URI_QUERY)
         .find_map(|(_, v)| std::str::from_utf8(v).ok()?.strip_prefix("token="))
-        .map(str::to_owned)
 }
 
 fn domain_error(req: &Message, kind: crate::error::Kind, e: &dyn std::fmt::Display) -> Message {

@@ -2,6 +2,7 @@
 //! and over UDP (RFC 7252), with block-wise transfer (RFC 7959).
 
 pub mod block;
+pub mod dtls;
 pub mod echo;
 pub mod handler;
 pub mod msg;
@@ -28,6 +29,7 @@ pub struct Started {
     pub tcp_addr: Option<SocketAddr>,
     pub udp_addr: Option<SocketAddr>,
     pub tls_addr: Option<SocketAddr>,
+    pub dtls_addr: Option<SocketAddr>,
     /// (`coap+tcp`, base) and friends, for resolve answers.
     pub uri_bases: Vec<(&'static str, String)>,
     pub tasks: Vec<JoinHandle<()>>,
@@ -86,6 +88,7 @@ pub async fn start(
         tcp_addr: None,
         udp_addr: None,
         tls_addr: None,
+        dtls_addr: None,
         uri_bases: Vec::new(),
         tasks: Vec::new(),
     };
@@ -139,6 +142,35 @@ pub async fn start(
             socket,
             Arc::clone(&ctx),
             c.udp_verify_peers,
+            cancel.clone(),
+            work.clone(),
+        )));
+    }
+    if !c.dtls_listen.is_empty() {
+        let addr = parse_addr(&c.dtls_listen)?;
+        let socket = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let local = socket
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let tls = dtls::context().map_err(|e| StartError::Tls(format!("DTLS: {e}")))?;
+        tracing::info!(addr = %local, "CoAP over DTLS listening");
+        started
+            .uri_bases
+            .push(("coaps", base(&c.public_dtls_url, "coaps", local)));
+        started.dtls_addr = Some(local);
+        let limits = dtls::Limits {
+            max_sessions: c.dtls_max_sessions.max(1) as usize,
+            max_handshakes: c.dtls_max_handshakes.max(1) as usize,
+            handshake_timeout: c.dtls_handshake_timeout.0.max(Duration::from_secs(1)),
+            idle_timeout: c.idle_timeout.0.max(Duration::from_secs(1)),
+        };
+        started.tasks.push(tokio::spawn(dtls::serve(
+            socket,
+            Arc::clone(&ctx),
+            tls,
+            limits,
             cancel.clone(),
             work.clone(),
         )));

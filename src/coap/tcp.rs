@@ -194,7 +194,8 @@ where
             },
             0 if msg.code == codes::EMPTY => None, // RFC 8323 §3.4: ignored
             0 => {
-                let mut resp = handler::handle(ctx, &msg, peer.capacity()).await;
+                let mut resp =
+                    handler::handle(ctx, &msg, peer.capacity(), handler::Sender::Anyone).await;
                 if frame_len(&resp) as u64 > peer.max_message_size {
                     // A peer announcing less than our header and options needs leaves no room
                     // for even a 16-byte block: answer 5.00 bare rather than exceed its limit.

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU16;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,7 @@ pub struct Datagram {
 
 /// Blocks over UDP stay at 1024 bytes so a response fits the 1152-byte datagram RFC 7252
 /// §4.6 recommends.
-const UDP_BLOCK: u64 = 1024;
+pub(super) const UDP_BLOCK: u64 = 1024;
 /// EXCHANGE_LIFETIME (RFC 7252 §4.8.2): how long a duplicate may still arrive.
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 /// Reply cache entries at most; the oldest go first.
@@ -96,13 +97,23 @@ enum Cached {
     Done(Bytes),
 }
 
-#[derive(Default)]
-struct ReplyCache {
-    map: HashMap<(SocketAddr, u16), (Cached, Instant)>,
-    order: VecDeque<((SocketAddr, u16), Instant)>,
+/// Answers by exchange (`K`: the peer and message id, or the session and message id), for
+/// EXCHANGE_LIFETIME, so a retransmitted request is answered again without any work.
+pub(super) struct ReplyCache<K> {
+    map: HashMap<K, (Cached, Instant)>,
+    order: VecDeque<(K, Instant)>,
 }
 
-impl ReplyCache {
+impl<K> Default for ReplyCache<K> {
+    fn default() -> Self {
+        ReplyCache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> ReplyCache<K> {
     fn evict(&mut self, now: Instant) {
         while let Some((key, at)) = self.order.front().cloned() {
             if self.order.len() <= REPLY_CACHE_ENTRIES && now.duration_since(at) < EXCHANGE_LIFETIME
@@ -115,16 +126,26 @@ impl ReplyCache {
             }
         }
     }
+
+    /// The answer to an exchange, once made.
+    pub(super) fn done(&mut self, key: &K, bytes: Bytes) {
+        if let Some(entry) = self.map.get_mut(key) {
+            entry.0 = Cached::Done(bytes);
+        }
+    }
 }
 
-enum Lookup {
+pub(super) enum Lookup {
     Replay(Bytes),
     InFlight,
     New,
 }
 
 /// Answers a duplicate from the cache, or marks a new exchange as in flight.
-fn lookup(cache: &Mutex<ReplyCache>, key: (SocketAddr, u16)) -> Lookup {
+pub(super) fn lookup<K: std::hash::Hash + Eq + Clone>(
+    cache: &Mutex<ReplyCache<K>>,
+    key: K,
+) -> Lookup {
     let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
     let now = Instant::now();
     c.evict(now);
@@ -132,11 +153,50 @@ fn lookup(cache: &Mutex<ReplyCache>, key: (SocketAddr, u16)) -> Lookup {
         Some((Cached::Done(bytes), _)) => Lookup::Replay(bytes.clone()),
         Some((Cached::Pending, _)) => Lookup::InFlight,
         None => {
-            c.map.insert(key, (Cached::Pending, now));
+            c.map.insert(key.clone(), (Cached::Pending, now));
             c.order.push_back((key, now));
             Lookup::New
         }
     }
+}
+
+/// What to do with a datagram that parsed: answer it at once (a ping gets a Reset), drop
+/// it (acknowledgements, resets, responses), or serve it as a request.
+pub(super) fn triage(d: &Datagram) -> Option<Option<Bytes>> {
+    match (d.mtype, d.msg.code) {
+        (MsgType::Ack | MsgType::Rst, _) => Some(None),
+        // An empty confirmable message is a CoAP ping: answered with a Reset.
+        (MsgType::Con, codes::EMPTY) => Some(Some(encode(&Datagram {
+            mtype: MsgType::Rst,
+            message_id: d.message_id,
+            msg: Message::default(),
+        }))),
+        (_, code) if code >> 5 != 0 || code == codes::EMPTY => Some(None),
+        _ => None,
+    }
+}
+
+/// The Reset a malformed confirmable message gets (RFC 7252 §4.2), if it is one.
+pub(super) fn reset_for_malformed(b: &[u8]) -> Option<[u8; 4]> {
+    (b.len() >= 4 && (b[0] >> 4) & 3 == 0 && b[0] >> 6 == 1).then(|| [0x70, 0, b[2], b[3]])
+}
+
+/// The datagram carrying `resp` to request `d`: piggybacked on the Ack of a confirmable
+/// request, a non-confirmable message otherwise.
+pub(super) fn answer(d: &Datagram, resp: Message, next_mid: &AtomicU16) -> Bytes {
+    let out = match d.mtype {
+        MsgType::Con => Datagram {
+            mtype: MsgType::Ack,
+            message_id: d.message_id,
+            msg: resp,
+        },
+        _ => Datagram {
+            mtype: MsgType::Non,
+            message_id: next_mid.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            msg: resp,
+        },
+    };
+    encode(&out)
 }
 
 /// Serves UDP until `cancel` fires; each request runs on `work`. With `verify_peers`, an
@@ -150,8 +210,8 @@ pub async fn serve(
 ) {
     let check = verify_peers.then(AddressCheck::new);
     let socket = Arc::new(socket);
-    let cache = Arc::new(Mutex::new(ReplyCache::default()));
-    let next_mid = Arc::new(std::sync::atomic::AtomicU16::new(rand_u16()));
+    let cache = Arc::new(Mutex::new(ReplyCache::<(SocketAddr, u16)>::default()));
+    let next_mid = Arc::new(AtomicU16::new(rand_u16()));
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (n, peer) = tokio::select! {
@@ -167,28 +227,17 @@ pub async fn serve(
         let d = match parse(&buf[..n]) {
             Ok(d) => d,
             Err(_) => {
-                // Reject a malformed confirmable message with a Reset (RFC 7252 §4.2).
-                if n >= 4 && (buf[0] >> 4) & 3 == 0 && buf[0] >> 6 == 1 {
-                    let rst = [0x70, 0, buf[2], buf[3]];
+                if let Some(rst) = reset_for_malformed(&buf[..n]) {
                     let _ = socket.send_to(&rst, peer).await;
                 }
                 continue;
             }
         };
-        match (d.mtype, d.msg.code) {
-            (MsgType::Ack | MsgType::Rst, _) => continue,
-            // An empty confirmable message is a CoAP ping: answered with a Reset.
-            (MsgType::Con, codes::EMPTY) => {
-                let rst = Datagram {
-                    mtype: MsgType::Rst,
-                    message_id: d.message_id,
-                    msg: Message::default(),
-                };
-                let _ = socket.send_to(&encode(&rst), peer).await;
-                continue;
+        if let Some(reply) = triage(&d) {
+            if let Some(bytes) = reply {
+                let _ = socket.send_to(&bytes, peer).await;
             }
-            (_, code) if code >> 5 != 0 || code == codes::EMPTY => continue,
-            _ => {}
+            continue;
         }
         if let Some(check) = &check {
             if !check.admit(peer, d.msg.option(ECHO).map(|e| &e[..])) {
@@ -222,26 +271,12 @@ pub async fn serve(
                 bert: false,
                 whole_fits: false,
             };
-            let resp = handler::handle(&ctx, &d.msg, cap).await;
-            let out = match d.mtype {
-                MsgType::Con => Datagram {
-                    mtype: MsgType::Ack,
-                    message_id: d.message_id,
-                    msg: resp,
-                },
-                _ => Datagram {
-                    mtype: MsgType::Non,
-                    message_id: next_mid.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                    msg: resp,
-                },
-            };
-            let bytes = encode(&out);
-            {
-                let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(entry) = c.map.get_mut(&key) {
-                    entry.0 = Cached::Done(bytes.clone());
-                }
-            }
+            let resp = handler::handle(&ctx, &d.msg, cap, handler::Sender::Anyone).await;
+            let bytes = answer(&d, resp, &next_mid);
+            cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .done(&key, bytes.clone());
             let _ = socket.send_to(&bytes, peer).await;
         });
     }
@@ -249,7 +284,7 @@ pub async fn serve(
 
 /// 4.01 Unauthorized with an Echo value and nothing else, to a request from an address not
 /// yet verified: only a few bytes more than the request.
-fn unverified(d: &Datagram, echo: Bytes, next_mid: &std::sync::atomic::AtomicU16) -> Datagram {
+fn unverified(d: &Datagram, echo: Bytes, next_mid: &AtomicU16) -> Datagram {
     let mut msg = Message::new(codes::UNAUTHORIZED, d.msg.token.clone());
     msg.push(ECHO, echo);
     let (mtype, message_id) = match d.mtype {
@@ -266,7 +301,7 @@ fn unverified(d: &Datagram, echo: Bytes, next_mid: &std::sync::atomic::AtomicU16
     }
 }
 
-fn rand_u16() -> u16 {
+pub(super) fn rand_u16() -> u16 {
     let mut b = [0u8; 2];
     let _ = getrandom::fill(&mut b);
     u16::from_be_bytes(b)

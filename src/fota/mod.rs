@@ -16,7 +16,7 @@ pub mod view;
 
 pub use crate::model::{schedule, task};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{Engine, Joiner, Package, Work};
+pub use engine::{Engine, Joiner, Package, Proof, Work};
 
 use crate::firmware::FirmwareError;
 use crate::meta::MetaError;
@@ -69,6 +69,8 @@ pub enum FotaError {
     QuotaFull,
     #[error("device {device:?} must present its device token (HTTP: Authorization: Bearer <token>; CoAP: Uri-Query token=<token>){}", if *presented { "; the one given is not this device's" } else { "" })]
     DeviceUnauthenticated { device: String, presented: bool },
+    #[error("this session is device {session:?}'s; it cannot act for device {device:?}")]
+    OtherDevice { session: String, device: String },
 }
 
 impl FotaError {
@@ -105,6 +107,7 @@ impl FotaError {
             FotaError::DeviceUnauthenticated { .. } => {
                 ("device-unauthenticated", Kind::Unauthorized)
             }
+            FotaError::OtherDevice { .. } => ("other-device", Kind::Forbidden),
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::fota::request::{parse_url, ScheduleRequest};
 use crate::fota::schedule::Schedule;
 use crate::fota::task::{FotaTask, Status};
 use crate::fota::view::{task_json, work_json};
-use crate::fota::{FotaError, Work};
+use crate::fota::{FotaError, Proof, Work};
 use crate::name::parse_duration;
 
 fn task_view(app: &AppState, t: &FotaTask) -> Json<Value> {
@@ -83,6 +83,65 @@ pub async fn issue_token(
         .into_response())
 }
 
+/// `PUT /v1/devices/{deviceId}/psk`: the device's pre-shared key for DTLS, under a PSK
+/// identity no other device has; the key is never answered back.
+pub async fn put_psk(
+    State(app): State<AppState>,
+    Path(device): Path<String>,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let v = json_body(&body.0)?;
+    let field = |name: &str| v.get(name).and_then(Value::as_str).map(str::to_owned);
+    let invalid = |what: &str| ApiError::bad_request("invalid-parameter", what.to_owned());
+    let identity = field("identity")
+        .filter(|i| !i.is_empty() && i.len() <= MAX_PSK_IDENTITY)
+        .ok_or_else(|| invalid("identity: a string of 1 to 128 bytes"))?;
+    let key = field("key")
+        .filter(|k| hex::decode(k).is_ok_and(|b| (MIN_PSK..=MAX_PSK).contains(&b.len())))
+        .ok_or_else(|| invalid("key: 16 to 64 bytes in hex"))?;
+    if v.as_object()
+        .is_some_and(|o| o.keys().any(|k| k != "identity" && k != "key"))
+    {
+        return Err(invalid("only identity and key"));
+    }
+    let psk = app.engine.set_device_psk(&device, &identity, &key).await?;
+    let Some(psk) = psk else {
+        return Err(ApiError::new(
+            crate::error::Kind::Conflict,
+            "psk-identity-taken",
+            format!("another device has PSK identity {identity:?}"),
+        ));
+    };
+    Ok(Json(json!({
+        "deviceId": psk.device_id,
+        "identity": psk.identity,
+        "createdAt": psk.created_at,
+    }))
+    .into_response())
+}
+
+/// `DELETE /v1/devices/{deviceId}/psk`
+pub async fn remove_psk(
+    State(app): State<AppState>,
+    Path(device): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if app.engine.remove_device_psk(&device).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            crate::error::Kind::NotFound,
+            "device-psk-not-found",
+            format!("device {device:?} has no pre-shared key"),
+        ))
+    }
+}
+
+/// Longest PSK identity (RFC 4279 allows 2^16 − 1; devices use short ones).
+const MAX_PSK_IDENTITY: usize = 128;
+/// Key sizes accepted: 128 to 512 bits.
+const MIN_PSK: usize = 16;
+const MAX_PSK: usize = 64;
+
 /// `DELETE /v1/devices/{deviceId}/token`
 pub async fn revoke_token(
     State(app): State<AppState>,
@@ -108,7 +167,7 @@ pub async fn work(
     Ok(
         match app
             .engine
-            .work(&device, super::access::bearer(&headers))
+            .work(&device, Proof::Token(super::access::bearer(&headers)))
             .await?
         {
             Work::Task { task, record } => Json(work_json(&task, &record)).into_response(),
@@ -152,7 +211,7 @@ pub async fn report(
         .report(
             &id,
             &parsed.map_err(FotaError::from)?,
-            super::access::bearer(&headers),
+            Proof::Token(super::access::bearer(&headers)),
         )
         .await?;
     Ok(task_view(&app, &t))

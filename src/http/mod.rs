@@ -174,6 +174,18 @@ pub fn routes() -> Routes {
         fota::revoke_token,
     )
     .add(
+        M::PUT,
+        "/v1/devices/{deviceId}/psk",
+        role(Operator),
+        fota::put_psk,
+    )
+    .add(
+        M::DELETE,
+        "/v1/devices/{deviceId}/psk",
+        role(Operator),
+        fota::remove_psk,
+    )
+    .add(
         M::POST,
         "/v1/devices/{deviceId}/methods/{method}",
         role(Operator),

@@ -112,6 +112,28 @@ pub struct DeviceCredential {
     pub created_at: String,
 }
 
+/// A device's pre-shared key for DTLS. The key is kept as it must be used; no route answers
+/// with it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DevicePsk {
+    pub device_id: String,
+    /// The PSK identity the device presents in its handshake; one device's only.
+    pub identity: String,
+    /// The key, hex.
+    pub key: String,
+    pub created_at: String,
+}
+
+impl std::fmt::Debug for DevicePsk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevicePsk")
+            .field("device_id", &self.device_id)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
 /// FOTA tasks with the indexes the engine works from: the active task per device, due times,
 /// quota holders, imports in progress and firmware in use.
 #[async_trait]
@@ -227,6 +249,14 @@ pub trait DeviceStore: Send + Sync {
     async fn put_device_credential(&self, credential: &DeviceCredential) -> Result<(), MetaError>;
     /// Whether there was one to remove.
     async fn remove_device_credential(&self, device_id: &str) -> Result<bool, MetaError>;
+    /// Sets the device's pre-shared key, replacing the one it had; `false` (and nothing
+    /// changed) when another device has that identity.
+    async fn put_device_psk(&self, psk: &DevicePsk) -> Result<bool, MetaError>;
+    /// The pre-shared key a DTLS client names by `identity`.
+    async fn psk_by_identity(&self, identity: &str) -> Result<Option<DevicePsk>, MetaError>;
+    async fn device_psk(&self, device_id: &str) -> Result<Option<DevicePsk>, MetaError>;
+    /// Whether there was one to remove.
+    async fn remove_device_psk(&self, device_id: &str) -> Result<bool, MetaError>;
 }
 
 /// Named groups of devices.
@@ -580,6 +610,32 @@ pub(crate) mod suite {
         assert!(store.remove_device_credential("d").await.unwrap());
         assert!(!store.remove_device_credential("d").await.unwrap());
         assert_eq!(store.device_credential("d").await.unwrap(), None);
+        // Pre-shared keys: one identity per device, found by identity, gone with the device.
+        let psk = |device: &str, identity: &str| DevicePsk {
+            device_id: device.into(),
+            identity: identity.into(),
+            key: "00112233".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+        };
+        assert!(store.put_device_psk(&psk("d", "id-1")).await.unwrap());
+        assert!(
+            !store.put_device_psk(&psk("e", "id-1")).await.unwrap(),
+            "taken"
+        );
+        assert_eq!(store.device_psk("e").await.unwrap(), None);
+        assert_eq!(
+            store.psk_by_identity("id-1").await.unwrap(),
+            Some(psk("d", "id-1"))
+        );
+        assert!(store.put_device_psk(&psk("d", "id-2")).await.unwrap());
+        assert_eq!(store.psk_by_identity("id-1").await.unwrap(), None, "freed");
+        assert!(store.put_device_psk(&psk("e", "id-1")).await.unwrap());
+        assert_eq!(store.device_psk("d").await.unwrap(), Some(psk("d", "id-2")));
+        assert!(store.remove_device_psk("e").await.unwrap());
+        assert!(!store.remove_device_psk("e").await.unwrap());
+        assert_eq!(store.psk_by_identity("id-1").await.unwrap(), None);
+        assert!(store.delete_device("d").await.unwrap());
+        assert_eq!(store.psk_by_identity("id-2").await.unwrap(), None);
         let s = crate::model::schedule::Schedule {
             name: "n".into(),
             time_zone: "UTC".into(),

@@ -11,7 +11,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Transaction};
 
 use super::postgres::{announcing, backend, decode, encode, rows, Param, PgStore, EVENTS_CHANNEL};
-use super::{CampaignStore, DeviceCredential, DeviceStore, GroupStore, MetaError};
+use super::{CampaignStore, DeviceCredential, DevicePsk, DeviceStore, GroupStore, MetaError};
 use crate::model::campaign::{Campaign, Counts, Member};
 use crate::model::device::Device;
 use crate::model::group::Group;
@@ -277,12 +277,14 @@ impl DeviceStore for PgStore {
     async fn delete_device(&self, device_id: &str) -> Result<bool, MetaError> {
         let mut c = self.conn().await?;
         let tx = c.client_mut().transaction().await.map_err(backend)?;
-        tx.execute(
-            "DELETE FROM fwrepo_device_credentials WHERE device_id = $1",
-            &[&device_id],
-        )
-        .await
-        .map_err(backend)?;
+        for table in ["fwrepo_device_credentials", "fwrepo_device_psks"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE device_id = $1"),
+                &[&device_id],
+            )
+            .await
+            .map_err(backend)?;
+        }
         let n = tx
             .execute(
                 "DELETE FROM fwrepo_devices WHERE device_id = $1",
@@ -337,6 +339,55 @@ impl DeviceStore for PgStore {
         let n = self
             .execute(
                 "DELETE FROM fwrepo_device_credentials WHERE device_id = $1",
+                &[&device_id],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn put_device_psk(&self, psk: &DevicePsk) -> Result<bool, MetaError> {
+        // The identity's uniqueness decides; a conflict on it stores nothing.
+        let stored = self
+            .query(
+                "INSERT INTO fwrepo_device_psks (device_id, identity, psk) VALUES ($1, $2, $3)
+                 ON CONFLICT (device_id) DO UPDATE SET identity = $2, psk = $3
+                 WHERE NOT EXISTS (SELECT 1 FROM fwrepo_device_psks
+                                   WHERE identity = $2 AND device_id <> $1)
+                 RETURNING 1",
+                &[&psk.device_id, &psk.identity, &encode(psk)?],
+            )
+            .await;
+        match stored {
+            Ok(rows) => Ok(rows.len() == 1),
+            Err(e) if e.to_string().contains("fwrepo_device_psks_identity_key") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn psk_by_identity(&self, identity: &str) -> Result<Option<DevicePsk>, MetaError> {
+        let row = self
+            .query_opt(
+                "SELECT psk FROM fwrepo_device_psks WHERE identity = $1",
+                &[&identity],
+            )
+            .await?;
+        row.map(|r| decode(identity, r.get(0))).transpose()
+    }
+
+    async fn device_psk(&self, device_id: &str) -> Result<Option<DevicePsk>, MetaError> {
+        let row = self
+            .query_opt(
+                "SELECT psk FROM fwrepo_device_psks WHERE device_id = $1",
+                &[&device_id],
+            )
+            .await?;
+        row.map(|r| decode(device_id, r.get(0))).transpose()
+    }
+
+    async fn remove_device_psk(&self, device_id: &str) -> Result<bool, MetaError> {
+        let n = self
+            .execute(
+                "DELETE FROM fwrepo_device_psks WHERE device_id = $1",
                 &[&device_id],
             )
             .await?;

@@ -134,8 +134,17 @@ CREATE INDEX IF NOT EXISTS fwrepo_rosters_last
     ON fwrepo_campaign_rosters (campaign_id, last_position);
 "#;
 
+/// Version 6: devices' pre-shared keys for DTLS, one identity per device.
+const V6: &str = r#"
+CREATE TABLE IF NOT EXISTS fwrepo_device_psks (
+    device_id  TEXT COLLATE "C" PRIMARY KEY,
+    identity   TEXT COLLATE "C" NOT NULL UNIQUE,
+    psk        TEXT NOT NULL
+);
+"#;
+
 /// `MIGRATIONS[k]` takes the schema from version `k` to `k + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i32 = MIGRATIONS.len() as i32;

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use super::sled_store::{backend, SledStore};
-use super::{CampaignStore, DeviceCredential, DeviceStore, GroupStore, MetaError};
+use super::{CampaignStore, DeviceCredential, DevicePsk, DeviceStore, GroupStore, MetaError};
 use crate::model::campaign::{member, Campaign, Counts, Member};
 use crate::model::device::Device;
 use crate::model::group::Group;
@@ -367,6 +367,7 @@ impl DeviceStore for SledStore {
                 s.device_credentials
                     .remove(id.as_bytes())
                     .map_err(backend)?;
+                s.remove_psk(&id)?;
                 Ok(s.devices.remove(id.as_bytes()).map_err(backend)?.is_some())
             })
             .await?;
@@ -424,6 +425,80 @@ impl DeviceStore for SledStore {
             .await?;
         self.flush().await?;
         Ok(gone)
+    }
+
+    async fn put_device_psk(&self, psk: &DevicePsk) -> Result<bool, MetaError> {
+        let psk = psk.clone();
+        let json = serde_json::to_vec(&psk).map_err(backend)?;
+        let stored = self
+            .blocking(move |s| {
+                let by_identity = [b"i", psk.identity.as_bytes()].concat();
+                let by_device = [b"d", psk.device_id.as_bytes()].concat();
+                let r = s.device_psks.transaction(|tx| {
+                    if let Some(v) = tx.get(&by_identity)? {
+                        let owner: Option<DevicePsk> = serde_json::from_slice(&v).ok();
+                        if owner.is_some_and(|o| o.device_id != psk.device_id) {
+                            return Ok(false);
+                        }
+                    }
+                    if let Some(old) = tx.get(&by_device)? {
+                        tx.remove([b"i", old.as_ref()].concat())?;
+                    }
+                    tx.insert(by_identity.as_slice(), json.as_slice())?;
+                    tx.insert(by_device.as_slice(), psk.identity.as_bytes())?;
+                    Ok(true)
+                });
+                r.map_err(|e: TransactionError<()>| backend(format!("{e:?}")))
+            })
+            .await?;
+        self.flush().await?;
+        Ok(stored)
+    }
+
+    async fn psk_by_identity(&self, identity: &str) -> Result<Option<DevicePsk>, MetaError> {
+        let key = [b"i", identity.as_bytes()].concat();
+        self.blocking(move |s| {
+            s.device_psks
+                .get(&key)
+                .map_err(backend)?
+                .map(|v| decode(&key, &v))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn device_psk(&self, device_id: &str) -> Result<Option<DevicePsk>, MetaError> {
+        let key = [b"d", device_id.as_bytes()].concat();
+        let identity = self
+            .blocking(move |s| s.device_psks.get(&key).map_err(backend))
+            .await?;
+        match identity {
+            Some(i) => self.psk_by_identity(&String::from_utf8_lossy(&i)).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn remove_device_psk(&self, device_id: &str) -> Result<bool, MetaError> {
+        let id = device_id.to_owned();
+        let gone = self.blocking(move |s| s.remove_psk(&id)).await?;
+        self.flush().await?;
+        Ok(gone)
+    }
+}
+
+impl SledStore {
+    /// Removes the device's pre-shared key and its identity; whether it had one.
+    fn remove_psk(&self, device_id: &str) -> Result<bool, MetaError> {
+        let by_device = [b"d", device_id.as_bytes()].concat();
+        let r = self.device_psks.transaction(|tx| {
+            let Some(identity) = tx.get(&by_device)? else {
+                return Ok(false);
+            };
+            tx.remove([b"i", identity.as_ref()].concat())?;
+            tx.remove(by_device.as_slice())?;
+            Ok(true)
+        });
+        r.map_err(|e: TransactionError<()>| backend(format!("{e:?}")))
     }
 }
 

@@ -22,6 +22,8 @@ pub struct SledStore {
     pub(super) devices: sled::Tree,
     /// Device id → JSON `DeviceCredential`.
     pub(super) device_credentials: sled::Tree,
+    /// `i` identity → JSON `DevicePsk`; `d` device id → identity.
+    pub(super) device_psks: sled::Tree,
     /// Schedule name → JSON schedule.
     pub(super) schedules: sled::Tree,
     /// Group name → JSON group.
@@ -83,6 +85,7 @@ impl SledStore {
                 task_index: db.open_tree("fota_index").map_err(backend)?,
                 devices: db.open_tree("devices").map_err(backend)?,
                 device_credentials: db.open_tree("device_credentials").map_err(backend)?,
+                device_psks: db.open_tree("device_psks").map_err(backend)?,
                 schedules: db.open_tree("schedules").map_err(backend)?,
                 groups: db.open_tree("groups").map_err(backend)?,
                 fleet: db.open_tree("fleet").map_err(backend)?,

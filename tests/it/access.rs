@@ -44,6 +44,8 @@ const TABLE: &[(&str, &str, &str)] = &[
     ("GET", "/v1/devices/{deviceId}/fota", "device"),
     ("POST", "/v1/devices/{deviceId}/token", "operator"),
     ("DELETE", "/v1/devices/{deviceId}/token", "operator"),
+    ("PUT", "/v1/devices/{deviceId}/psk", "operator"),
+    ("DELETE", "/v1/devices/{deviceId}/psk", "operator"),
     (
         "POST",
         "/v1/devices/{deviceId}/methods/{method}",

@@ -31,6 +31,7 @@ pub struct TestServer {
     pub coap_tcp: Option<std::net::SocketAddr>,
     pub coap_udp: Option<std::net::SocketAddr>,
     pub coap_tls: Option<std::net::SocketAddr>,
+    pub coap_dtls: Option<std::net::SocketAddr>,
     pub root: PathBuf,
     running: Option<Running>,
 }
@@ -43,6 +44,7 @@ pub fn config(root: &Path, sets: &[&str]) -> Config {
         "coap.tcp_listen=127.0.0.1:0".to_owned(),
         "coap.udp_listen=127.0.0.1:0".to_owned(),
         "coap.tls_listen=127.0.0.1:0".to_owned(),
+        "coap.dtls_listen=127.0.0.1:0".to_owned(),
         "http.shutdown_grace=5s".to_owned(),
     ];
     all.extend(sets.iter().map(|s| s.to_string()));
@@ -70,6 +72,7 @@ impl TestServer {
             coap_tcp: running.coap_tcp_addr,
             coap_udp: running.coap_udp_addr,
             coap_tls: running.coap_tls_addr,
+            coap_dtls: running.coap_dtls_addr,
             root: root.to_owned(),
             running: Some(running),
         }
@@ -160,6 +163,8 @@ impl ServerProcess {
                 "coap.tcp_listen=127.0.0.1:0",
                 "--set",
                 "coap.udp_listen=127.0.0.1:0",
+                "--set",
+                "coap.dtls_listen=127.0.0.1:0",
             ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

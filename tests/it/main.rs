@@ -7,6 +7,7 @@ mod common;
 mod crash;
 mod device_identity;
 mod download;
+mod dtls;
 mod errors;
 mod fleet;
 mod fota;

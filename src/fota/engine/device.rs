@@ -3,13 +3,28 @@
 
 use super::*;
 
+/// How a device request shows which device sent it.
+#[derive(Debug, Clone, Copy)]
+pub enum Proof<'a> {
+    /// The device token it presented, if any (HTTP bearer, CoAP Uri-Query `token=`).
+    Token(Option<&'a str>),
+    /// A secure session established as this device (DTLS with the device's pre-shared key).
+    Session(&'a str),
+}
+
 impl Engine {
     /// Refuses a device that does not present the token its credential needs.
-    pub(super) async fn identify(
-        &self,
-        device: &str,
-        presented: Option<&str>,
-    ) -> Result<(), FotaError> {
+    pub(super) async fn identify(&self, device: &str, proof: Proof<'_>) -> Result<(), FotaError> {
+        let presented = match proof {
+            Proof::Session(d) if d == device => return Ok(()),
+            Proof::Session(d) => {
+                return Err(FotaError::OtherDevice {
+                    session: d.to_owned(),
+                    device: device.to_owned(),
+                })
+            }
+            Proof::Token(t) => t,
+        };
         let required = self.device_credentials.load(Ordering::Relaxed);
         let credential = self.store.device_credential(device).await?;
         if crate::auth::device::admits(required, credential.as_ref(), presented) {
@@ -19,6 +34,38 @@ impl Engine {
             device: device.to_owned(),
             presented: presented.is_some(),
         })
+    }
+
+    /// Sets the device's pre-shared key (hex) under `identity`; `None` when another device
+    /// has that identity.
+    pub async fn set_device_psk(
+        &self,
+        device: &str,
+        identity: &str,
+        key: &str,
+    ) -> Result<Option<crate::meta::DevicePsk>, FotaError> {
+        check_device(device)?;
+        let psk = crate::meta::DevicePsk {
+            device_id: device.to_owned(),
+            identity: identity.to_owned(),
+            key: key.to_ascii_lowercase(),
+            created_at: crate::fota::view::rfc3339(self.now_ms()),
+        };
+        Ok(self.store.put_device_psk(&psk).await?.then_some(psk))
+    }
+
+    /// Removes the device's pre-shared key; `false` when it had none.
+    pub async fn remove_device_psk(&self, device: &str) -> Result<bool, FotaError> {
+        check_device(device)?;
+        Ok(self.store.remove_device_psk(device).await?)
+    }
+
+    /// The device and key a DTLS client names by its PSK identity.
+    pub async fn device_psk(&self, identity: &str) -> Result<Option<(String, Vec<u8>)>, FotaError> {
+        let Some(p) = self.store.psk_by_identity(identity).await? else {
+            return Ok(None);
+        };
+        Ok(hex::decode(&p.key).ok().map(|key| (p.device_id, key)))
     }
 
     /// Makes (or replaces) the device's token; the token is in this answer only.
@@ -87,9 +134,9 @@ impl Engine {
     }
 
     /// The device's work; `credential` is the device token it presented.
-    pub async fn work(&self, device: &str, credential: Option<&str>) -> Result<Work, FotaError> {
+    pub async fn work(&self, device: &str, proof: Proof<'_>) -> Result<Work, FotaError> {
         check_device(device)?;
-        self.identify(device, credential).await?;
+        self.identify(device, proof).await?;
         self.seen(device, None).await?;
         retried(|| self.work_once(device)).await
     }
@@ -204,20 +251,20 @@ impl Engine {
         &self,
         id: &str,
         report: &Report,
-        credential: Option<&str>,
+        proof: Proof<'_>,
     ) -> Result<FotaTask, FotaError> {
-        retried(|| self.report_once(id, report, credential)).await
+        retried(|| self.report_once(id, report, proof)).await
     }
 
     pub(super) async fn report_once(
         &self,
         id: &str,
         report: &Report,
-        credential: Option<&str>,
+        proof: Proof<'_>,
     ) -> Result<FotaTask, FotaError> {
         let _g = self.lock_task(id).await;
         let mut t = self.task(id).await?;
-        self.identify(&t.device_id, credential).await?;
+        self.identify(&t.device_id, proof).await?;
         let before = t.clone();
         let now = self.now_ms();
         let deferred_until = now.saturating_add(self.config.deferred_retry.0.as_millis() as i64);

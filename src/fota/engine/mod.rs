@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod device;
+pub use device::Proof;
 mod imports;
 mod progress;
 mod scheduling;

@@ -1,0 +1,144 @@
+//! CoAP over DTLS (`coaps://`) with real peers: libcoap's coap-client built on OpenSSL and on
+//! GnuTLS, each with a device's pre-shared key set through the API, 1 KiB blocks and the
+//! default size, a 1 MiB and a 16 MiB image, the SHA-256 of every download checked. A wrong
+//! key and an unknown identity fail the handshake.
+
+use std::process::Output;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::{client, have_tool, image, sha256_hex, tool, TestServer};
+
+const IDENTITY: &str = "meter-7-psk";
+const KEY: &str = "a-secret-of-24-bytes-ok!";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    srv: TestServer,
+    images: Vec<(String, usize, String)>,
+}
+
+async fn setup(sizes: &[usize]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &[]).await;
+    let r = client()
+        .put(srv.url("/v1/devices/meter-7/psk"))
+        .json(&json!({"identity": IDENTITY, "key": hex::encode(KEY)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["identity"], IDENTITY);
+    assert!(v.get("key").is_none(), "the key is never answered back");
+    let mut images = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let name = format!("dtls-{i}.bin");
+        let data = image(*size, i as u8 + 70);
+        let r = srv.put(&format!("/v1/firmware/{name}"), data.clone()).await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        images.push((name, *size, sha256_hex(&data)));
+    }
+    Setup { dir, srv, images }
+}
+
+/// coap-client fetching `path` over DTLS with `identity` and `key`.
+async fn coap_client(
+    peer: &str,
+    s: &Setup,
+    path: &str,
+    identity: &str,
+    key: &str,
+    extra: &[&str],
+) -> (Output, Vec<u8>) {
+    let out = s
+        .dir
+        .path()
+        .join(format!("{}.{peer}.out", path.replace('/', "_")));
+    let _ = std::fs::remove_file(&out);
+    let addr = s.srv.coap_dtls.expect("DTLS listener on");
+    let mut cmd = tokio::process::Command::new(tool(peer).unwrap());
+    cmd.args(["-m", "get", "-B", "60", "-u", identity, "-k", key])
+        .args(extra)
+        .arg("-o")
+        .arg(&out)
+        .arg(format!("coaps://{addr}{path}"))
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{peer} {path} timed out"))
+        .unwrap();
+    (output, std::fs::read(&out).unwrap_or_default())
+}
+
+async fn downloads(peer: &str) {
+    if !have_tool(peer) {
+        return;
+    }
+    let s = setup(&[1 << 20, 16 << 20]).await;
+    for extra in [&["-b", "1024"][..], &[][..]] {
+        for (name, size, digest) in &s.images {
+            let (output, got) =
+                coap_client(peer, &s, &format!("/fw/{name}"), IDENTITY, KEY, extra).await;
+            assert!(
+                output.status.success(),
+                "{peer} {extra:?} {name}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert_eq!(got.len(), *size, "{peer} {extra:?} {name}");
+            assert_eq!(&sha256_hex(&got), digest, "{peer} {extra:?} {name}");
+        }
+    }
+    s.srv.stop().await;
+}
+
+#[tokio::test]
+async fn coap_client_openssl_downloads_over_dtls_with_a_devices_psk() {
+    downloads("coap-client-openssl").await;
+}
+
+#[tokio::test]
+async fn coap_client_gnutls_downloads_over_dtls_with_a_devices_psk() {
+    downloads("coap-client-gnutls").await;
+}
+
+#[tokio::test]
+async fn a_wrong_key_or_an_unknown_identity_fails_the_handshake() {
+    let peer = "coap-client-openssl";
+    if !have_tool(peer) {
+        return;
+    }
+    let s = setup(&[4096]).await;
+    let path = format!("/fw/{}", s.images[0].0);
+    // Both at once: a client whose handshake fails gives up after its own timeout (30 s).
+    let ((_, wrong_key), (_, unknown)) = tokio::join!(
+        coap_client(peer, &s, &path, IDENTITY, "a-wrong-secret-24-bytes!", &[]),
+        coap_client(peer, &s, &path, "nobody", KEY, &[]),
+    );
+    assert!(
+        wrong_key.is_empty(),
+        "wrong key: {} bytes served",
+        wrong_key.len()
+    );
+    assert!(
+        unknown.is_empty(),
+        "unknown identity: {} bytes served",
+        unknown.len()
+    );
+    // The right pair still works, and another device's identity cannot be taken.
+    let (output, got) = coap_client(peer, &s, &path, IDENTITY, KEY, &[]).await;
+    assert!(output.status.success());
+    assert_eq!(sha256_hex(&got), s.images[0].2);
+    let r = client()
+        .put(s.srv.url("/v1/devices/meter-8/psk"))
+        .json(&json!({"identity": IDENTITY, "key": hex::encode("another-key-16by")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "psk-identity-taken");
+    s.srv.stop().await;
+}
