@@ -142,3 +142,134 @@ async fn a_wrong_key_or_an_unknown_identity_fails_the_handshake() {
     assert_eq!(v["error"]["code"], "psk-identity-taken");
     s.srv.stop().await;
 }
+
+/// Sets `device`'s PSK through the API.
+async fn set_psk(srv: &TestServer, device: &str, identity: &str, key: &str) {
+    let r = client()
+        .put(srv.url(&format!("/v1/devices/{device}/psk")))
+        .json(&json!({"identity": identity, "key": hex::encode(key)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+/// coap-client-openssl over DTLS as `identity`: (exit success, stdout and stderr).
+async fn as_device(identity: &str, key: &str, args: &[&str]) -> (bool, String, Vec<u8>) {
+    let mut cmd = tokio::process::Command::new(tool("coap-client-openssl").unwrap());
+    cmd.args(["-B", "30", "-u", identity, "-k", key])
+        .args(args)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("coap-client finishes")
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+        output.stdout,
+    )
+}
+
+#[tokio::test]
+async fn a_coaps_task_runs_end_to_end_as_the_sessions_device_and_no_other() {
+    if !have_tool("coap-client-openssl") {
+        return;
+    }
+    let f = crate::fota::Fota::start(&[]).await;
+    let data = image(50_000, 9);
+    f.upload("fw-dtls", &data, "").await;
+    let dtls = f.srv.coap_dtls.unwrap();
+    set_psk(&f.srv, "meter-7", IDENTITY, KEY).await;
+    set_psk(&f.srv, "meter-8", "meter-8-psk", "another-key-16by").await;
+    // meter-7 has a device token too: over plain CoAP its work request needs it.
+    let r = client()
+        .post(f.srv.url("/v1/devices/meter-7/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id = f
+        .schedule(
+            "meter-7",
+            json!({"name": "fw-dtls", "protocolType": "COAPS"}),
+        )
+        .await;
+
+    // The session is meter-7: its work request needs no token.
+    let (ok, err, out) = as_device(
+        IDENTITY,
+        KEY,
+        &["-m", "get", &format!("coaps://{dtls}/fota/meter-7")],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let work: Value = serde_json::from_slice(&out).unwrap_or_else(|_| panic!("{err}"));
+    assert_eq!(work["fotaId"], id.as_str());
+    let uri = work["packageUri"].as_str().unwrap().to_owned();
+    assert!(uri.starts_with(&format!("coaps://{dtls}/p/{id}/")), "{uri}");
+    // meter-8's session may not ask for meter-7's work or report on its task.
+    let (_, _, out) = as_device(
+        "meter-8-psk",
+        "another-key-16by",
+        &["-m", "get", &format!("coaps://{dtls}/fota/meter-7")],
+    )
+    .await;
+    assert!(
+        serde_json::from_slice::<Value>(&out).is_err(),
+        "meter-8 got meter-7's work"
+    );
+    let report = format!("coaps://{dtls}/fota/{id}/report");
+    as_device(
+        "meter-8-psk",
+        "another-key-16by",
+        &[
+            "-m",
+            "post",
+            "-t",
+            "50",
+            "-e",
+            r#"{"state":0,"result":9}"#,
+            &report,
+        ],
+    )
+    .await;
+    assert_eq!(f.status(&id).await["status"], "delivering");
+
+    // Download through the package URI over DTLS, then report to success.
+    let file = f.dir.path().join("dtls.out");
+    let (ok, err, _) = as_device(
+        IDENTITY,
+        KEY,
+        &[
+            "-m",
+            "get",
+            "-b",
+            "1024",
+            "-o",
+            file.to_str().unwrap(),
+            &uri,
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        sha256_hex(&std::fs::read(&file).unwrap()),
+        sha256_hex(&data)
+    );
+    for body in [
+        r#"{"state":2,"result":0}"#,
+        r#"{"state":3,"result":0}"#,
+        r#"{"state":0,"result":1}"#,
+    ] {
+        let (ok, err, _) = as_device(
+            IDENTITY,
+            KEY,
+            &["-m", "post", "-t", "50", "-e", body, &report],
+        )
+        .await;
+        assert!(ok, "{err}");
+    }
+    assert_eq!(f.status(&id).await["status"], "succeeded");
+    f.srv.stop().await;
+}

@@ -690,7 +690,7 @@ async fn direct_methods_answer_like_iot_hub() {
 
 #[tokio::test]
 async fn bad_schedules_name_the_field() {
-    let f = Fota::start(&["coap.tcp_listen="]).await;
+    let f = Fota::start(&["coap.tcp_listen=", "coap.dtls_listen="]).await;
     f.upload("fw", b"fw", "").await;
     let cases = [
         (
@@ -733,7 +733,7 @@ async fn bad_schedules_name_the_field() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "pull",
         ),
-        // Not served here: DTLS, HTTPS, and the TCP listener this server turned off.
+        // Not served here: HTTPS, and the DTLS and TCP listeners this server turned off.
         (
             json!({"name": "fw", "protocolType": "COAPS"}),
             StatusCode::UNPROCESSABLE_ENTITY,
