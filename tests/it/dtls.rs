@@ -60,6 +60,7 @@ async fn coap_client(
     let _ = std::fs::remove_file(&out);
     let addr = s.srv.coap_dtls.expect("DTLS listener on");
     let mut cmd = tokio::process::Command::new(tool(peer).unwrap());
+    // A later -B (seconds to wait) overrides this one.
     cmd.args(["-m", "get", "-B", "60", "-u", identity, "-k", key])
         .args(extra)
         .arg("-o")
@@ -112,10 +113,17 @@ async fn a_wrong_key_or_an_unknown_identity_fails_the_handshake() {
     }
     let s = setup(&[4096]).await;
     let path = format!("/fw/{}", s.images[0].0);
-    // Both at once: a client whose handshake fails gives up after its own timeout (30 s).
+    // A client whose handshake fails keeps trying until it gives up: after 5 s here.
     let ((_, wrong_key), (_, unknown)) = tokio::join!(
-        coap_client(peer, &s, &path, IDENTITY, "a-wrong-secret-24-bytes!", &[]),
-        coap_client(peer, &s, &path, "nobody", KEY, &[]),
+        coap_client(
+            peer,
+            &s,
+            &path,
+            IDENTITY,
+            "a-wrong-secret-24-bytes!",
+            &["-B", "5"]
+        ),
+        coap_client(peer, &s, &path, "nobody", KEY, &["-B", "5"]),
     );
     assert!(
         wrong_key.is_empty(),

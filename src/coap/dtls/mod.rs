@@ -24,6 +24,7 @@
 //! as that device: its work requests and reports need no token, and it cannot report on
 //! another device's task.
 
+pub mod client;
 pub mod hello;
 pub mod session;
 

@@ -27,6 +27,16 @@ pub struct Pipe {
     outbound: Vec<Vec<u8>>,
 }
 
+impl Pipe {
+    pub fn push(&mut self, datagram: Vec<u8>) {
+        self.inbound.push_back(datagram);
+    }
+
+    pub fn take(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.outbound)
+    }
+}
+
 impl Read for Pipe {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let Some(d) = self.inbound.pop_front() else {

@@ -1,0 +1,153 @@
+//! A DTLS client with a pre-shared key over in-memory datagrams, and a whole handshake with
+//! the listener's own pieces (cookie, replayed exchange, session) without a socket: for the
+//! in-process tests, the fuzz target and the benchmark's checks. Devices use their own
+//! stacks; the interop tests drive libcoap's.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use openssl::error::ErrorStack;
+use openssl::ssl::{ErrorCode, Ssl, SslContextBuilder, SslMethod, SslStream};
+
+use super::hello::{self, CookieKey};
+use super::session::{Failed, Pipe, Progress, Psk, Session};
+
+pub struct Client {
+    stream: SslStream<Pipe>,
+    pub established: bool,
+}
+
+impl Client {
+    /// A client that will present `identity` with `key`.
+    pub fn psk(identity: &str, key: &[u8]) -> Result<Client, ErrorStack> {
+        let mut b = SslContextBuilder::new(SslMethod::dtls())?;
+        b.set_cipher_list("PSK-AES128-CCM8")?;
+        let (identity, key) = (identity.as_bytes().to_vec(), key.to_vec());
+        b.set_psk_client_callback(move |_, _, id, psk| {
+            if identity.len() >= id.len() || key.len() > psk.len() {
+                return Ok(0);
+            }
+            id[..identity.len()].copy_from_slice(&identity);
+            id[identity.len()] = 0;
+            psk[..key.len()].copy_from_slice(&key);
+            Ok(key.len())
+        });
+        let mut ssl = Ssl::new(&b.build())?;
+        ssl.set_connect_state();
+        ssl.set_mtu(super::session::MTU)?;
+        Ok(Client {
+            stream: SslStream::new(ssl, Pipe::default())?,
+            established: false,
+        })
+    }
+
+    /// Feeds datagrams from the server (none to start); the datagrams to send back and the
+    /// application data that arrived.
+    pub fn feed(&mut self, datagrams: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        for d in datagrams {
+            self.stream.get_mut().push(d);
+        }
+        let mut data = Vec::new();
+        if !self.established {
+            match self.stream.do_handshake() {
+                Ok(()) => self.established = true,
+                Err(e) if e.code() == ErrorCode::WANT_READ => {}
+                Err(_) => return (self.stream.get_mut().take(), data),
+            }
+        }
+        if self.established {
+            let mut buf = vec![0u8; 2048];
+            while let Ok(n) = self.stream.ssl_read(&mut buf) {
+                data.push(buf[..n].to_vec());
+            }
+        }
+        (self.stream.get_mut().take(), data)
+    }
+
+    /// One record of application data.
+    pub fn write(&mut self, plaintext: &[u8]) -> Vec<Vec<u8>> {
+        let _ = self.stream.ssl_write(plaintext);
+        self.stream.get_mut().take()
+    }
+}
+
+/// Shakes hands between `client` and the listener's pieces as `peer` would over the network:
+/// the stateless cookie exchange, then a session with `psk` as looked up. The session, or why
+/// it failed.
+pub fn handshake(
+    ctx: &openssl::ssl::SslContext,
+    cookies: &CookieKey,
+    peer: SocketAddr,
+    client: &mut Client,
+    psk: Option<Psk>,
+) -> Result<Session, Failed> {
+    let (first, _) = client.feed(Vec::new());
+    let d = first
+        .first()
+        .ok_or_else(|| Failed("no ClientHello".into()))?;
+    let ch = hello::client_hello(d).ok_or_else(|| Failed("not a ClientHello".into()))?;
+    let cookie = cookies.cookie(peer, &ch.random, 0);
+    let (second, _) = client.feed(vec![hello::hello_verify_request(&ch, &cookie)]);
+    let d = second
+        .first()
+        .ok_or_else(|| Failed("no second ClientHello".into()))?;
+    let ch = hello::client_hello(d).ok_or_else(|| Failed("not a ClientHello".into()))?;
+    if !cookies.verify(peer, &ch, 0) {
+        return Err(Failed("the cookie did not come back".into()));
+    }
+    let now = Instant::now();
+    let (mut s, mut to_client) = Session::accept(ctx, &ch, 1, now)?;
+    s.set_psk(psk);
+    for _ in 0..8 {
+        let (to_server, _) = client.feed(std::mem::take(&mut to_client));
+        for d in to_server {
+            if let Progress::Established = s.feed(d, now)? {}
+            to_client.extend(s.take_outbound());
+        }
+        if s.established && client.established {
+            return Ok(s);
+        }
+    }
+    Err(Failed("the handshake did not finish".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn psk(key: &[u8]) -> Option<Psk> {
+        Some(Psk {
+            identity: "dev-psk".into(),
+            device: "dev".into(),
+            key: key.to_vec(),
+        })
+    }
+
+    #[test]
+    fn a_psk_handshake_then_data_both_ways_and_a_wrong_key_fails() {
+        let ctx = super::super::context().unwrap();
+        let cookies = CookieKey::random();
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let mut c = Client::psk("dev-psk", b"0123456789abcdef").unwrap();
+        let mut s = handshake(&ctx, &cookies, peer, &mut c, psk(b"0123456789abcdef")).unwrap();
+        assert_eq!(s.device.as_deref(), Some("dev"));
+        let mut got = Vec::new();
+        for d in c.write(b"hello") {
+            if let Progress::Data(m) = s.feed(d, Instant::now()).unwrap() {
+                got.extend(m);
+            }
+        }
+        assert_eq!(got, vec![b"hello".to_vec()]);
+        s.write(b"world").unwrap();
+        let (_, data) = c.feed(s.take_outbound());
+        assert_eq!(data, vec![b"world".to_vec()]);
+
+        let mut c = Client::psk("dev-psk", b"0123456789abcdeX").unwrap();
+        assert!(handshake(&ctx, &cookies, peer, &mut c, psk(b"0123456789abcdef")).is_err());
+        let mut c = Client::psk("dev-psk", b"0123456789abcdef").unwrap();
+        assert!(
+            handshake(&ctx, &cookies, peer, &mut c, None).is_err(),
+            "unknown identity"
+        );
+    }
+}
