@@ -16,6 +16,8 @@ pub struct Metrics {
     firmware_bytes: AtomicU64,
     /// HTTP connections closed by a limit, by [`Cut`].
     cuts: [AtomicU64; Cut::ALL.len()],
+    dtls_sessions: AtomicU64,
+    dtls_handshakes: AtomicU64,
 }
 
 /// Why the server closed an HTTP connection itself.
@@ -53,6 +55,12 @@ impl Metrics {
 
     pub fn cut(&self, why: Cut) {
         self.cuts[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// DTLS sessions held, and how many of them are still shaking hands.
+    pub fn set_dtls(&self, sessions: u64, handshaking: u64) {
+        self.dtls_sessions.store(sessions, Relaxed);
+        self.dtls_handshakes.store(handshaking, Relaxed);
     }
 
     pub fn served(&self, bytes: u64) {
@@ -128,6 +136,18 @@ impl Metrics {
                 "gauge",
                 "Bytes of firmware held.",
                 &self.firmware_bytes,
+            ),
+            (
+                "fwrepo_dtls_sessions",
+                "gauge",
+                "DTLS sessions held (established or shaking hands).",
+                &self.dtls_sessions,
+            ),
+            (
+                "fwrepo_dtls_handshakes",
+                "gauge",
+                "DTLS handshakes in progress.",
+                &self.dtls_handshakes,
             ),
         ];
         for (name, kind, help, v) in gauges {

@@ -281,3 +281,119 @@ async fn a_coaps_task_runs_end_to_end_as_the_sessions_device_and_no_other() {
     assert_eq!(f.status(&id).await["status"], "succeeded");
     f.srv.stop().await;
 }
+
+/// Shakes hands with the listener over UDP as a PSK client.
+async fn connect(
+    socket: &tokio::net::UdpSocket,
+    identity: &str,
+    key: &str,
+) -> fwrepo::coap::dtls::client::Client {
+    let mut c = fwrepo::coap::dtls::client::Client::psk(identity, key.as_bytes()).unwrap();
+    let mut incoming = Vec::new();
+    for _ in 0..20 {
+        let (out, _) = c.feed(std::mem::take(&mut incoming));
+        if c.established {
+            return c;
+        }
+        for d in out {
+            socket.send(&d).await.unwrap();
+        }
+        let mut buf = vec![0u8; 2048];
+        // Whatever the flight holds, datagram by datagram.
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf)).await
+        {
+            incoming.push(buf[..n].to_vec());
+        }
+    }
+    panic!("no DTLS session");
+}
+
+/// A GET for `path` as one confirmable CoAP message; the answer's code, if one comes within
+/// `wait`.
+async fn get_over(
+    socket: &tokio::net::UdpSocket,
+    c: &mut fwrepo::coap::dtls::client::Client,
+    path: &str,
+    message_id: u16,
+    wait: Duration,
+) -> Option<u8> {
+    use fwrepo::coap::msg::{codes, opt, Message};
+    use fwrepo::coap::udp::{encode, parse, Datagram, MsgType};
+    let mut msg = Message::new(codes::GET, bytes::Bytes::from_static(b"\x01"));
+    for seg in path.trim_start_matches('/').split('/') {
+        msg.push(opt::URI_PATH, seg.as_bytes().to_vec());
+    }
+    let d = Datagram {
+        mtype: MsgType::Con,
+        message_id,
+        msg,
+    };
+    for record in c.write(&encode(&d)) {
+        socket.send(&record).await.unwrap();
+    }
+    let mut buf = vec![0u8; 2048];
+    let n = tokio::time::timeout(wait, socket.recv(&mut buf))
+        .await
+        .ok()?
+        .unwrap();
+    let (_, data) = c.feed(vec![buf[..n].to_vec()]);
+    data.first().map(|m| parse(m).unwrap().msg.code)
+}
+
+async fn dtls_sessions(srv: &TestServer) -> String {
+    let text = client()
+        .get(srv.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("fwrepo_dtls_sessions "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_idle_session_is_let_go_and_its_records_get_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &["coap.idle_timeout=1s"]).await;
+    set_psk(&srv, "meter-7", IDENTITY, KEY).await;
+    let r = srv.put("/v1/firmware/tiny.bin", image(100, 1)).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(srv.coap_dtls.unwrap()).await.unwrap();
+    let mut c = connect(&socket, IDENTITY, KEY).await;
+    let content = fwrepo::coap::msg::codes::CONTENT;
+    let answer = get_over(&socket, &mut c, "/fw/tiny.bin", 1, Duration::from_secs(5)).await;
+    assert_eq!(answer, Some(content));
+    let held = crate::common::poll(
+        async || dtls_sessions(&srv).await,
+        |l| l == "fwrepo_dtls_sessions 1",
+    )
+    .await;
+    assert_eq!(held, "fwrepo_dtls_sessions 1");
+    // Idle past the timeout, the session goes; a record of it then gets nothing.
+    let gone = crate::common::poll(
+        async || dtls_sessions(&srv).await,
+        |l| l == "fwrepo_dtls_sessions 0",
+    )
+    .await;
+    assert_eq!(gone, "fwrepo_dtls_sessions 0");
+    let late = get_over(
+        &socket,
+        &mut c,
+        "/fw/tiny.bin",
+        2,
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(late, None);
+    // A new handshake from the same address gets a new session.
+    let mut c = connect(&socket, IDENTITY, KEY).await;
+    let answer = get_over(&socket, &mut c, "/fw/tiny.bin", 3, Duration::from_secs(5)).await;
+    assert_eq!(answer, Some(content));
+    srv.stop().await;
+}

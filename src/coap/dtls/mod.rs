@@ -430,5 +430,8 @@ impl Listener {
                 self.after(peer, r).await;
             }
         }
+        self.ctx
+            .metrics
+            .set_dtls(self.sessions.len() as u64, self.handshakes() as u64);
     }
 }
