@@ -154,7 +154,13 @@ pub async fn start(
         let local = socket
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let tls = dtls::context().map_err(|e| StartError::Tls(format!("DTLS: {e}")))?;
+        // With coap.tls_cert and coap.tls_key, certificates too.
+        let tls = if c.tls_cert.is_empty() {
+            dtls::context()
+        } else {
+            dtls::context_with_certificate(c.tls_cert.as_ref(), c.tls_key.as_ref())
+        }
+        .map_err(|e| StartError::Tls(format!("DTLS: {e}")))?;
         tracing::info!(addr = %local, "CoAP over DTLS listening");
         started
             .uri_bases

@@ -397,3 +397,56 @@ async fn an_idle_session_is_let_go_and_its_records_get_no_answer() {
     assert_eq!(answer, Some(content));
     srv.stop().await;
 }
+
+/// Certificate mode: the server's certificate (the one coaps+tcp uses) with the ECDHE-ECDSA
+/// suites, trusted by the client with `-R`; no pre-shared key.
+async fn certificate_download(peer: &str) {
+    if !have_tool(peer) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::common::test_certificate(dir.path());
+    let sets = [
+        format!("coap.tls_cert={}", cert.display()),
+        format!("coap.tls_key={}", key.display()),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let srv = TestServer::start(dir.path(), &sets).await;
+    let data = image(1 << 20, 77);
+    let r = srv.put("/v1/firmware/cert-mode.bin", data.clone()).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let addr = srv.coap_dtls.unwrap();
+    for extra in [&["-b", "1024"][..], &[][..]] {
+        let out = dir.path().join(format!("{peer}.{}.out", extra.len()));
+        let mut cmd = tokio::process::Command::new(tool(peer).unwrap());
+        cmd.args(["-m", "get", "-B", "60", "-R"])
+            .arg(&cert)
+            .args(extra)
+            .arg("-o")
+            .arg(&out)
+            .arg(format!("coaps://{addr}/fw/cert-mode.bin"))
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .expect("finishes")
+            .unwrap();
+        let got = std::fs::read(&out).unwrap_or_default();
+        assert_eq!(
+            sha256_hex(&got),
+            sha256_hex(&data),
+            "{peer} {extra:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn coap_client_openssl_downloads_over_dtls_trusting_the_servers_certificate() {
+    certificate_download("coap-client-openssl").await;
+}
+
+#[tokio::test]
+async fn coap_client_gnutls_downloads_over_dtls_trusting_the_servers_certificate() {
+    certificate_download("coap-client-gnutls").await;
+}

@@ -70,6 +70,23 @@ pub struct Limits {
 /// The OpenSSL context every session shares: DTLS 1.2 only, the suites above, pre-shared
 /// keys from each session's looked-up key, and cookies checked by the listener.
 pub fn context() -> Result<SslContext, openssl::error::ErrorStack> {
+    builder().map(SslContextBuilder::build)
+}
+
+/// [`context`] with the server's certificate chain and key (PEM files, the same ones
+/// `coaps+tcp` uses), so the ECDHE-ECDSA suites are offered too.
+pub fn context_with_certificate(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<SslContext, openssl::error::ErrorStack> {
+    let mut b = builder()?;
+    b.set_certificate_chain_file(cert)?;
+    b.set_private_key_file(key, openssl::ssl::SslFiletype::PEM)?;
+    b.check_private_key()?;
+    Ok(b.build())
+}
+
+fn builder() -> Result<SslContextBuilder, openssl::error::ErrorStack> {
     let mut b = SslContextBuilder::new(SslMethod::dtls())?;
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
     b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
@@ -105,7 +122,7 @@ pub fn context() -> Result<SslContext, openssl::error::ErrorStack> {
             .and_then(|i| ssl.ex_data(i))
             .is_some_and(|s| s.cookie == got)
     });
-    Ok(b.build())
+    Ok(b)
 }
 
 /// What comes back to the listener's task from work it spawned.
@@ -242,7 +259,7 @@ impl Listener {
             }
             return;
         }
-        if !s.established && !s.psk_looked_up {
+        if !s.established && !s.psk_looked_up && s.psk_suite() {
             if let Some(identity) = hello::psk_identity(d) {
                 let identity = String::from_utf8_lossy(identity).into_owned();
                 s.psk_looked_up = true;

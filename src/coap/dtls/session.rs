@@ -179,6 +179,15 @@ impl Session {
         Ok((s, out))
     }
 
+    /// Whether the suite chosen for this handshake takes a pre-shared key (or none is known
+    /// yet).
+    pub fn psk_suite(&self) -> bool {
+        self.stream
+            .ssl()
+            .current_cipher()
+            .is_none_or(|c| c.name().starts_with("PSK"))
+    }
+
     /// Gives the session the key for the identity its client named (or none: unknown).
     pub fn set_psk(&mut self, psk: Option<Psk>) {
         if let Ok(i) = secrets_index() {
