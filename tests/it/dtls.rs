@@ -450,3 +450,70 @@ async fn coap_client_openssl_downloads_over_dtls_trusting_the_servers_certificat
 async fn coap_client_gnutls_downloads_over_dtls_trusting_the_servers_certificate() {
     certificate_download("coap-client-gnutls").await;
 }
+
+/// Sends a client's two ClientHellos (the second with the cookie); whether the server
+/// answered the second within `wait`.
+async fn second_hello_answered(
+    socket: &tokio::net::UdpSocket,
+    c: &mut fwrepo::coap::dtls::client::Client,
+    wait: Duration,
+) -> bool {
+    let mut buf = vec![0u8; 2048];
+    let (first, _) = c.feed(Vec::new());
+    for d in first {
+        socket.send(&d).await.unwrap();
+    }
+    let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+        .await
+        .expect("a HelloVerifyRequest")
+        .unwrap();
+    let (second, _) = c.feed(vec![buf[..n].to_vec()]);
+    for d in second {
+        socket.send(&d).await.unwrap();
+    }
+    tokio::time::timeout(wait, socket.recv(&mut buf))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn handshakes_beyond_the_limit_wait_for_one_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(
+        dir.path(),
+        &[
+            "coap.dtls_max_handshakes=1",
+            "coap.dtls_handshake_timeout=1s",
+        ],
+    )
+    .await;
+    set_psk(&srv, "meter-7", IDENTITY, KEY).await;
+    let dtls = srv.coap_dtls.unwrap();
+    let (a, b) = (
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    );
+    a.connect(dtls).await.unwrap();
+    b.connect(dtls).await.unwrap();
+    let new_client = || fwrepo::coap::dtls::client::Client::psk(IDENTITY, KEY.as_bytes()).unwrap();
+    // A starts a handshake and goes quiet; B's is refused while A's is in progress.
+    assert!(second_hello_answered(&a, &mut new_client(), Duration::from_secs(5)).await);
+    assert!(!second_hello_answered(&b, &mut new_client(), Duration::from_millis(500)).await);
+    // Once A's handshake timed out, B gets its session.
+    let metric = async || {
+        let text = client().get(srv.url("/metrics")).send().await.unwrap();
+        let text = text.text().await.unwrap();
+        text.lines()
+            .find(|l| l.starts_with("fwrepo_dtls_handshakes "))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let idle = crate::common::poll(metric, |l| l == "fwrepo_dtls_handshakes 0").await;
+    assert_eq!(idle, "fwrepo_dtls_handshakes 0");
+    let mut c = connect(&b, IDENTITY, KEY).await;
+    let r = srv.put("/v1/firmware/tiny.bin", image(100, 2)).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let answer = get_over(&b, &mut c, "/fw/tiny.bin", 1, Duration::from_secs(5)).await;
+    assert_eq!(answer, Some(fwrepo::coap::msg::codes::CONTENT));
+    srv.stop().await;
+}
