@@ -246,6 +246,10 @@ pub struct CoapConfig {
     /// A DTLS handshake not finished in this time is dropped. Idle sessions go after
     /// `idle_timeout`.
     pub dtls_handshake_timeout: Dur,
+    /// PEM file of the CAs that sign devices' certificates. When set, a DTLS client may
+    /// present a certificate (certificate mode); one that verifies makes the session act as
+    /// the device its subject's common name names.
+    pub dtls_client_ca: String,
 }
 
 impl Default for CoapConfig {
@@ -267,6 +271,7 @@ impl Default for CoapConfig {
             dtls_max_sessions: 10_000,
             dtls_max_handshakes: 1_000,
             dtls_handshake_timeout: Dur(Duration::from_secs(30)),
+            dtls_client_ca: String::new(),
         }
     }
 }
@@ -536,6 +541,12 @@ impl Config {
                     "{key} {listen:?} is not host:port"
                 )));
             }
+        }
+        if !self.coap.dtls_client_ca.is_empty() && self.coap.tls_cert.is_empty() {
+            return Err(ConfigError::Invalid(
+                "coap.dtls_client_ca needs the server's certificate: coap.tls_cert and coap.tls_key"
+                    .into(),
+            ));
         }
         if self.coap.tls_cert.is_empty() != self.coap.tls_key.is_empty() {
             return Err(ConfigError::Invalid(

@@ -158,7 +158,8 @@ pub async fn start(
         let tls = if c.tls_cert.is_empty() {
             dtls::context()
         } else {
-            dtls::context_with_certificate(c.tls_cert.as_ref(), c.tls_key.as_ref())
+            let ca = (!c.dtls_client_ca.is_empty()).then(|| c.dtls_client_ca.as_ref());
+            dtls::context_with_certificate(c.tls_cert.as_ref(), c.tls_key.as_ref(), ca)
         }
         .map_err(|e| StartError::Tls(format!("DTLS: {e}")))?;
         tracing::info!(addr = %local, "CoAP over DTLS listening");

@@ -1,7 +1,10 @@
 //! CoAP over DTLS (`coaps://`) with real peers: libcoap's coap-client built on OpenSSL and on
-//! GnuTLS, each with a device's pre-shared key set through the API, 1 KiB blocks and the
-//! default size, a 1 MiB and a 16 MiB image, the SHA-256 of every download checked. A wrong
-//! key and an unknown identity fail the handshake.
+//! GnuTLS, each with a device's pre-shared key set through the API and trusting the server's
+//! certificate, 1 KiB blocks and the default size, the SHA-256 of every download checked. A
+//! wrong key and an unknown identity fail the handshake; a COAPS task runs end to end as the
+//! session's device; a client certificate names its device; idle sessions go, and handshakes
+//! beyond the limit wait. An in-process client (`fwrepo::coap::dtls::client`) drives the
+//! frame-level cases.
 
 use std::process::Output;
 use std::time::Duration;
@@ -515,5 +518,138 @@ async fn handshakes_beyond_the_limit_wait_for_one_to_end() {
     assert_eq!(r.status(), StatusCode::CREATED);
     let answer = get_over(&b, &mut c, "/fw/tiny.bin", 1, Duration::from_secs(5)).await;
     assert_eq!(answer, Some(fwrepo::coap::msg::codes::CONTENT));
+    srv.stop().await;
+}
+
+/// A CA and a certificate it signs for `cn`, made with openssl in `dir`: (ca, cert, key).
+fn device_certificate(dir: &std::path::Path, ca_name: &str, cn: &str) -> [std::path::PathBuf; 3] {
+    let ca = dir.join(format!("{ca_name}.pem"));
+    let ca_key = dir.join(format!("{ca_name}.key"));
+    let cert = dir.join(format!("{cn}.{ca_name}.pem"));
+    let key = dir.join(format!("{cn}.{ca_name}.key"));
+    let csr = dir.join(format!("{cn}.csr"));
+    let run = |args: Vec<std::ffi::OsString>| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    if !ca.exists() {
+        let mut a: Vec<std::ffi::OsString> = vec!["req".into(), "-x509".into()];
+        a.extend(ec.iter().map(Into::into));
+        a.extend(["-days", "1", "-subj"].iter().map(Into::into));
+        a.push(format!("/CN={ca_name}").into());
+        a.extend([
+            "-keyout".into(),
+            ca_key.clone().into(),
+            "-out".into(),
+            ca.clone().into(),
+        ]);
+        run(a);
+    }
+    let mut a: Vec<std::ffi::OsString> = vec!["req".into()];
+    a.extend(ec.iter().map(Into::into));
+    a.push("-subj".into());
+    a.push(format!("/CN={cn}").into());
+    a.extend([
+        "-keyout".into(),
+        key.clone().into(),
+        "-out".into(),
+        csr.clone().into(),
+    ]);
+    run(a);
+    run(vec![
+        "x509".into(),
+        "-req".into(),
+        "-days".into(),
+        "1".into(),
+        "-in".into(),
+        csr.into(),
+        "-CA".into(),
+        ca.clone().into(),
+        "-CAkey".into(),
+        ca_key.into(),
+        "-CAcreateserial".into(),
+        "-out".into(),
+        cert.clone().into(),
+    ]);
+    [ca, cert, key]
+}
+
+#[tokio::test]
+async fn a_client_certificate_makes_the_session_its_devices() {
+    if !have_tool("coap-client-openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (server_cert, server_key) = crate::common::test_certificate(dir.path());
+    let [ca, meter9, meter9_key] = device_certificate(dir.path(), "device-ca", "meter-9");
+    let [_, meter10, meter10_key] = device_certificate(dir.path(), "device-ca", "meter-10");
+    let [_, stranger, stranger_key] = device_certificate(dir.path(), "other-ca", "meter-9");
+    let sets = [
+        format!("coap.tls_cert={}", server_cert.display()),
+        format!("coap.tls_key={}", server_key.display()),
+        format!("coap.dtls_client_ca={}", ca.display()),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let srv = TestServer::start(dir.path(), &sets).await;
+    let r = srv.put("/v1/firmware/fw-cert", image(3000, 5)).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // meter-9 has a device token: without a proof of identity its work is refused.
+    let r = client()
+        .post(srv.url("/v1/devices/meter-9/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = srv
+        .post(
+            "/v1/devices/meter-9/fota",
+            &json!({"name": "fw-cert", "protocolType": "COAPS"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id = r.json::<Value>().await.unwrap()["fotaId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let work = format!("coaps://{}/fota/meter-9", srv.coap_dtls.unwrap());
+    let ask = async |cert: Option<(&std::path::Path, &std::path::Path)>| {
+        let mut cmd = tokio::process::Command::new(tool("coap-client-openssl").unwrap());
+        cmd.args(["-m", "get", "-B", "5", "-R"]).arg(&server_cert);
+        if let Some((c, k)) = cert {
+            cmd.arg("-c").arg(c).arg("-j").arg(k);
+        }
+        cmd.arg(&work).kill_on_drop(true);
+        let out = cmd.output().await.unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).ok()
+    };
+    let got = ask(Some((&meter9, &meter9_key)))
+        .await
+        .expect("meter-9's work");
+    assert_eq!(got["fotaId"], id.as_str());
+    assert_eq!(
+        ask(Some((&meter10, &meter10_key))).await,
+        None,
+        "meter-10's session"
+    );
+    assert_eq!(
+        ask(Some((&stranger, &stranger_key))).await,
+        None,
+        "another CA"
+    );
+    assert_eq!(ask(None).await, None, "no certificate and no token");
     srv.stop().await;
 }

@@ -75,14 +75,21 @@ pub fn context() -> Result<SslContext, openssl::error::ErrorStack> {
 
 /// [`context`] with the server's certificate chain and key (PEM files, the same ones
 /// `coaps+tcp` uses), so the ECDHE-ECDSA suites are offered too.
+/// With `client_ca`, a client may present a certificate signed by one of those CAs; one that
+/// does not verify fails the handshake, none at all is fine (PSK, or no device identity).
 pub fn context_with_certificate(
     cert: &std::path::Path,
     key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
 ) -> Result<SslContext, openssl::error::ErrorStack> {
     let mut b = builder()?;
     b.set_certificate_chain_file(cert)?;
     b.set_private_key_file(key, openssl::ssl::SslFiletype::PEM)?;
     b.check_private_key()?;
+    if let Some(ca) = client_ca {
+        b.set_ca_file(ca)?;
+        b.set_verify(openssl::ssl::SslVerifyMode::PEER);
+    }
     Ok(b.build())
 }
 

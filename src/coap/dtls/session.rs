@@ -205,7 +205,7 @@ impl Session {
             match self.stream.do_handshake() {
                 Ok(()) => {
                     self.established = true;
-                    self.device = self.psk_device();
+                    self.device = self.proven_device();
                 }
                 Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(Progress::Handshaking),
                 Err(e) => return Err(failed(e)),
@@ -232,13 +232,26 @@ impl Session {
         Ok(Progress::Data(data))
     }
 
-    fn psk_device(&self) -> Option<String> {
+    /// The device the handshake proved: the one whose pre-shared key it used, or the one a
+    /// verified client certificate names by its subject's common name.
+    fn proven_device(&self) -> Option<String> {
+        let ssl = self.stream.ssl();
         let i = secrets_index().ok()?;
-        self.stream
-            .ssl()
-            .ex_data(i)
-            .and_then(Secrets::psk)
-            .map(|p| p.device)
+        if let Some(p) = ssl.ex_data(i).and_then(Secrets::psk) {
+            return Some(p.device);
+        }
+        let cert = ssl.peer_certificate()?;
+        if ssl.verify_result() != openssl::x509::X509VerifyResult::OK {
+            return None;
+        }
+        let cn = cert
+            .subject_name()
+            .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+            .next()?
+            .data()
+            .to_string()
+            .ok()?;
+        crate::fota::check_device(&cn).ok().map(|()| cn)
     }
 
     /// Encrypts one CoAP message as one record.
@@ -254,7 +267,7 @@ impl Session {
         match self.stream.do_handshake() {
             Ok(()) => {
                 self.established = true;
-                self.device = self.psk_device();
+                self.device = self.proven_device();
                 Ok(())
             }
             Err(e) if e.code() == ErrorCode::WANT_READ => Ok(()),
