@@ -653,3 +653,39 @@ async fn a_client_certificate_makes_the_session_its_devices() {
     assert_eq!(ask(None).await, None, "no certificate and no token");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn aiocoap_over_tinydtls_downloads_with_a_devices_psk() {
+    if !have_tool("aiocoap-client") {
+        return;
+    }
+    // tinydtls takes keys of up to 16 bytes, and offers only TLS_PSK_WITH_AES_128_CCM_8.
+    let key = "sixteen-byte-key";
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &[]).await;
+    set_psk(&srv, "meter-11", "meter-11-psk", key).await;
+    let data = image(1 << 20, 33);
+    let r = srv.put("/v1/firmware/tiny-dtls.bin", data.clone()).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let base = format!("coaps://{}", srv.coap_dtls.unwrap());
+    let credentials = dir.path().join("credentials.json");
+    let dict = json!({ format!("{base}/*"): {"dtls": {
+        "psk": {"ascii": key}, "client-identity": {"ascii": "meter-11-psk"}}}});
+    std::fs::write(&credentials, dict.to_string()).unwrap();
+    let mut cmd = tokio::process::Command::new(tool("aiocoap-client").unwrap());
+    cmd.arg("--credentials")
+        .arg(&credentials)
+        .arg(format!("{base}/fw/tiny-dtls.bin"))
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("aiocoap-client finishes")
+        .unwrap();
+    assert_eq!(
+        sha256_hex(&out.stdout),
+        sha256_hex(&data),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    srv.stop().await;
+}
