@@ -360,7 +360,7 @@ async fn dtls_sessions(srv: &TestServer) -> String {
 }
 
 #[tokio::test]
-async fn an_idle_session_is_let_go_and_its_records_get_no_answer() {
+async fn a_new_handshake_replaces_a_session_and_an_idle_one_is_let_go() {
     let dir = tempfile::tempdir().unwrap();
     let srv = TestServer::start(dir.path(), &["coap.idle_timeout=1s"]).await;
     set_psk(&srv, "meter-7", IDENTITY, KEY).await;
@@ -378,6 +378,22 @@ async fn an_idle_session_is_let_go_and_its_records_get_no_answer() {
     )
     .await;
     assert_eq!(held, "fwrepo_dtls_sessions 1");
+    // A new handshake from the address replaces its session: the old one's records get
+    // nothing, the new one is served.
+    let old = c;
+    let mut c = connect(&socket, IDENTITY, KEY).await;
+    let mut old = old;
+    let stale = get_over(
+        &socket,
+        &mut old,
+        "/fw/tiny.bin",
+        7,
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(stale, None);
+    let answer = get_over(&socket, &mut c, "/fw/tiny.bin", 8, Duration::from_secs(5)).await;
+    assert_eq!(answer, Some(content));
     // Idle past the timeout, the session goes; a record of it then gets nothing.
     let gone = crate::common::poll(
         async || dtls_sessions(&srv).await,
@@ -415,19 +431,30 @@ async fn certificate_download(peer: &str) {
     ];
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     let srv = TestServer::start(dir.path(), &sets).await;
-    let data = image(1 << 20, 77);
-    let r = srv.put("/v1/firmware/cert-mode.bin", data.clone()).await;
-    assert_eq!(r.status(), StatusCode::CREATED);
+    let mut images = Vec::new();
+    for (i, size) in [1usize << 20, 16 << 20].into_iter().enumerate() {
+        let data = image(size, 77 + i as u8);
+        let r = srv
+            .put(&format!("/v1/firmware/cert-{i}.bin"), data.clone())
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        images.push((format!("cert-{i}.bin"), data));
+    }
     let addr = srv.coap_dtls.unwrap();
-    for extra in [&["-b", "1024"][..], &[][..]] {
-        let out = dir.path().join(format!("{peer}.{}.out", extra.len()));
+    for ((name, data), extra) in images
+        .iter()
+        .flat_map(|i| [(i, &["-b", "1024"][..]), (i, &[][..])])
+    {
+        let out = dir
+            .path()
+            .join(format!("{peer}.{name}.{}.out", extra.len()));
         let mut cmd = tokio::process::Command::new(tool(peer).unwrap());
         cmd.args(["-m", "get", "-B", "60", "-R"])
             .arg(&cert)
             .args(extra)
             .arg("-o")
             .arg(&out)
-            .arg(format!("coaps://{addr}/fw/cert-mode.bin"))
+            .arg(format!("coaps://{addr}/fw/{name}"))
             .kill_on_drop(true);
         let output = tokio::time::timeout(Duration::from_secs(120), cmd.output())
             .await
@@ -436,8 +463,8 @@ async fn certificate_download(peer: &str) {
         let got = std::fs::read(&out).unwrap_or_default();
         assert_eq!(
             sha256_hex(&got),
-            sha256_hex(&data),
-            "{peer} {extra:?}: {}",
+            sha256_hex(data),
+            "{peer} {name} {extra:?}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
     }

@@ -124,6 +124,40 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_flight_is_sent_again_when_its_timer_runs_out() {
+        let ctx = super::super::context().unwrap();
+        let cookies = CookieKey::random();
+        let peer: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        let mut c = Client::psk("dev-psk", b"0123456789abcdef").unwrap();
+        let (first, _) = c.feed(Vec::new());
+        let ch = hello::client_hello(&first[0]).unwrap();
+        let cookie = cookies.cookie(peer, &ch.random, 0);
+        let (second, _) = c.feed(vec![hello::hello_verify_request(&ch, &cookie)]);
+        let ch = hello::client_hello(&second[0]).unwrap();
+        let (mut s, flight) = Session::accept(&ctx, &ch, 1, Instant::now()).unwrap();
+        assert!(!flight.is_empty());
+        // The flight is lost; OpenSSL's timer (1 s at first) brings it again.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let again = loop {
+            s.tick().unwrap();
+            let out = s.take_outbound();
+            if !out.is_empty() || Instant::now() > deadline {
+                break out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(!again.is_empty(), "no retransmission in 5 s");
+        // With it, the handshake goes on.
+        s.set_psk(psk(b"0123456789abcdef"));
+        let (to_server, _) = c.feed(again);
+        for d in to_server {
+            s.feed(d, Instant::now()).unwrap();
+        }
+        let _ = c.feed(s.take_outbound());
+        assert!(s.established && c.established);
+    }
+
+    #[test]
     fn a_psk_handshake_then_data_both_ways_and_a_wrong_key_fails() {
         let ctx = super::super::context().unwrap();
         let cookies = CookieKey::random();
@@ -141,6 +175,36 @@ mod tests {
         s.write(b"world").unwrap();
         let (_, data) = c.feed(s.take_outbound());
         assert_eq!(data, vec![b"world".to_vec()]);
+
+        // Records that are not the session's are dropped, and it goes on.
+        let junk: Vec<Vec<u8>> = vec![
+            vec![23, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 99, 0, 24, 1, 2, 3],
+            [
+                &[23, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 99, 0, 24][..],
+                &[7; 24],
+            ]
+            .concat(),
+            [
+                &[22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 98, 0, 4][..],
+                &[1, 0, 0, 0],
+            ]
+            .concat(),
+            vec![21, 0xfe, 0xfd],
+            Vec::new(),
+        ];
+        for d in junk {
+            assert!(
+                !matches!(s.feed(d.clone(), Instant::now()), Ok(Progress::Data(ref m)) if !m.is_empty()),
+                "{d:?}"
+            );
+        }
+        let mut got = Vec::new();
+        for d in c.write(b"again") {
+            if let Progress::Data(m) = s.feed(d, Instant::now()).unwrap() {
+                got.extend(m);
+            }
+        }
+        assert_eq!(got, vec![b"again".to_vec()]);
 
         let mut c = Client::psk("dev-psk", b"0123456789abcdeX").unwrap();
         assert!(handshake(&ctx, &cookies, peer, &mut c, psk(b"0123456789abcdef")).is_err());
