@@ -94,8 +94,11 @@ pub async fn put_psk(
     let field = |name: &str| v.get(name).and_then(Value::as_str).map(str::to_owned);
     let invalid = |what: &str| ApiError::bad_request("invalid-parameter", what.to_owned());
     let identity = field("identity")
-        .filter(|i| !i.is_empty() && i.len() <= MAX_PSK_IDENTITY)
-        .ok_or_else(|| invalid("identity: a string of 1 to 128 bytes"))?;
+        .filter(|i| {
+            (1..=MAX_PSK_IDENTITY).contains(&i.len())
+                && i.bytes().all(|b| (b' '..=b'~').contains(&b))
+        })
+        .ok_or_else(|| invalid("identity: 1 to 128 printable ASCII characters"))?;
     let key = field("key")
         .filter(|k| hex::decode(k).is_ok_and(|b| (MIN_PSK..=MAX_PSK).contains(&b.len())))
         .ok_or_else(|| invalid("key: 16 to 64 bytes in hex"))?;
@@ -136,7 +139,8 @@ pub async fn remove_psk(
     }
 }
 
-/// Longest PSK identity (RFC 4279 allows 2^16 − 1; devices use short ones).
+/// Longest PSK identity (RFC 4279 allows 2^16 − 1 bytes, OpenSSL takes 256; devices use short
+/// printable ones).
 const MAX_PSK_IDENTITY: usize = 128;
 /// Key sizes accepted: 128 to 512 bits.
 const MIN_PSK: usize = 16;

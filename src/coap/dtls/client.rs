@@ -18,10 +18,15 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client that will present `identity` with `key`.
+    /// A client that will present `identity` with `key`, offering `TLS_PSK_WITH_AES_128_CCM_8`.
     pub fn psk(identity: &str, key: &[u8]) -> Result<Client, ErrorStack> {
+        Client::psk_offering(identity, key, "PSK-AES128-CCM8")
+    }
+
+    /// A PSK client offering the suites `ciphers` names (OpenSSL's names).
+    pub fn psk_offering(identity: &str, key: &[u8], ciphers: &str) -> Result<Client, ErrorStack> {
         let mut b = SslContextBuilder::new(SslMethod::dtls())?;
-        b.set_cipher_list("PSK-AES128-CCM8")?;
+        b.set_cipher_list(ciphers)?;
         let (identity, key) = (identity.as_bytes().to_vec(), key.to_vec());
         b.set_psk_client_callback(move |_, _, id, psk| {
             if identity.len() >= id.len() || key.len() > psk.len() {
@@ -62,6 +67,26 @@ impl Client {
             }
         }
         (self.stream.get_mut().take(), data)
+    }
+
+    /// A client for certificate mode offering `ciphers`, that does not check the server's
+    /// certificate (the tests check suites, not trust).
+    pub fn unverified_offering(ciphers: &str) -> Result<Client, ErrorStack> {
+        let mut b = SslContextBuilder::new(SslMethod::dtls())?;
+        b.set_cipher_list(ciphers)?;
+        b.set_verify(openssl::ssl::SslVerifyMode::NONE);
+        let mut ssl = Ssl::new(&b.build())?;
+        ssl.set_connect_state();
+        ssl.set_mtu(super::session::MTU)?;
+        Ok(Client {
+            stream: SslStream::new(ssl, Pipe::default())?,
+            established: false,
+        })
+    }
+
+    /// The suite negotiated, once there is one.
+    pub fn cipher(&self) -> Option<&'static str> {
+        self.stream.ssl().current_cipher().map(|c| c.name())
     }
 
     /// One record of application data.
@@ -121,6 +146,52 @@ mod tests {
             device: "dev".into(),
             key: key.to_vec(),
         })
+    }
+
+    #[test]
+    fn both_psk_suites_are_served() {
+        let ctx = super::super::context().unwrap();
+        let cookies = CookieKey::random();
+        let peer: SocketAddr = "127.0.0.1:40002".parse().unwrap();
+        for suite in ["PSK-AES128-CCM8", "PSK-AES128-GCM-SHA256"] {
+            let mut c = Client::psk_offering("dev-psk", b"0123456789abcdef", suite).unwrap();
+            handshake(&ctx, &cookies, peer, &mut c, psk(b"0123456789abcdef")).unwrap();
+            assert_eq!(c.cipher(), Some(suite));
+        }
+    }
+
+    #[test]
+    fn both_certificate_suites_are_served() {
+        use openssl::{asn1::Asn1Time, ec, hash::MessageDigest, nid::Nid, pkey::PKey, x509};
+        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_nid(Nid::COMMONNAME, "localhost")
+            .unwrap();
+        let name = name.build();
+        let mut cert = x509::X509Builder::new().unwrap();
+        cert.set_version(2).unwrap();
+        cert.set_subject_name(&name).unwrap();
+        cert.set_issuer_name(&name).unwrap();
+        cert.set_pubkey(&key).unwrap();
+        cert.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        cert.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        cert.sign(&key, MessageDigest::sha256()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert_path, cert.build().to_pem().unwrap()).unwrap();
+        std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        let ctx = super::super::context_with_certificate(&cert_path, &key_path, None).unwrap();
+        let cookies = CookieKey::random();
+        let peer: SocketAddr = "127.0.0.1:40003".parse().unwrap();
+        for suite in ["ECDHE-ECDSA-AES128-CCM8", "ECDHE-ECDSA-AES128-GCM-SHA256"] {
+            let mut c = Client::unverified_offering(suite).unwrap();
+            let s = handshake(&ctx, &cookies, peer, &mut c, None).unwrap();
+            assert_eq!(c.cipher(), Some(suite));
+            assert_eq!(s.device, None, "no client certificate, no device");
+        }
     }
 
     #[test]
