@@ -1,5 +1,5 @@
-//! CoAP delivery of firmware to constrained devices: over TCP and TLS (RFC 8323, with BERT)
-//! and over UDP (RFC 7252), with block-wise transfer (RFC 7959).
+//! CoAP delivery of firmware to constrained devices: over TCP and TLS (RFC 8323, with BERT),
+//! over UDP (RFC 7252) and over DTLS, with block-wise transfer (RFC 7959).
 
 pub mod block;
 pub mod dtls;
@@ -52,6 +52,17 @@ fn parse_addr(spec: &str) -> Result<SocketAddr, StartError> {
         ))
         .into()
     })
+}
+
+async fn bind_udp(spec: &str) -> Result<(tokio::net::UdpSocket, SocketAddr), StartError> {
+    let addr = parse_addr(spec)?;
+    let socket = tokio::net::UdpSocket::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local = socket
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((socket, local))
 }
 
 async fn bind_tcp(spec: &str) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
@@ -126,13 +137,7 @@ pub async fn start(
         )));
     }
     if !c.udp_listen.is_empty() {
-        let addr = parse_addr(&c.udp_listen)?;
-        let socket = tokio::net::UdpSocket::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        let local = socket
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let (socket, local) = bind_udp(&c.udp_listen).await?;
         tracing::info!(addr = %local, "CoAP over UDP listening");
         started
             .uri_bases
@@ -147,13 +152,7 @@ pub async fn start(
         )));
     }
     if !c.dtls_listen.is_empty() {
-        let addr = parse_addr(&c.dtls_listen)?;
-        let socket = tokio::net::UdpSocket::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        let local = socket
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let (socket, local) = bind_udp(&c.dtls_listen).await?;
         // With coap.tls_cert and coap.tls_key, certificates too.
         let tls = if c.tls_cert.is_empty() {
             dtls::context()

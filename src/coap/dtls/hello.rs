@@ -51,19 +51,25 @@ pub fn first_record(d: &[u8]) -> Option<(u8, u16, &[u8])> {
     Some((header[0], be(&header[3..5]) as u16, body))
 }
 
-/// The ClientHello a datagram starts with: epoch 0, unfragmented, well formed up to its
-/// cookie.
-pub fn client_hello(d: &[u8]) -> Option<ClientHello<'_>> {
-    let (kind, epoch, body) = first_record(d)?;
-    if kind != HANDSHAKE || epoch != 0 {
+/// The handshake message of type `kind` a datagram starts with, in epoch 0 (plaintext) and
+/// unfragmented: (its header, its body).
+fn first_handshake(d: &[u8], kind: u8) -> Option<(&[u8], &[u8])> {
+    let (content, epoch, body) = first_record(d)?;
+    if content != HANDSHAKE || epoch != 0 {
         return None;
     }
     let hs = body.get(..HANDSHAKE_HEADER)?;
     let (len, frag_off, frag_len) = (be(&hs[1..4]), be(&hs[6..9]), be(&hs[9..12]));
-    if hs[0] != CLIENT_HELLO || frag_off != 0 || frag_len != len {
+    if hs[0] != kind || frag_off != 0 || frag_len != len {
         return None;
     }
-    let msg = body.get(HANDSHAKE_HEADER..HANDSHAKE_HEADER + len)?;
+    Some((hs, body.get(HANDSHAKE_HEADER..HANDSHAKE_HEADER + len)?))
+}
+
+/// The ClientHello a datagram starts with: epoch 0, unfragmented, well formed up to its
+/// cookie.
+pub fn client_hello(d: &[u8]) -> Option<ClientHello<'_>> {
+    let (hs, msg) = first_handshake(d, CLIENT_HELLO)?;
     // client_version (2), random (32), session_id <0..32>, cookie <0..255>, then the rest.
     let random: [u8; 32] = msg.get(2..34)?.try_into().ok()?;
     let sid_len = *msg.get(34)? as usize;
@@ -201,16 +207,7 @@ pub fn first_client_hello(ch: &ClientHello<'_>) -> Vec<u8> {
 /// The PSK identity of the ClientKeyExchange a datagram starts with (epoch 0, unfragmented),
 /// so the key can be looked up before OpenSSL asks for it.
 pub fn psk_identity(d: &[u8]) -> Option<&[u8]> {
-    let (kind, epoch, body) = first_record(d)?;
-    if kind != HANDSHAKE || epoch != 0 {
-        return None;
-    }
-    let hs = body.get(..HANDSHAKE_HEADER)?;
-    let (len, frag_off, frag_len) = (be(&hs[1..4]), be(&hs[6..9]), be(&hs[9..12]));
-    if hs[0] != CLIENT_KEY_EXCHANGE || frag_off != 0 || frag_len != len {
-        return None;
-    }
-    let msg = body.get(HANDSHAKE_HEADER..HANDSHAKE_HEADER + len)?;
+    let (_, msg) = first_handshake(d, CLIENT_KEY_EXCHANGE)?;
     let id_len = be(msg.get(..2)?);
     msg.get(2..2 + id_len)
 }
