@@ -154,7 +154,7 @@ impl Fleet {
         }
     }
 
-    /// A device's page: its record, current task and latest tasks.
+    /// A device's page: its record, current task and latest tasks, and its PSK identity.
     pub async fn device(&self, id: &str) -> Result<Value, FleetError> {
         check_device(id)?;
         let d = self
@@ -185,7 +185,12 @@ impl Fleet {
             }
         }
         all.reverse();
-        Ok(device_json(&d, current.as_ref(), &all))
+        let mut page = device_json(&d, current.as_ref(), &all);
+        // Which DTLS identity it has, never the key.
+        if let Some(p) = self.store.device_psk(id).await? {
+            page["psk"] = json!({"identity": p.identity, "createdAt": p.created_at});
+        }
+        Ok(page)
     }
 
     /// `PUT`: the device's tags and attributes become these (absent ones empty); registers

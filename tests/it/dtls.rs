@@ -36,6 +36,12 @@ async fn setup(sizes: &[usize]) -> Setup {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["identity"], IDENTITY);
     assert!(v.get("key").is_none(), "the key is never answered back");
+    let page: Value = srv.get("/v1/devices/meter-7").await.json().await.unwrap();
+    assert_eq!(page["psk"]["identity"], IDENTITY);
+    assert!(
+        !page.to_string().contains(&hex::encode(KEY)),
+        "nor shown: {page}"
+    );
     let mut images = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
         let name = format!("dtls-{i}.bin");

@@ -36,8 +36,8 @@ impl Engine {
         })
     }
 
-    /// Sets the device's pre-shared key (hex) under `identity`; `None` when another device
-    /// has that identity.
+    /// Sets the device's pre-shared key (hex) under `identity`, registering the device; `None`
+    /// when another device has that identity.
     pub async fn set_device_psk(
         &self,
         device: &str,
@@ -51,7 +51,15 @@ impl Engine {
             key: key.to_ascii_lowercase(),
             created_at: crate::fota::view::rfc3339(self.now_ms()),
         };
-        Ok(self.store.put_device_psk(&psk).await?.then_some(psk))
+        if !self.store.put_device_psk(&psk).await? {
+            return Ok(None);
+        }
+        // A device with a credential is in the registry.
+        let now = self.now_ms();
+        self.store
+            .merge_device(device, &serde_json::Map::new(), now)
+            .await?;
+        Ok(Some(psk))
     }
 
     /// Removes the device's pre-shared key; `false` when it had none.
