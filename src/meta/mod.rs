@@ -295,8 +295,8 @@ pub trait CampaignStore: Send + Sync {
     /// Running and paused campaigns.
     async fn live_campaigns(&self) -> Result<Vec<Campaign>, MetaError>;
     /// Stores the started campaign (still at revision `expected`) with its members, all
-    /// waiting, as a roster (`model::roster`), and their counts, in one step; `false` when
-    /// someone changed it first.
+    /// waiting and each at its `roster::position`, as a roster (`model::roster`), and their
+    /// counts, in one step; `false` when someone changed it first.
     async fn start_campaign(
         &self,
         campaign: &Campaign,

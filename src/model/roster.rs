@@ -78,20 +78,20 @@ impl Chunk {
 }
 
 /// Splits campaign `cid`'s members into chunks in release order (position, then device).
-/// Each member's position is the roster's [`position`], whatever the member says, since the
-/// stores find a device's chunk by it.
+/// Each member's position must be the roster's [`position`] (the caller computed it to
+/// assign waves), since the stores find a device's chunk by it.
 pub fn chunks(cid: &str, members: &[Member]) -> Vec<Chunk> {
-    let mut sorted: Vec<(u64, &Member)> = members
+    debug_assert!(members
         .iter()
-        .map(|m| (position(cid, &m.device_id), m))
-        .collect();
-    sorted.sort_unstable_by(|a, b| (a.0, &a.1.device_id).cmp(&(b.0, &b.1.device_id)));
+        .all(|m| m.position == position(cid, &m.device_id)));
+    let mut sorted: Vec<&Member> = members.iter().collect();
+    sorted.sort_unstable_by(|a, b| (a.position, &a.device_id).cmp(&(b.position, &b.device_id)));
     sorted
         .chunks(CHUNK)
         .map(|part| Chunk {
-            devices: part.iter().map(|(_, m)| m.device_id.clone()).collect(),
-            waves: part.iter().map(|(_, m)| m.wave).collect(),
-            positions: part.iter().map(|(p, _)| *p).collect(),
+            devices: part.iter().map(|m| m.device_id.clone()).collect(),
+            waves: part.iter().map(|m| m.wave).collect(),
+            positions: part.iter().map(|m| m.position).collect(),
         })
         .collect()
 }

@@ -350,7 +350,8 @@ async fn get_over(
     data.first().map(|m| parse(m).unwrap().msg.code)
 }
 
-async fn dtls_sessions(srv: &TestServer) -> String {
+/// The line of `/metrics` for `name` (a gauge without labels).
+async fn metric(srv: &TestServer, name: &str) -> String {
     let text = client()
         .get(srv.url("/metrics"))
         .send()
@@ -359,8 +360,9 @@ async fn dtls_sessions(srv: &TestServer) -> String {
         .text()
         .await
         .unwrap();
+    let prefix = format!("{name} ");
     text.lines()
-        .find(|l| l.starts_with("fwrepo_dtls_sessions "))
+        .find(|l| l.starts_with(&prefix))
         .unwrap_or_default()
         .to_owned()
 }
@@ -379,7 +381,7 @@ async fn a_new_handshake_replaces_a_session_and_an_idle_one_is_let_go() {
     let answer = get_over(&socket, &mut c, "/fw/tiny.bin", 1, Duration::from_secs(5)).await;
     assert_eq!(answer, Some(content));
     let held = crate::common::poll(
-        async || dtls_sessions(&srv).await,
+        async || metric(&srv, "fwrepo_dtls_sessions").await,
         |l| l == "fwrepo_dtls_sessions 1",
     )
     .await;
@@ -402,7 +404,7 @@ async fn a_new_handshake_replaces_a_session_and_an_idle_one_is_let_go() {
     assert_eq!(answer, Some(content));
     // Idle past the timeout, the session goes; a record of it then gets nothing.
     let gone = crate::common::poll(
-        async || dtls_sessions(&srv).await,
+        async || metric(&srv, "fwrepo_dtls_sessions").await,
         |l| l == "fwrepo_dtls_sessions 0",
     )
     .await;
@@ -536,15 +538,11 @@ async fn handshakes_beyond_the_limit_wait_for_one_to_end() {
     assert!(second_hello_answered(&a, &mut new_client(), Duration::from_secs(5)).await);
     assert!(!second_hello_answered(&b, &mut new_client(), Duration::from_millis(500)).await);
     // Once A's handshake timed out, B gets its session.
-    let metric = async || {
-        let text = client().get(srv.url("/metrics")).send().await.unwrap();
-        let text = text.text().await.unwrap();
-        text.lines()
-            .find(|l| l.starts_with("fwrepo_dtls_handshakes "))
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let idle = crate::common::poll(metric, |l| l == "fwrepo_dtls_handshakes 0").await;
+    let idle = crate::common::poll(
+        async || metric(&srv, "fwrepo_dtls_handshakes").await,
+        |l| l == "fwrepo_dtls_handshakes 0",
+    )
+    .await;
     assert_eq!(idle, "fwrepo_dtls_handshakes 0");
     let mut c = connect(&b, IDENTITY, KEY).await;
     let r = srv.put("/v1/firmware/tiny.bin", image(100, 2)).await;

@@ -61,7 +61,7 @@ impl Client {
             }
         }
         if self.established {
-            let mut buf = vec![0u8; 2048];
+            let mut buf = [0u8; super::session::MAX_RECORD];
             while let Ok(n) = self.stream.ssl_read(&mut buf) {
                 data.push(buf[..n].to_vec());
             }

@@ -18,6 +18,8 @@ use super::hello::ClientHello;
 /// Largest datagram OpenSSL writes: records fit a 1280-byte IPv6 path with room for the
 /// UDP and IP headers.
 pub const MTU: u32 = 1200;
+/// Largest plaintext record read: a datagram's worth (on the stack, per datagram).
+pub const MAX_RECORD: usize = 2048;
 
 /// Datagrams in and out of one session's OpenSSL: each read takes one datagram, each write
 /// is one datagram.
@@ -216,7 +218,7 @@ impl Session {
             }
         }
         let mut data = Vec::new();
-        let mut buf = vec![0u8; 2048];
+        let mut buf = [0u8; MAX_RECORD];
         loop {
             match self.stream.ssl_read(&mut buf) {
                 Ok(n) => data.push(buf[..n].to_vec()),
