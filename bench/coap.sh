@@ -19,21 +19,13 @@ command -v coap-server-notls >/dev/null || {
 cargo build --release --quiet
 ulimit -n 65536 2>/dev/null || ulimit -n 4096
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. bench/lib.sh
 
 head -c $((16 << 20)) /dev/urandom > "$work/big.bin"
 head -c $((256 << 10)) /dev/urandom > "$work/small.bin"
 
 http_port=$(free_port); fw_port=$(free_port)
-target/release/fwrepo serve --storage "$work/storage" --keys "$work/keys" \
-  --listen "127.0.0.1:$http_port" --set "coap.tcp_listen=127.0.0.1:$fw_port" \
-  --set coap.udp_listen= --set coap.dtls_listen= --set log.level=warn 2>"$work/fwrepo.log" &
-pids+=($!); fw_pid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$http_port/healthz" >/dev/null && break; sleep 0.1; done
+start_fwrepo "$http_port" warn --set "coap.tcp_listen=127.0.0.1:$fw_port"
 curl -sf -T "$work/big.bin" "http://127.0.0.1:$http_port/v1/firmware/big" >/dev/null
 curl -sf -T "$work/small.bin" "http://127.0.0.1:$http_port/v1/firmware/small" >/dev/null
 
@@ -68,22 +60,8 @@ many() { # port
   rm -f "$work"/m."$port".*
 }
 
-timed() { # command...: prints the median wall time of $runs runs
-  local t=()
-  for _ in $(seq "$runs"); do
-    local s e
-    s=$(date +%s.%N); "$@"; e=$(date +%s.%N)
-    t+=("$(awk -v s="$s" -v e="$e" 'BEGIN { printf "%.3f", e - s }')")
-  done
-  printf '%s\n' "${t[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'
-}
 
 printf '%-40s %10s %10s %8s\n' case "fwrepo s" "libcoap s" speedup
-row() { # label fw-command lc-command
-  local f l
-  f=$(timed $2); l=$(timed $3)
-  printf '%-40s %10s %10s %8s\n' "$1" "$f" "$l" "$(awk -v f="$f" -v l="$l" 'BEGIN { printf "%.2f", l / f }')"
-}
 row "16 MiB, 1 KiB blocks (-b 1024)" "one $fw_port big $want_big -b 1024" "one $lc_port big $want_big -b 1024"
 row "16 MiB, BERT (client defaults)" "one $fw_port big $want_big" "one $lc_port big $want_big"
 row "$clients concurrent clients x 256 KiB" "many $fw_port" "many $lc_port"

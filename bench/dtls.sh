@@ -21,21 +21,13 @@ command -v coap-server-openssl >/dev/null || {
 scripts/build-deps
 cargo build --release --quiet
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. bench/lib.sh
 
 head -c $((1 << 20)) /dev/urandom > "$work/big.bin"
 head -c 16 /dev/urandom > "$work/tiny.bin"
 
-http_port=$(free_port); fw_port=$(free_port)
-target/release/fwrepo serve --storage "$work/storage" --keys "$work/keys" \
-  --listen "127.0.0.1:$http_port" --set coap.tcp_listen= --set coap.udp_listen= \
-  --set "coap.dtls_listen=127.0.0.1:$fw_port" --set log.level=warn 2>"$work/fwrepo.log" &
-pids+=($!); fw_pid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$http_port/healthz" >/dev/null && break; sleep 0.1; done
+http_port=$(free_port); fw_port=$(free_port udp)
+start_fwrepo "$http_port" warn --set "coap.dtls_listen=127.0.0.1:$fw_port"
 curl -sf -T "$work/big.bin" "http://127.0.0.1:$http_port/v1/firmware/big" >/dev/null
 curl -sf -T "$work/tiny.bin" "http://127.0.0.1:$http_port/v1/firmware/tiny" >/dev/null
 curl -sf -X PUT -H 'content-type: application/json' \
@@ -43,9 +35,9 @@ curl -sf -X PUT -H 'content-type: application/json' \
   "http://127.0.0.1:$http_port/v1/devices/$identity/psk" >/dev/null
 
 # libcoap's server keeps what a client PUTs when started with -d; coaps:// is on port + 1.
-lc_port=$(free_port)
+lc_port=$(free_port udp)
 while ! python3 -c "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', $lc_port + 1))" 2>/dev/null; do
-  lc_port=$(free_port)
+  lc_port=$(free_port udp)
 done
 coap-server-openssl -A 127.0.0.1 -p "$lc_port" -d 10 -k "$key" -v 0 &
 pids+=($!); lc_pid=$!
@@ -77,22 +69,8 @@ many() { # port: $handshakes sessions, 8 at a time
   rm -f "$work"/t."$1".*
 }
 
-timed() { # command...: prints the median wall time of $runs runs
-  local t=()
-  for _ in $(seq "$runs"); do
-    local s e
-    s=$(date +%s.%N); "$@"; e=$(date +%s.%N)
-    t+=("$(awk -v s="$s" -v e="$e" 'BEGIN { printf "%.3f", e - s }')")
-  done
-  printf '%s\n' "${t[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'
-}
 
 printf '%-40s %10s %10s %8s\n' case "fwrepo s" "libcoap s" speedup
-row() { # label fw-command lc-command
-  local f l
-  f=$(timed $2); l=$(timed $3)
-  printf '%-40s %10s %10s %8s\n' "$1" "$f" "$l" "$(awk -v f="$f" -v l="$l" 'BEGIN { printf "%.2f", l / f }')"
-}
 row "$handshakes PSK handshakes (+16 B GET each)" "many $fw_port" "many $lc_dtls"
 row "1 MiB, 1 KiB blocks (-b 1024)" "one $fw_port" "one $lc_dtls"
 echo "peak RSS: fwrepo $(awk '/VmHWM/ {print $2, $3}' /proc/$fw_pid/status), libcoap $(awk '/VmHWM/ {print $2, $3}' /proc/$lc_pid/status)"

@@ -8,7 +8,6 @@
 #
 #   bench/fleet.sh [devices] [concurrency] [postgres://...]     (default 100000 64, sled)
 #   FLEET_BENCH_NO_ROLLOUT=1 stops after the start, the releases and the status queries.
-#   FLEET_BENCH_NO_ROLLOUT=1 stops after the start, the releases and the status queries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 devices=${1:-100000}
@@ -16,17 +15,10 @@ conc=${2:-64}
 metadata=${3:-}
 cargo build --release --quiet --bin fwrepo --example fleet_bench
 
-work=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-target/release/fwrepo serve --storage "$work/storage" --keys "$work/keys" \
-  --listen "127.0.0.1:$port" --set coap.tcp_listen= --set coap.udp_listen= --set coap.dtls_listen= \
-  --set log.level=info ${metadata:+--set "storage.metadata=$metadata"} 2>"$work/fwrepo.log" &
-pid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+. bench/lib.sh
+port=$(free_port)
+start_fwrepo "$port" info ${metadata:+--set "storage.metadata=$metadata"}
 backend=sled; [ -z "$metadata" ] || backend=PostgreSQL
 echo "fleet benchmark: $devices devices, $conc connections, metadata $backend"
-target/release/examples/fleet_bench "http://127.0.0.1:$port" "$pid" "$devices" "$conc"
+target/release/examples/fleet_bench "http://127.0.0.1:$port" "$fw_pid" "$devices" "$conc"
 grep -o 'campaign members stored.*' "$work/fwrepo.log" | sed 's/\x1b\[[0-9;]*m//g' || true

@@ -6,20 +6,13 @@
 //!
 //!   fleet_bench <base-url> <server-pid> [devices] [concurrency]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{status_kb, upload, Args};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
-
-fn status_kb(pid: &str, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 async fn post(c: &reqwest::Client, url: String, body: Value) -> Value {
     let r = c.post(&url).json(&body).send().await.unwrap();
@@ -73,28 +66,12 @@ async fn status(c: &reqwest::Client, base: &str, id: &str) -> Value {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let base = args
-        .get(1)
-        .expect("base URL")
-        .trim_end_matches('/')
-        .to_owned();
-    let pid = args.get(2).expect("server pid").clone();
-    let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100_000);
-    let conc: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(64);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(conc)
-        .build()
-        .unwrap();
+    let args = Args::parse();
+    let (base, pid, n, conc) = (args.base.clone(), args.pid.clone(), args.n, args.conc);
+    let client = args.client();
     let c = &client;
     let base = &base;
-    let r = c
-        .put(format!("{base}/v1/firmware/bench-fw?version=2.0.0"))
-        .body(vec![7u8; 4096])
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    upload(c, base, "?version=2.0.0").await;
 
     // A small campaign first, for the status latency at 100 devices.
     let small: Vec<String> = (0..100).map(|i| format!("small-{i}")).collect();

@@ -4,20 +4,13 @@
 //!
 //!   fota_bench <base-url> <server-pid> [tasks] [concurrency]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{status_kb, upload, Args};
 use futures_util::{stream, StreamExt};
 use serde_json::json;
-
-fn status_kb(pid: &str, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// User plus system CPU time of the process, in clock ticks.
 fn cpu_ticks(pid: &str) -> u64 {
@@ -50,31 +43,15 @@ where
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let base = args
-        .get(1)
-        .expect("base URL")
-        .trim_end_matches('/')
-        .to_owned();
-    let pid = args.get(2).expect("server pid").clone();
-    let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100_000);
-    let conc: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(64);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(conc)
-        .build()
-        .unwrap();
+    let args = Args::parse();
+    let (base, pid, n, conc) = (args.base.clone(), args.pid.clone(), args.n, args.conc);
+    let client = args.client();
     let c = &client;
     let base = &base;
     let ok = |r: reqwest::Response, want: u16| {
         assert_eq!(r.status().as_u16(), want, "{}", r.url());
     };
-    let r = c
-        .put(format!("{base}/v1/firmware/bench-fw"))
-        .body(vec![7u8; 4096])
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    upload(c, base, "").await;
     println!("server RSS before: {} KiB", status_kb(&pid, "VmRSS:"));
 
     let ids: Vec<String> = {
