@@ -47,7 +47,7 @@ enum TokenCommand {
     Create {
         #[command(flatten)]
         layers: Layers,
-        /// admin, publisher, operator or reader.
+        /// admin, publisher, operator, reader or gateway (hawkBit device API only).
         #[arg(long)]
         role: String,
         /// Who or what holds it (shown in the audit log).

@@ -308,6 +308,9 @@ pub struct FotaConfig {
     /// How often the bytes served per task are stored, so every instance shows them and a
     /// crash loses at most this much of a task's progress (a stop loses none).
     pub progress_save: Dur,
+    /// The tenant in hawkBit device API paths (`/{tenant}/controller/v1/...`), compared
+    /// without regard to case as hawkBit does; other tenants are not found.
+    pub ddi_tenant: String,
 }
 
 impl Default for FotaConfig {
@@ -322,6 +325,7 @@ impl Default for FotaConfig {
             import_lease: Dur(Duration::from_secs(30)),
             shared_timer_poll: Dur(Duration::from_secs(5)),
             progress_save: Dur(Duration::from_secs(5)),
+            ddi_tenant: "DEFAULT".into(),
         }
     }
 }
@@ -524,6 +528,17 @@ impl Config {
             if every.0.is_zero() {
                 return Err(ConfigError::Invalid(format!("{key} must be more than 0s")));
             }
+        }
+        let tenant = &self.fota.ddi_tenant;
+        if tenant.is_empty()
+            || tenant.len() > 64
+            || !tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "fota.ddi_tenant {tenant:?}: 1 to 64 letters, digits, '.', '_' or '-'"
+            )));
         }
         if self.http.max_connections == 0 {
             return Err(ConfigError::Invalid(

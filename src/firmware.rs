@@ -99,6 +99,39 @@ impl FirmwareError {
     }
 }
 
+/// The digests every image is stored with.
+pub struct Digests {
+    pub sha256: [u8; 32],
+    pub sha1: [u8; 20],
+    pub md5: [u8; 16],
+}
+
+/// Computes [`Digests`] in one pass over the bytes.
+#[derive(Default)]
+pub struct Hasher {
+    sha256: Sha256,
+    sha1: sha1::Sha1,
+    md5: md5::Md5,
+}
+
+impl Hasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        use sha1::Digest as _;
+        self.sha256.update(bytes);
+        self.sha1.update(bytes);
+        self.md5.update(bytes);
+    }
+
+    pub fn finish(self) -> Digests {
+        use sha1::Digest as _;
+        Digests {
+            sha256: self.sha256.finalize().into(),
+            sha1: self.sha1.finalize().into(),
+            md5: self.md5.finalize().into(),
+        }
+    }
+}
+
 /// What an upload asks for besides its bytes.
 #[derive(Debug, Clone, Default)]
 pub struct UploadRequest {
@@ -347,7 +380,7 @@ impl Repository {
             None => Some(self.blobs.writer(&key).await?),
             Some(_) => None,
         };
-        let (digest, size) = match self.consume(body, writer.as_mut()).await {
+        let (digests, size) = match self.consume(body, writer.as_mut()).await {
             Ok(v) => v,
             Err(e) => {
                 if let Some(w) = writer {
@@ -356,6 +389,7 @@ impl Repository {
                 return Err(e);
             }
         };
+        let digest = digests.sha256;
         let digest_hex = hex::encode(digest);
         if let Some(expected) = req.expected_sha256 {
             if expected != digest {
@@ -380,6 +414,8 @@ impl Repository {
             name: name.to_string(),
             size,
             sha256: digest_hex.clone(),
+            sha1: Some(hex::encode(digests.sha1)),
+            md5: Some(hex::encode(digests.md5)),
             content_type: req
                 .content_type
                 .unwrap_or_else(|| content_type_for(name.as_str())),
@@ -474,13 +510,13 @@ impl Repository {
         &self,
         body: S,
         mut writer: Option<&mut crate::blob::BlobWriter>,
-    ) -> Result<([u8; 32], u64), FirmwareError>
+    ) -> Result<(Digests, u64), FirmwareError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
         let mut body = std::pin::pin!(body);
-        let mut hasher = Sha256::new();
+        let mut hasher = Hasher::default();
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| FirmwareError::Interrupted(e.to_string()))?;
@@ -495,7 +531,36 @@ impl Repository {
                 w.write(chunk).await?;
             }
         }
-        Ok((hasher.finalize().into(), size))
+        Ok((hasher.finish(), size))
+    }
+
+    /// The record with its SHA-1 and MD5, computed from the stored bytes and kept when the
+    /// record was stored before fwrepo computed them at ingest.
+    pub async fn with_legacy_digests(
+        &self,
+        record: Arc<FirmwareRecord>,
+    ) -> Result<Arc<FirmwareRecord>, FirmwareError> {
+        if record.sha1.is_some() && record.md5.is_some() {
+            return Ok(record);
+        }
+        let mut stream = self.read(&record, 0..record.size).await?;
+        let mut hasher = Hasher::default();
+        while let Some(chunk) = stream.next().await {
+            hasher.update(&chunk.map_err(|e| FirmwareError::Interrupted(e.to_string()))?);
+        }
+        let digests = hasher.finish();
+        if hex::encode(digests.sha256) != record.sha256 {
+            return Err(FirmwareError::Interrupted(format!(
+                "stored bytes of {:?} do not match its sha256",
+                record.name
+            )));
+        }
+        let mut updated = (*record).clone();
+        updated.sha1 = Some(hex::encode(digests.sha1));
+        updated.md5 = Some(hex::encode(digests.md5));
+        self.meta.update(&updated).await?;
+        self.forget(&updated.name);
+        Ok(Arc::new(updated))
     }
 
     /// A page of live records whose names start with `prefix`, and the cursor of the next.

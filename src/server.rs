@@ -279,6 +279,7 @@ pub async fn start_with_clock(
         });
         tasks.push(tokio::spawn(http::serve::serve(
             listener,
+            "http",
             app.clone(),
             limits,
             Arc::clone(&metrics),
@@ -297,6 +298,7 @@ pub async fn start_with_clock(
                 })?;
         tasks.push(tokio::spawn(http::serve::serve(
             listener,
+            "https",
             app,
             limits,
             Arc::clone(&metrics),

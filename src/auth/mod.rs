@@ -58,7 +58,8 @@ impl AuthError {
 }
 
 /// What a token may do. `admin` covers everything; `publisher` and `operator` each add
-/// their changes to what `reader` may do.
+/// their changes to what `reader` may do. `gateway` is a device-side role: it may act as any
+/// device on the hawkBit device API (`Authorization: GatewayToken ...`) and nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -66,10 +67,17 @@ pub enum Role {
     Publisher,
     Operator,
     Reader,
+    Gateway,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Admin, Role::Publisher, Role::Operator, Role::Reader];
+    pub const ALL: [Role; 5] = [
+        Role::Admin,
+        Role::Publisher,
+        Role::Operator,
+        Role::Reader,
+        Role::Gateway,
+    ];
 
     /// Whether a holder of `self` may use a route that needs `need`.
     pub fn covers(self, need: Role) -> bool {
@@ -78,6 +86,7 @@ impl Role {
             Role::Publisher => matches!(need, Role::Publisher | Role::Reader),
             Role::Operator => matches!(need, Role::Operator | Role::Reader),
             Role::Reader => need == Role::Reader,
+            Role::Gateway => need == Role::Gateway,
         }
     }
 
@@ -87,6 +96,7 @@ impl Role {
             Role::Publisher => "publisher",
             Role::Operator => "operator",
             Role::Reader => "reader",
+            Role::Gateway => "gateway",
         }
     }
 }
@@ -106,7 +116,7 @@ impl std::str::FromStr for Role {
             .find(|r| r.as_str() == s)
             .ok_or_else(|| {
                 AuthError::Invalid(format!(
-                    "role {s:?}: one of admin, publisher, operator, reader"
+                    "role {s:?}: one of admin, publisher, operator, reader, gateway"
                 ))
             })
     }
@@ -162,10 +172,11 @@ mod tests {
     fn roles_cover_as_documented() {
         use Role::*;
         let table = [
-            (Admin, [true, true, true, true]),
-            (Publisher, [false, true, false, true]),
-            (Operator, [false, false, true, true]),
-            (Reader, [false, false, false, true]),
+            (Admin, [true, true, true, true, true]),
+            (Publisher, [false, true, false, true, false]),
+            (Operator, [false, false, true, true, false]),
+            (Reader, [false, false, false, true, false]),
+            (Gateway, [false, false, false, false, true]),
         ];
         for (have, row) in table {
             for (need, want) in Role::ALL.into_iter().zip(row) {

@@ -8,6 +8,7 @@
 pub mod address;
 pub mod cbor;
 pub mod clock;
+pub mod ddi;
 mod engine;
 pub mod import;
 pub mod report;
@@ -16,7 +17,7 @@ pub mod view;
 
 pub use crate::model::{schedule, task};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{Engine, Joiner, Package, Proof, Work};
+pub use engine::{ConfigMode, Controller, Engine, Joiner, Package, Proof, Work};
 
 use crate::firmware::FirmwareError;
 use crate::meta::MetaError;
@@ -71,6 +72,12 @@ pub enum FotaError {
     DeviceUnauthenticated { device: String, presented: bool },
     #[error("this session is device {session:?}'s; it cannot act for device {device:?}")]
     OtherDevice { session: String, device: String },
+    #[error("device {device:?} has no action {action}")]
+    ActionNotFound { device: String, action: u32 },
+    #[error("{0}")]
+    Feedback(#[from] ddi::FeedbackError),
+    #[error("{0}")]
+    Attributes(String),
 }
 
 impl FotaError {
@@ -108,6 +115,9 @@ impl FotaError {
                 ("device-unauthenticated", Kind::Unauthorized)
             }
             FotaError::OtherDevice { .. } => ("other-device", Kind::Forbidden),
+            FotaError::ActionNotFound { .. } => ("action-not-found", Kind::NotFound),
+            FotaError::Feedback(_) => ("invalid-feedback", Kind::BadRequest),
+            FotaError::Attributes(_) => ("invalid-parameter", Kind::BadRequest),
         }
     }
 }

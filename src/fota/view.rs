@@ -92,6 +92,7 @@ pub fn task_json(t: &FotaTask, bytes_served: u64) -> Value {
             "reason": h.reason,
             "state": h.state,
             "updateResult": h.update_result,
+            "detail": h.detail,
         })).collect::<Vec<_>>(),
     })
 }

@@ -28,6 +28,12 @@ pub struct FirmwareView {
     name: String,
     size: u64,
     sha256: String,
+    /// SHA-1 and MD5 (hawkBit DDI clients check them); absent on records stored before
+    /// fwrepo computed them, until a DDI client asks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha1: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    md5: Option<String>,
     content_type: String,
     description: Option<String>,
     version: Option<String>,
@@ -63,6 +69,8 @@ pub fn view(app: &AppState, r: &FirmwareRecord) -> FirmwareView {
         name: r.name.clone(),
         size: r.size,
         sha256: r.sha256.clone(),
+        sha1: r.sha1.clone(),
+        md5: r.md5.clone(),
         content_type: r.content_type.clone(),
         description: r.description.clone(),
         version: r.version.clone(),

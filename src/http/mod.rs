@@ -2,6 +2,7 @@
 
 pub mod access;
 mod campaigns;
+mod ddi;
 mod devices;
 mod download;
 pub mod error;
@@ -316,6 +317,55 @@ pub fn routes() -> Routes {
         campaigns::retry_failed,
     )
     .add(M::GET, "/v1/events", role(Reader), events::events)
+    // The hawkBit device API (DDI); devices and gateways authenticate in the handlers.
+    .add(
+        M::GET,
+        "/{tenant}/controller/v1/{controllerId}",
+        Device,
+        ddi::base,
+    )
+    .add(
+        M::GET,
+        "/{tenant}/controller/v1/{controllerId}/deploymentBase/{actionId}",
+        Device,
+        ddi::deployment_base,
+    )
+    .add(
+        M::POST,
+        "/{tenant}/controller/v1/{controllerId}/deploymentBase/{actionId}/feedback",
+        Device,
+        ddi::deployment_feedback,
+    )
+    .add(
+        M::GET,
+        "/{tenant}/controller/v1/{controllerId}/installedBase/{actionId}",
+        Device,
+        ddi::installed_base,
+    )
+    .add(
+        M::GET,
+        "/{tenant}/controller/v1/{controllerId}/cancelAction/{actionId}",
+        Device,
+        ddi::cancel_action,
+    )
+    .add(
+        M::POST,
+        "/{tenant}/controller/v1/{controllerId}/cancelAction/{actionId}/feedback",
+        Device,
+        ddi::cancel_feedback,
+    )
+    .add(
+        M::PUT,
+        "/{tenant}/controller/v1/{controllerId}/configData",
+        Device,
+        ddi::config_data,
+    )
+    .add(
+        M::GET,
+        "/{tenant}/controller/v1/{controllerId}/softwaremodules/{moduleId}/artifacts/{fileName}",
+        Device,
+        ddi::artifact_md5sum,
+    )
 }
 
 /// The complete service with its middleware.

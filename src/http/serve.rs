@@ -53,8 +53,14 @@ impl Limits {
 
 /// Serves `listener` until `cancel` fires, then lets each connection finish the exchange it
 /// is in. Dropping the returned future (an abort after the shutdown grace) closes them all.
+/// The scheme of the listener a request came in on (`http` or `https`), in its extensions,
+/// for answers that link back to the service (the hawkBit device API's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerScheme(pub &'static str);
+
 pub async fn serve<L: Listener>(
     mut listener: L,
+    scheme: &'static str,
     app: Router,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -75,7 +81,7 @@ pub async fn serve<L: Listener>(
         while connections.try_join_next().is_some() {}
         let (app, cancel, metrics) = (app.clone(), cancel.clone(), Arc::clone(&metrics));
         connections.spawn(async move {
-            connection(io, app, limits, metrics, cancel).await;
+            connection(io, scheme, app, limits, metrics, cancel).await;
             drop(permit);
         });
     }
@@ -420,6 +426,7 @@ fn framing_conflict() -> axum::response::Response {
 /// Serves one connection until it closes, its watchdog cuts it, or shutdown.
 async fn connection<I>(
     io: I,
+    scheme: &'static str,
     app: Router,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -436,8 +443,9 @@ async fn connection<I>(
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let activity = Arc::clone(&service_activity);
         let conflict = activity.request_started();
-        let req: Request =
+        let mut req: Request =
             req.map(|b| Body::new(tower_http::timeout::TimeoutBody::new(limits.body, b)));
+        req.extensions_mut().insert(ListenerScheme(scheme));
         let app = app.clone();
         async move {
             let resp = if conflict {

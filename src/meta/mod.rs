@@ -38,6 +38,12 @@ pub struct FirmwareRecord {
     pub size: u64,
     /// SHA-256 of the image, lower-case hex.
     pub sha256: String,
+    /// SHA-1 and MD5 of the image, lower-case hex, for clients that check them (hawkBit DDI).
+    /// Records stored before they were computed lack them until a DDI client needs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha1: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
     pub content_type: String,
     pub description: Option<String>,
     pub version: Option<String>,
@@ -415,6 +421,8 @@ pub(crate) mod suite {
             name: name.into(),
             size: 10,
             sha256: "00".repeat(32),
+            sha1: Some("11".repeat(20)),
+            md5: None,
             content_type: "application/octet-stream".into(),
             description: None,
             version: None,

@@ -128,7 +128,14 @@ pub struct Transition {
     pub reason: Option<String>,
     pub state: u8,
     pub update_result: u8,
+    /// What the device said with it (hawkBit DDI feedback details).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
+
+/// Reasons of history entries that record a device's answer to a cancellation.
+pub const CANCEL_ACKNOWLEDGED: &str = "cancel-acknowledged";
+pub const CANCEL_REFUSED: &str = "cancel-refused";
 
 /// A firmware update for one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +204,10 @@ pub enum TransitionError {
     },
     #[error("a task that is {0} can no longer be cancelled")]
     TooLateToCancel(&'static str),
+    #[error("the task is {0}: it has not been handed to the device")]
+    NotStarted(&'static str),
+    #[error("no cancellation of this task awaits the device's answer")]
+    NoCancellation,
 }
 
 /// A device's report: /5/0/3 State and /5/0/5 Update Result, and what it runs.
@@ -265,7 +276,77 @@ impl FotaTask {
             reason: self.reason.clone(),
             state: self.state,
             update_result: self.update_result,
+            detail: None,
         });
+    }
+
+    /// Attaches what the device said to the last history entry.
+    pub fn annotate(&mut self, detail: String) {
+        if let Some(last) = self.history.last_mut() {
+            last.detail = Some(detail);
+        }
+    }
+
+    /// Records what the device said without changing the status (a history entry with
+    /// `reason`); only while the device works on the task.
+    pub fn note(&mut self, reason: &str, detail: String, now: i64) -> Result<(), TransitionError> {
+        if self.status.is_final() {
+            return Err(TransitionError::Finished(self.status.as_str()));
+        }
+        if !self.status.is_started() {
+            return Err(TransitionError::NotStarted(self.status.as_str()));
+        }
+        self.push_entry(reason, detail, now);
+        Ok(())
+    }
+
+    fn push_entry(&mut self, reason: &str, detail: String, now: i64) {
+        if self.history.len() >= HISTORY_LIMIT {
+            self.history.remove(1);
+        }
+        self.history.push(Transition {
+            at_ms: now,
+            status: self.status,
+            reason: Some(reason.to_owned()),
+            state: self.state,
+            update_result: self.update_result,
+            detail: Some(detail),
+        });
+    }
+
+    /// Whether the operator cancelled the task after it was handed to the device, and the
+    /// device has not answered the cancellation yet (hawkBit's `cancelAction`).
+    pub fn awaits_cancel_answer(&self) -> bool {
+        self.status == Status::Cancelled
+            && self.reason.as_deref() == Some("cancelled")
+            && self.started_ms.is_some()
+            && !self.history.iter().any(|h| {
+                matches!(
+                    h.reason.as_deref(),
+                    Some(CANCEL_ACKNOWLEDGED | CANCEL_REFUSED)
+                )
+            })
+    }
+
+    /// The device's answer to the cancellation: acknowledged, or refused (kept in the
+    /// history for the operator; the task stays cancelled and its package is no longer
+    /// served). `None` records that it is still at it.
+    pub fn answer_cancel(
+        &mut self,
+        answer: Option<bool>,
+        detail: String,
+        now: i64,
+    ) -> Result<(), TransitionError> {
+        if !self.awaits_cancel_answer() {
+            return Err(TransitionError::NoCancellation);
+        }
+        let reason = match answer {
+            Some(true) => CANCEL_ACKNOWLEDGED,
+            Some(false) => CANCEL_REFUSED,
+            None => "cancel-proceeding",
+        };
+        self.push_entry(reason, detail, now);
+        Ok(())
     }
 
     /// The timeout starts (or resumes) running.

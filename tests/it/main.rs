@@ -5,6 +5,7 @@ mod coap_interop;
 mod coap_protocol;
 mod common;
 mod crash;
+mod ddi;
 mod device_identity;
 mod download;
 mod dtls;

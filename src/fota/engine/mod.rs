@@ -18,7 +18,9 @@ use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod ddi;
 mod device;
+pub use ddi::{ConfigMode, Controller};
 pub use device::Proof;
 mod imports;
 mod progress;
