@@ -42,11 +42,10 @@ async fn proof<'h>(app: &AppState, headers: &'h HeaderMap) -> Result<Proof<'h>, 
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(Proof::Token(None));
     };
-    let unauthenticated = |m: &str| {
-        let mut e = ApiError::new(Kind::Unauthorized, "unauthenticated", m.to_owned());
-        e.detail = None;
-        e
-    };
+    // Not the access layer's codes (`unauthenticated`, `invalid-token`, `forbidden`): the
+    // route is a device route, and these refusals are the handler's.
+    let unauthenticated =
+        |m: &str| ApiError::new(Kind::Unauthorized, "device-unauthenticated", m.to_owned());
     let (scheme, credential) = value
         .to_str()
         .ok()
@@ -63,15 +62,26 @@ async fn proof<'h>(app: &AppState, headers: &'h HeaderMap) -> Result<Proof<'h>, 
             "Authorization: TargetToken <device token> or GatewayToken <token>",
         ));
     }
-    let info = app.access.tokens.check(credential).await?;
-    if !info.role.covers(Role::Gateway) {
-        return Err(AuthError::Forbidden {
-            name: info.name,
-            have: info.role,
-            need: Role::Gateway,
-            action: "act as a device on the hawkBit device API".into(),
+    let info = match app.access.tokens.check(credential).await {
+        Ok(info) => info,
+        Err(AuthError::Unknown) => {
+            return Err(ApiError::new(
+                Kind::Unauthorized,
+                "gateway-token-invalid",
+                "the GatewayToken is not a valid token",
+            ))
         }
-        .into());
+        Err(e) => return Err(e.into()),
+    };
+    if !info.role.covers(Role::Gateway) {
+        return Err(ApiError::new(
+            Kind::Forbidden,
+            "gateway-role-required",
+            format!(
+                "token {:?} has role {}; a GatewayToken needs role gateway (or admin)",
+                info.name, info.role
+            ),
+        ));
     }
     Ok(Proof::Gateway)
 }

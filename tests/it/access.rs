@@ -85,6 +85,42 @@ const TABLE: &[(&str, &str, &str)] = &[
         "operator",
     ),
     ("GET", "/v1/events", "reader"),
+    ("GET", "/{tenant}/controller/v1/{controllerId}", "device"),
+    (
+        "GET",
+        "/{tenant}/controller/v1/{controllerId}/deploymentBase/{actionId}",
+        "device",
+    ),
+    (
+        "POST",
+        "/{tenant}/controller/v1/{controllerId}/deploymentBase/{actionId}/feedback",
+        "device",
+    ),
+    (
+        "GET",
+        "/{tenant}/controller/v1/{controllerId}/installedBase/{actionId}",
+        "device",
+    ),
+    (
+        "GET",
+        "/{tenant}/controller/v1/{controllerId}/cancelAction/{actionId}",
+        "device",
+    ),
+    (
+        "POST",
+        "/{tenant}/controller/v1/{controllerId}/cancelAction/{actionId}/feedback",
+        "device",
+    ),
+    (
+        "PUT",
+        "/{tenant}/controller/v1/{controllerId}/configData",
+        "device",
+    ),
+    (
+        "GET",
+        "/{tenant}/controller/v1/{controllerId}/softwaremodules/{moduleId}/artifacts/{fileName}",
+        "device",
+    ),
 ];
 
 /// The codes the access layer answers with; handlers never use them.
@@ -283,7 +319,12 @@ async fn every_role_against_every_route() {
             .replace("{deviceId}", "acl-dev")
             .replace("{method}", "checkFirmwareUpdateStatus")
             .replace("{keyId}", &key_id)
-            .replace("{token}", "nobody");
+            .replace("{token}", "nobody")
+            .replace("{tenant}", "DEFAULT")
+            .replace("{controllerId}", "acl-dev")
+            .replace("{actionId}", "1")
+            .replace("{moduleId}", "1")
+            .replace("{fileName}", "acl-fw.MD5SUM");
         // DELETE comes last, so the resource is there for every other method.
         for method in METHODS {
             let rule = table_rule(&method, path);

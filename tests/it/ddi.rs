@@ -548,17 +548,17 @@ async fn target_and_gateway_tokens() {
     let (s, e) = as_dev(Some(format!("GatewayToken {reader}"))).get("").await;
     assert_eq!(
         (s, e["error"]["code"].as_str()),
-        (StatusCode::FORBIDDEN, Some("forbidden"))
+        (StatusCode::FORBIDDEN, Some("gateway-role-required"))
     );
     let (s, e) = as_dev(Some("GatewayToken fwr_nope".into())).get("").await;
     assert_eq!(
         (s, e["error"]["code"].as_str()),
-        (StatusCode::UNAUTHORIZED, Some("invalid-token"))
+        (StatusCode::UNAUTHORIZED, Some("gateway-token-invalid"))
     );
     let (s, e) = as_dev(Some(format!("Basic {device_token}"))).get("").await;
     assert_eq!(
         (s, e["error"]["code"].as_str()),
-        (StatusCode::UNAUTHORIZED, Some("unauthenticated"))
+        (StatusCode::UNAUTHORIZED, Some("device-unauthenticated"))
     );
     // Refused requests changed nothing: the task was not handed over.
     let r = client()

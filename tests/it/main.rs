@@ -21,4 +21,5 @@ mod s3;
 mod slowloris;
 mod spec;
 mod ssrf;
+mod swupdate;
 mod upload;
