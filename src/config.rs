@@ -92,6 +92,9 @@ pub struct HttpConfig {
     /// Most connections each listener (HTTP, HTTPS) serves at once; beyond it new ones wait
     /// in the kernel's backlog until one closes.
     pub max_connections: u32,
+    /// A resumable upload (tus, `/v1/uploads`) no request touched for this long is removed
+    /// with its bytes.
+    pub upload_expiry: Dur,
 }
 
 impl Default for HttpConfig {
@@ -105,6 +108,7 @@ impl Default for HttpConfig {
             idle_timeout: Dur(Duration::from_secs(60)),
             body_timeout: Dur(Duration::from_secs(60)),
             max_connections: 4096,
+            upload_expiry: Dur(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -520,6 +524,7 @@ impl Config {
         for (key, every) in [
             ("fota.shared_timer_poll", self.fota.shared_timer_poll),
             ("fota.progress_save", self.fota.progress_save),
+            ("http.upload_expiry", self.http.upload_expiry),
             ("fota.import_lease", self.fota.import_lease),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.idle_timeout", self.http.idle_timeout),

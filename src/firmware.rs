@@ -224,6 +224,11 @@ impl Repository {
         self.records().remove(name);
     }
 
+    /// The largest image accepted, in bytes.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+
     pub fn keys(&self) -> &KeyRing {
         &self.keys
     }

@@ -21,3 +21,4 @@ pub mod retention;
 pub mod server;
 pub mod spool;
 pub mod tls;
+pub mod uploads;

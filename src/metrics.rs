@@ -18,6 +18,7 @@ pub struct Metrics {
     cuts: [AtomicU64; Cut::ALL.len()],
     dtls_sessions: AtomicU64,
     dtls_handshakes: AtomicU64,
+    resumable_bytes: AtomicU64,
 }
 
 /// Why the server closed an HTTP connection itself.
@@ -61,6 +62,11 @@ impl Metrics {
     pub fn set_dtls(&self, sessions: u64, handshaking: u64) {
         self.dtls_sessions.store(sessions, Relaxed);
         self.dtls_handshakes.store(handshaking, Relaxed);
+    }
+
+    /// Bytes a resumable upload's PATCH added (a byte sent twice counts twice).
+    pub fn resumable_received(&self, bytes: u64) {
+        self.resumable_bytes.fetch_add(bytes, Relaxed);
     }
 
     pub fn served(&self, bytes: u64) {
@@ -136,6 +142,12 @@ impl Metrics {
                 "gauge",
                 "Bytes of firmware held.",
                 &self.firmware_bytes,
+            ),
+            (
+                "fwrepo_resumable_upload_bytes_total",
+                "counter",
+                "Bytes received by resumable uploads (PATCH bodies kept).",
+                &self.resumable_bytes,
             ),
             (
                 "fwrepo_dtls_sessions",

@@ -39,6 +39,8 @@ pub enum StartError {
     Fota(#[from] FotaError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error("partial uploads: {0}")]
+    Uploads(std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
     #[error(transparent)]
@@ -257,7 +259,14 @@ pub async fn start_with_clock(
         work.clone(),
     );
     fleet.run();
+    let uploads = crate::uploads::Uploads::open(
+        &config.storage.root.join("uploads"),
+        config.http.upload_expiry.0,
+    )
+    .map_err(StartError::Uploads)?;
+    work.spawn(Arc::clone(&uploads).sweep_every(cancel.clone()));
     let state = AppState {
+        uploads,
         fleet,
         repo: Arc::clone(&repo),
         metrics: Arc::clone(&metrics),

@@ -71,6 +71,13 @@ impl From<crate::auth::AuthError> for ApiError {
     }
 }
 
+impl From<crate::uploads::UploadError> for ApiError {
+    fn from(e: crate::uploads::UploadError) -> ApiError {
+        let (code, kind) = e.code();
+        ApiError::domain(code, kind, &e)
+    }
+}
+
 impl From<FotaError> for ApiError {
     fn from(e: FotaError) -> ApiError {
         let (code, kind) = e.code();

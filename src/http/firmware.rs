@@ -100,7 +100,7 @@ pub fn view(app: &AppState, r: &FirmwareRecord) -> FirmwareView {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct UploadQuery {
+pub(super) struct UploadQuery {
     retention: Option<String>,
     description: Option<String>,
     version: Option<String>,
@@ -126,25 +126,6 @@ pub async fn upload(
 ) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     let Query(q) = query?;
-    let retention = q
-        .retention
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
-    let expected_sha256 = q
-        .sha256
-        .as_deref()
-        .map(|s| {
-            let mut d = [0u8; 32];
-            hex::decode_to_slice(s, &mut d).map(|_| d).map_err(|_| {
-                ApiError::bad_request(
-                    "invalid-parameter",
-                    "sha256: expected 64 hexadecimal digits",
-                )
-            })
-        })
-        .transpose()?;
     let content_type = match headers.get(header::CONTENT_TYPE) {
         None => None,
         Some(v) => {
@@ -166,56 +147,127 @@ pub async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse().ok());
-    let mcuboot = RawOptions {
-        version: q.version.clone(),
-        header_size: q.header_size,
-        pad_header: q.pad_header,
-        align: q.align,
-        slot_size: q.slot_size,
-        pad: q.pad,
-        confirm: q.confirm,
-        security_counter: q.security_counter,
-        hash: q.hash,
-    };
-    let req = UploadRequest {
-        retention,
-        description: q.description,
-        version: q.version,
-        expected_sha256,
-        content_type,
-        content_length,
-        mcuboot: None,
-    };
-    let body = body.into_data_stream();
-    let ingested = match q.format.as_deref().unwrap_or("raw") {
-        "raw" => {
-            if let Some(option) = mcuboot.any() {
-                // Each parameter is valid; together they contradict each other.
-                return Err(ApiError::new(
-                    crate::error::Kind::Unprocessable,
-                    "invalid-parameter",
-                    format!("{option}: an MCUboot option; pass format=mcuboot"),
-                ));
-            }
-            app.repo.ingest(&name, req, body).await?
-        }
-        "mcuboot" => app.repo.ingest_mcuboot(&name, req, &mcuboot, body).await?,
-        other => {
-            return Err(ApiError::bad_request(
-                "invalid-parameter",
-                format!("format: {other:?}; raw or mcuboot"),
-            ))
-        }
-    };
-    Ok(match ingested {
+    let plan = UploadPlan::parse(q, content_type, content_length)?;
+    let ingested = plan.ingest(&app, &name, body.into_data_stream()).await?;
+    Ok(created(&app, ingested))
+}
+
+/// The answer to a finished upload: 201 with the record, or 200 when the name held these
+/// bytes already.
+pub(super) fn created(app: &AppState, ingested: Ingested) -> Response {
+    match ingested {
         Ingested::Created(r) => (
             StatusCode::CREATED,
             [(header::LOCATION, format!("/v1/firmware/{}", r.name))],
-            Json(view(&app, &r)),
+            Json(view(app, &r)),
         )
             .into_response(),
-        Ingested::Existing(r) => (StatusCode::OK, Json(view(&app, &r))).into_response(),
-    })
+        Ingested::Existing(r) => (StatusCode::OK, Json(view(app, &r))).into_response(),
+    }
+}
+
+/// An upload's parameters, checked: from a `PUT`'s query, or a resumable upload's metadata.
+pub(super) struct UploadPlan {
+    req: UploadRequest,
+    mcuboot: Option<RawOptions>,
+}
+
+impl UploadPlan {
+    pub(super) fn parse(
+        q: UploadQuery,
+        content_type: Option<String>,
+        content_length: Option<u64>,
+    ) -> Result<UploadPlan, ApiError> {
+        let retention = q
+            .retention
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+        let expected_sha256 = q
+            .sha256
+            .as_deref()
+            .map(|s| {
+                let mut d = [0u8; 32];
+                hex::decode_to_slice(s, &mut d).map(|_| d).map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid-parameter",
+                        "sha256: expected 64 hexadecimal digits",
+                    )
+                })
+            })
+            .transpose()?;
+        for (field, v) in [("description", &q.description), ("version", &q.version)] {
+            if let Some(v) = v {
+                crate::firmware::check_text(field, v)?;
+            }
+        }
+        let options = RawOptions {
+            version: q.version.clone(),
+            header_size: q.header_size,
+            pad_header: q.pad_header,
+            align: q.align,
+            slot_size: q.slot_size,
+            pad: q.pad,
+            confirm: q.confirm,
+            security_counter: q.security_counter,
+            hash: q.hash,
+        };
+        let mcuboot = match q.format.as_deref().unwrap_or("raw") {
+            "raw" => {
+                if let Some(option) = options.any() {
+                    // Each parameter is valid; together they contradict each other.
+                    return Err(ApiError::new(
+                        crate::error::Kind::Unprocessable,
+                        "invalid-parameter",
+                        format!("{option}: an MCUboot option; pass format=mcuboot"),
+                    ));
+                }
+                None
+            }
+            "mcuboot" => Some(options),
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid-parameter",
+                    format!("format: {other:?}; raw or mcuboot"),
+                ))
+            }
+        };
+        Ok(UploadPlan {
+            req: UploadRequest {
+                retention,
+                description: q.description,
+                version: q.version,
+                expected_sha256,
+                content_type,
+                content_length,
+                mcuboot: None,
+            },
+            mcuboot,
+        })
+    }
+
+    /// Hashes, stores and signs `body` under `name` (building the MCUboot image first when
+    /// asked).
+    pub(super) async fn ingest<S, E>(
+        self,
+        app: &AppState,
+        name: &crate::name::FirmwareName,
+        body: S,
+    ) -> Result<Ingested, ApiError>
+    where
+        S: futures_util::Stream<Item = Result<axum::body::Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        Ok(match self.mcuboot {
+            None => app.repo.ingest(name, self.req, body).await?,
+            Some(options) => {
+                app.repo
+                    .ingest_mcuboot(name, self.req, &options, body)
+                    .await?
+            }
+        })
+    }
 }
 
 pub async fn resolve(

@@ -16,6 +16,7 @@ pub mod range;
 pub mod serve;
 pub mod tls;
 mod tokens;
+mod uploads;
 
 use std::sync::Arc;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     /// Fires at shutdown; long-lived responses (event streams) end with it.
     pub cancel: tokio_util::sync::CancellationToken,
     pub access: Arc<access::Access>,
+    /// Resumable uploads in progress.
+    pub uploads: Arc<crate::uploads::Uploads>,
 }
 
 /// The router and the list of (method, path) it serves, kept in one place so the OpenAPI
@@ -153,6 +156,26 @@ pub fn routes() -> Routes {
         "/p/{fotaId}/{token}",
         Device,
         download::package_with_token,
+    )
+    .add(M::OPTIONS, "/v1/uploads", Public, uploads::options)
+    .add(M::POST, "/v1/uploads", role(Publisher), uploads::create)
+    .add(
+        M::HEAD,
+        "/v1/uploads/{uploadId}",
+        role(Publisher),
+        uploads::offset,
+    )
+    .add(
+        M::PATCH,
+        "/v1/uploads/{uploadId}",
+        role(Publisher),
+        uploads::append,
+    )
+    .add(
+        M::DELETE,
+        "/v1/uploads/{uploadId}",
+        role(Publisher),
+        uploads::terminate,
     )
     .add(M::POST, "/v1/imports", role(Publisher), fota::import)
     .add(

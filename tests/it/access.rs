@@ -85,6 +85,11 @@ const TABLE: &[(&str, &str, &str)] = &[
         "operator",
     ),
     ("GET", "/v1/events", "reader"),
+    ("OPTIONS", "/v1/uploads", "public"),
+    ("POST", "/v1/uploads", "publisher"),
+    ("HEAD", "/v1/uploads/{uploadId}", "publisher"),
+    ("PATCH", "/v1/uploads/{uploadId}", "publisher"),
+    ("DELETE", "/v1/uploads/{uploadId}", "publisher"),
     ("GET", "/{tenant}/controller/v1/{controllerId}", "device"),
     (
         "GET",
@@ -320,6 +325,7 @@ async fn every_role_against_every_route() {
             .replace("{method}", "checkFirmwareUpdateStatus")
             .replace("{keyId}", &key_id)
             .replace("{token}", "nobody")
+            .replace("{uploadId}", "0123456789abcdef0123456789abcdef")
             .replace("{tenant}", "DEFAULT")
             .replace("{controllerId}", "acl-dev")
             .replace("{actionId}", "1")

@@ -17,6 +17,7 @@ mod fuzz;
 mod lifecycle;
 mod mcuboot;
 mod postgres;
+mod resumable;
 mod s3;
 mod slowloris;
 mod spec;
