@@ -1,4 +1,5 @@
-//! The command line: `serve`, `keygen` and `config`.
+//! The command line: `serve`, `keygen`, `config`, `keys`, `token`, and the client commands
+//! `push` and `pull` (in `client/`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,11 @@ enum Command {
     /// Access tokens: create (shown once), list, revoke. A running service sees changes at once.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Upload an image to a running service (streamed, resumable, safe to re-run).
+    Push(Box<crate::client::push::PushArgs>),
+    /// Download an image from a running service, resuming a partial file; checks the digest
+    /// and the signature.
+    Pull(crate::client::pull::PullArgs),
 }
 
 #[derive(Subcommand)]
@@ -165,6 +171,8 @@ pub fn main() -> ExitCode {
             print!("{}", toml::to_string(&c).unwrap_or_default());
         }),
         Command::Keys(command) => keys(command),
+        Command::Push(args) => crate::client::run(crate::client::push::push(*args)),
+        Command::Pull(args) => crate::client::run(crate::client::pull::pull(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod blob;
 pub mod cache;
 pub mod cli;
+pub mod client;
 pub mod coap;
 pub mod config;
 pub mod error;

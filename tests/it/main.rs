@@ -1,6 +1,7 @@
 //! Integration tests: real fwrepo servers on 127.0.0.1 ephemeral ports.
 
 mod access;
+mod cli;
 mod coap_interop;
 mod coap_protocol;
 mod common;
