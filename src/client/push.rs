@@ -131,12 +131,12 @@ pub async fn push(args: PushArgs) -> Result<(), Failure> {
             ));
         }
     }
-    let record = if size >= args.resumable_from {
-        resumable(&api, &args, size, &digest).await?
+    let (record, what) = if size >= args.resumable_from {
+        (resumable(&api, &args, size, &digest).await?, "stored")
     } else {
         plain(&api, &args, size, &digest).await?
     };
-    finish(&api, &args, &record, &digest, "stored").await
+    finish(&api, &args, &record, &digest, what).await
 }
 
 /// Checks what the service stored against the file, then prints it.
@@ -189,8 +189,14 @@ async fn body(path: &Path, offset: u64, progress: &Progress) -> Result<reqwest::
     Ok(reqwest::Body::wrap_stream(stream))
 }
 
-/// One `PUT`, for small files.
-async fn plain(api: &Api, args: &PushArgs, size: u64, digest: &str) -> Result<Value, Failure> {
+/// One `PUT`, for small files; "unchanged" when the name held the image already (an MCUboot
+/// image built the same again).
+async fn plain(
+    api: &Api,
+    args: &PushArgs,
+    size: u64,
+    digest: &str,
+) -> Result<(Value, &'static str), Failure> {
     let progress = Progress::new("uploading", size);
     let query = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(args.params(digest))
@@ -200,9 +206,14 @@ async fn plain(api: &Api, args: &PushArgs, size: u64, digest: &str) -> Result<Va
         .header(reqwest::header::CONTENT_LENGTH, size)
         .body(body(&args.file, 0, &progress).await?);
     let resp = api.send(req).await?;
+    let what = if resp.status() == StatusCode::OK {
+        "unchanged"
+    } else {
+        "stored"
+    };
     let record = api.json(resp).await;
     progress.finish();
-    record
+    Ok((record?, what))
 }
 
 /// Where the URL of an interrupted upload of this file is kept between runs.

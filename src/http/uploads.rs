@@ -54,16 +54,24 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The refusal of a client that does not speak tus 1.0.0 (412, naming the versions served).
+/// The refusal of a request without `Tus-Resumable: 1.0.0`: 400 when the header is missing,
+/// 412 for another version (as tus says); both name the version served.
 fn wrong_version(headers: &HeaderMap) -> Option<Response> {
-    if header_str(headers, "tus-resumable") == Some(TUS_VERSION) {
+    let sent = header_str(headers, "tus-resumable");
+    if sent == Some(TUS_VERSION) {
         return None;
     }
-    let mut resp = ApiError {
-        status: StatusCode::PRECONDITION_FAILED,
-        code: "tus-version-unsupported",
-        message: format!("send Tus-Resumable: {TUS_VERSION}"),
-        detail: None,
+    let mut resp = match sent {
+        None => ApiError::bad_request(
+            "invalid-parameter",
+            format!("Tus-Resumable: {TUS_VERSION} is required"),
+        ),
+        Some(other) => ApiError {
+            status: StatusCode::PRECONDITION_FAILED,
+            code: "tus-version-unsupported",
+            message: format!("Tus-Resumable {other:?}: this server speaks {TUS_VERSION}"),
+            detail: None,
+        },
     }
     .into_response();
     resp.headers_mut()

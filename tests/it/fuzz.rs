@@ -44,7 +44,9 @@ async fn schemathesis_in_namespace() {
     let seed = std::env::var("FWREPO_FUZZ_SEED").unwrap_or_else(|_| SEED.into());
     let out = tokio::process::Command::new(tool("schemathesis").unwrap())
         .current_dir(root)
-        .env("SCHEMATHESIS_HOOKS", "")
+        // tests/schemathesis_hooks.py: a generator for raw PATCH bodies (tus).
+        .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
+        .env("PYTHONPATH", format!("{root}/tests"))
         .args([
             "--config-file",
             "tests/schemathesis.toml",

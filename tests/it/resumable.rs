@@ -212,9 +212,18 @@ async fn refusals_termination_and_expiry() {
         &["http.upload_expiry=1s", "http.max_upload_size=1000000"],
     )
     .await;
-    // Without the protocol version: 412, naming the version served.
+    // Without the protocol version: 400; another version: 412, naming the one served.
     let r = client()
         .post(srv.url("/v1/uploads"))
+        .header("Upload-Length", "10")
+        .header("Upload-Metadata", metadata(&[("name", "a.bin")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = client()
+        .post(srv.url("/v1/uploads"))
+        .header("Tus-Resumable", "0.2.2")
         .header("Upload-Length", "10")
         .header("Upload-Metadata", metadata(&[("name", "a.bin")]))
         .send()
