@@ -297,18 +297,8 @@ pub async fn deployment_base(
     scheme: Option<Extension<ListenerScheme>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    check_tenant(&app, &tenant)?;
-    let action = parse_action(&action)?;
-    let proof = proof(&app, &headers).await?;
-    let (t, record) = app.engine.ddi_deployment(&device, action, proof).await?;
-    let links = Links::new(&app, scheme.as_deref(), &tenant, &device);
-    Ok(Json(deployment(
-        &app,
-        &links,
-        &t,
-        &record,
-        q.action_history,
-    )))
+    let at = At::new(&app, &tenant, &device, &action, scheme.as_deref())?;
+    show(&app, at, q, &headers, false).await
 }
 
 /// `GET /{tenant}/controller/v1/{controllerId}/installedBase/{actionId}`
@@ -319,14 +309,61 @@ pub async fn installed_base(
     scheme: Option<Extension<ListenerScheme>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    check_tenant(&app, &tenant)?;
-    let action = parse_action(&action)?;
-    let proof = proof(&app, &headers).await?;
-    let (t, record) = app.engine.ddi_installed(&device, action, proof).await?;
-    let links = Links::new(&app, scheme.as_deref(), &tenant, &device);
+    let at = At::new(&app, &tenant, &device, &action, scheme.as_deref())?;
+    show(&app, at, q, &headers, true).await
+}
+
+/// An action's place: its links, its device and its id, checked.
+struct At<'a> {
+    links: Links,
+    device: &'a str,
+    action: u32,
+}
+
+impl<'a> At<'a> {
+    fn new(
+        app: &AppState,
+        tenant: &str,
+        device: &'a str,
+        action: &str,
+        scheme: Option<&ListenerScheme>,
+    ) -> Result<At<'a>, ApiError> {
+        check_tenant(app, tenant)?;
+        Ok(At {
+            action: parse_action(action)?,
+            links: Links::new(app, scheme, tenant, device),
+            device,
+        })
+    }
+}
+
+/// A deployment, or with `installed` a succeeded one.
+async fn show(
+    app: &AppState,
+    at: At<'_>,
+    q: DeploymentQuery,
+    headers: &HeaderMap,
+    installed: bool,
+) -> Result<Json<Value>, ApiError> {
+    if q.action_history.is_some_and(|n| !(-1..=i32::MAX as i64).contains(&n)) {
+        return Err(ApiError::bad_request(
+            "invalid-parameter",
+            "actionHistory: -1 (all) or a count",
+        ));
+    }
+    let proof = proof(app, headers).await?;
+    let (t, record) = if installed {
+        app.engine
+            .ddi_installed(at.device, at.action, proof)
+            .await?
+    } else {
+        app.engine
+            .ddi_deployment(at.device, at.action, proof)
+            .await?
+    };
     Ok(Json(deployment(
-        &app,
-        &links,
+        app,
+        &at.links,
         &t,
         &record,
         q.action_history,

@@ -517,3 +517,92 @@ async fn an_import_is_fetched_once_and_taken_over_after_a_crash() {
     assert_eq!(work["sha256"], sha256_hex(&data));
     b.stop().await;
 }
+
+/// The hawkBit device API on PostgreSQL metadata, across two instances: one hands the
+/// deployment over, the other takes the device's feedback and configuration data, and both
+/// show the action installed.
+#[tokio::test]
+async fn ddi_across_instances_on_postgres() {
+    let Some(url) = fresh_postgres().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let shared = shared(&url, dir.path(), &[]);
+    let sets: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let a = TestServer::start(&dir.path().join("a"), &sets).await;
+    let b = TestServer::start(&dir.path().join("b"), &sets).await;
+    let data = image(50_000, 6);
+    assert_eq!(
+        a.put("/v1/firmware/pg-ddi.swu", data.clone())
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let r = a
+        .post(
+            "/v1/devices/pg-gw/fota",
+            &json!({"name": "pg-ddi.swu", "protocolType": "HTTP"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id = r.json::<Value>().await.unwrap()["fotaId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let base: Value = a
+        .get("/DEFAULT/controller/v1/pg-gw")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let href = base["_links"]["deploymentBase"]["href"].as_str().unwrap();
+    let action = href.rsplit('/').next().unwrap().to_owned();
+    let d: Value = b
+        .get(&format!(
+            "/DEFAULT/controller/v1/pg-gw/deploymentBase/{action}"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        d["deployment"]["chunks"][0]["artifacts"][0]["hashes"]["sha256"],
+        sha256_hex(&data)
+    );
+    let r = b
+        .post(
+            &format!("/DEFAULT/controller/v1/pg-gw/deploymentBase/{action}/feedback"),
+            &json!({"status": {"execution": "closed", "result": {"finished": "success"}, "details": ["ok"]}}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = client()
+        .put(b.url("/DEFAULT/controller/v1/pg-gw/configData"))
+        .json(&json!({"data": {"board": "x"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let t: Value = a.get(&format!("/v1/fota/{id}")).await.json().await.unwrap();
+    assert_eq!(t["status"], "succeeded");
+    assert_eq!(
+        t["history"].as_array().unwrap().last().unwrap()["detail"],
+        "closed: ok"
+    );
+    let dev: Value = a.get("/v1/devices/pg-gw").await.json().await.unwrap();
+    assert_eq!(dev["attributes"]["board"], "x");
+    for srv in [&a, &b] {
+        let base: Value = srv
+            .get("/DEFAULT/controller/v1/pg-gw")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert!(base["_links"].get("deploymentBase").is_none(), "{base}");
+        assert!(base["_links"].get("configData").is_none(), "{base}");
+        assert!(base["_links"]["installedBase"]["href"]
+            .as_str()
+            .unwrap()
+            .ends_with(&action));
+    }
+}

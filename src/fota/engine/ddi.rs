@@ -176,16 +176,8 @@ impl Engine {
         feedback: &Feedback,
         proof: Proof<'_>,
     ) -> Result<FotaTask, FotaError> {
-        check_device(device)?;
-        self.identify(device, proof).await?;
         let step = feedback.step()?;
-        let id = self.action_task(device, action).await?;
-        self.seen(device, None).await?;
-        retried(|| async {
-            let _g = self.lock_task(&id).await;
-            let mut t = self.task(&id).await?;
-            let before = t.clone();
-            let now = self.now_ms();
+        self.change_action(device, action, proof, |t, now| {
             let detail = feedback.detail();
             match &step {
                 Step::Report(report) => {
@@ -196,14 +188,13 @@ impl Engine {
                     t.apply(report, deferred_until, now)?;
                     if t.history.len() != entries || t.history.last() != last.as_ref() {
                         t.annotate(detail);
+                        Ok(())
                     } else {
-                        t.note(feedback.execution.as_str(), detail, now)?;
+                        Ok(t.note(feedback.execution.as_str(), detail, now)?)
                     }
                 }
-                Step::Note(reason) => t.note(reason, detail, now)?,
+                Step::Note(reason) => Ok(t.note(reason, detail, now)?),
             }
-            self.commit(&before, &mut t).await?;
-            Ok(t)
         })
         .await
     }
@@ -216,6 +207,21 @@ impl Engine {
         feedback: &Feedback,
         proof: Proof<'_>,
     ) -> Result<FotaTask, FotaError> {
+        self.change_action(device, action, proof, |t, now| {
+            Ok(t.answer_cancel(feedback.cancel_answer(), feedback.detail(), now)?)
+        })
+        .await
+    }
+
+    /// Applies `change` to the device's task known as `action` and stores it, on a fresh
+    /// read for as long as others store it first.
+    async fn change_action(
+        &self,
+        device: &str,
+        action: u32,
+        proof: Proof<'_>,
+        change: impl Fn(&mut FotaTask, i64) -> Result<(), FotaError>,
+    ) -> Result<FotaTask, FotaError> {
         check_device(device)?;
         self.identify(device, proof).await?;
         let id = self.action_task(device, action).await?;
@@ -224,7 +230,7 @@ impl Engine {
             let _g = self.lock_task(&id).await;
             let mut t = self.task(&id).await?;
             let before = t.clone();
-            t.answer_cancel(feedback.cancel_answer(), feedback.detail(), self.now_ms())?;
+            change(&mut t, self.now_ms())?;
             self.commit(&before, &mut t).await?;
             Ok(t)
         })
