@@ -345,7 +345,9 @@ async fn show(
     headers: &HeaderMap,
     installed: bool,
 ) -> Result<Json<Value>, ApiError> {
-    if q.action_history.is_some_and(|n| !(-1..=i32::MAX as i64).contains(&n)) {
+    if q.action_history
+        .is_some_and(|n| !(-1..=i32::MAX as i64).contains(&n))
+    {
         return Err(ApiError::bad_request(
             "invalid-parameter",
             "actionHistory: -1 (all) or a count",
