@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod coap;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod firmware;
 pub mod fleet;

@@ -140,6 +140,7 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
 async fn access(
     config: &Config,
     tokens: crate::auth::TokenStore,
+    keys: &KeyRing,
 ) -> Result<http::access::Access, StartError> {
     let listeners = config.listen_addrs()?;
     let open_allowed = crate::auth::open_allowed(&listeners, config.auth.insecure);
@@ -172,6 +173,7 @@ async fn access(
         audit: crate::auth::AuditLog::open(Some(&config.audit_path())),
         open_allowed,
         package_tokens: config.auth.package_tokens,
+        sessions: crate::console::session::Sessions::new(keys),
     })
 }
 
@@ -188,8 +190,8 @@ pub async fn start_with_clock(
 ) -> Result<Running, StartError> {
     config.validate()?;
     let (meta, tokens) = meta::open(&config.meta_backend()?, &config.tokens_path()).await?;
-    let access = access(config, tokens).await?;
     let keys = KeyRing::load_or_create(&config.keys.dir, &config.keys.active)?;
+    let access = access(config, tokens, &keys).await?;
     let active = keys.active();
     tracing::info!(key_id = %active.id, public_key = %hex::encode(active.public_raw()), "signing key");
     let blobs = BlobStore::open(&config.blob_backend()?, &config.s3)?;

@@ -3,6 +3,7 @@
 
 mod audit;
 pub mod device;
+pub mod mac;
 mod tokens;
 
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ pub enum AuthError {
     Missing,
     #[error("the bearer token is not valid")]
     Unknown,
+    #[error("a change made with a console session needs its X-Fwrepo-Csrf header")]
+    Csrf,
     #[error("role {have} may not {action}; it needs {need}")]
     Forbidden {
         /// The token's name, for the audit trail.
@@ -47,6 +50,7 @@ impl AuthError {
         match self {
             AuthError::Missing => ("unauthenticated", Kind::Unauthorized),
             AuthError::Unknown => ("invalid-token", Kind::Unauthorized),
+            AuthError::Csrf => ("csrf-check-failed", Kind::Forbidden),
             AuthError::Forbidden { .. } => ("forbidden", Kind::Forbidden),
             AuthError::Invalid(_) => ("invalid-parameter", Kind::BadRequest),
             AuthError::NameTaken(_) => ("token-name-taken", Kind::Conflict),

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::{AuditEvent, AuditLog, AuthError, Caller, Role, Rule, TokenStore};
+use crate::auth::{AuditEvent, AuditLog, AuthError, Caller, Role, Rule, TokenInfo, TokenStore};
 
 /// What the access layer needs, shared by every request.
 pub struct Access {
@@ -22,6 +22,8 @@ pub struct Access {
     pub open_allowed: bool,
     /// `auth.package_tokens`: downloads by name need a reader token.
     pub package_tokens: bool,
+    /// Console sessions: a session cookie stands for its token.
+    pub sessions: crate::console::session::Sessions,
 }
 
 /// A short description of what a change did, set by handlers whose path alone does not say
@@ -86,8 +88,10 @@ pub async fn decide(
     if access.open_allowed && access.tokens.is_empty().await? {
         return Ok(Caller::Anonymous);
     }
-    let token = bearer(headers).ok_or(AuthError::Missing)?;
-    let info = access.tokens.check(token).await?;
+    let info = match bearer(headers) {
+        Some(token) => access.tokens.check(token).await?,
+        None => session_token(access, method, headers).await?,
+    };
     if !info.role.covers(need) {
         return Err(AuthError::Forbidden {
             name: info.name,
@@ -100,6 +104,35 @@ pub async fn decide(
         name: info.name,
         role: info.role,
     })
+}
+
+/// The token a console session stands for. A change needs the session's CSRF value too.
+pub async fn session_token(
+    access: &Access,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<TokenInfo, AuthError> {
+    let cookie = crate::console::session::cookie(headers).ok_or(AuthError::Missing)?;
+    let session = access
+        .sessions
+        .verify(cookie, crate::firmware::now_ms() as u64 / 1000)
+        .ok_or(AuthError::Unknown)?;
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        let sent = headers
+            .get("x-fwrepo-csrf")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !access.sessions.csrf_matches(cookie, sent) {
+            return Err(AuthError::Csrf);
+        }
+    }
+    access
+        .tokens
+        .list()
+        .await?
+        .into_iter()
+        .find(|t| t.id == session.token_id)
+        .ok_or(AuthError::Unknown)
 }
 
 /// The middleware: the decision before the handler, so a refusal never depends on whether

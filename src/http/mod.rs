@@ -2,6 +2,7 @@
 
 pub mod access;
 mod campaigns;
+mod console;
 mod ddi;
 mod devices;
 mod download;
@@ -92,6 +93,13 @@ pub fn routes() -> Routes {
         table: Vec::new(),
     }
     .add(M::GET, "/healthz", Public, ops::healthz)
+    // The web console: its files are public, what it shows comes through the API below.
+    .add(M::GET, "/ui", Public, console::root)
+    .add(M::GET, "/ui/", Public, console::index)
+    .add(M::GET, "/ui/{asset}", Public, console::file_named)
+    .add(M::GET, "/ui/session", Public, console::whoami)
+    .add(M::POST, "/ui/session", Public, console::sign_in)
+    .add(M::DELETE, "/ui/session", Public, console::sign_out)
     .add(M::GET, "/metrics", role(Reader), ops::metrics)
     .add(M::GET, "/v1/keys", role(Reader), ops::keys)
     .add(M::GET, "/v1/keys/{keyId}", role(Reader), ops::key)

@@ -19,6 +19,12 @@ use crate::common::{
 /// `every_role_against_every_route`, so no route goes without a decided rule.
 const TABLE: &[(&str, &str, &str)] = &[
     ("GET", "/healthz", "public"),
+    ("GET", "/ui", "public"),
+    ("GET", "/ui/", "public"),
+    ("GET", "/ui/{asset}", "public"),
+    ("GET", "/ui/session", "public"),
+    ("POST", "/ui/session", "public"),
+    ("DELETE", "/ui/session", "public"),
     ("GET", "/metrics", "reader"),
     ("GET", "/v1/keys", "reader"),
     ("GET", "/v1/keys/{keyId}", "reader"),

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 
-use sha2::{Digest, Sha256};
+use crate::auth::mac::{hmac_sha256, same};
 
 /// Record content type of handshake messages.
 const HANDSHAKE: u8 = 22;
@@ -127,29 +127,6 @@ impl CookieKey {
                 .iter()
                 .any(|slot| same(got, &self.cookie(peer, &ch.random, *slot)))
     }
-}
-
-/// Compares without an early exit.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
-    let mut ipad = [0x36u8; 64];
-    let mut opad = [0x5cu8; 64];
-    for (i, k) in key.iter().enumerate() {
-        ipad[i] ^= k;
-        opad[i] ^= k;
-    }
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(msg)
-        .finalize();
-    Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize()
-        .into()
 }
 
 fn handshake_record(
