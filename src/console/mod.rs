@@ -41,6 +41,12 @@ pub static ASSETS: &[Asset] = &[
     asset!("updates.js", "text/javascript; charset=utf-8"),
     asset!("events.js", "text/javascript; charset=utf-8"),
     asset!("tokens.js", "text/javascript; charset=utf-8"),
+    asset!("table.js", "text/javascript; charset=utf-8"),
+    asset!("chart.js", "text/javascript; charset=utf-8"),
+    asset!("fleet.js", "text/javascript; charset=utf-8"),
+    asset!("campaigns.js", "text/javascript; charset=utf-8"),
+    asset!("schedules.js", "text/javascript; charset=utf-8"),
+    asset!("health.js", "text/javascript; charset=utf-8"),
 ];
 
 /// The policy every console answer carries.

@@ -282,6 +282,55 @@ async fn console_schedules_an_update_and_follows_the_device() {
 }
 
 #[tokio::test]
+async fn console_health_charts_downloads_and_bytes_from_the_counters() {
+    if !browser_here() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, admin) = server(dir.path()).await;
+    let data = image(100_000, 5);
+    let r = client()
+        .put(srv.url("/v1/firmware/fw-h"))
+        .bearer_auth(&admin)
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let b = Browser::start(1280, 900).await;
+    sign_in(&b, &srv, &admin).await;
+    b.goto(&srv.url("/ui/#/health")).await;
+    assert_eq!(b.text("#fig-downloads strong").await, "0");
+    for _ in 0..3 {
+        let got = client()
+            .get(srv.url("/fw/fw-h"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(got.len(), data.len());
+    }
+    // The next samples count the downloads and draw them.
+    let seen = b
+        .wait_for(
+            "return {downloads: document.querySelector('#fig-downloads strong').textContent, \
+                     bytes: document.querySelector('#fig-bytes strong').textContent, \
+                     line: !!document.querySelector('#downloads-chart path'), \
+                     peak: document.querySelector('#downloads-chart text').textContent}",
+            |v| v["downloads"] == "3" && v["line"] == true,
+        )
+        .await;
+    assert_eq!(seen["bytes"], "293.0 KiB", "3 × 100,000 bytes");
+    assert_eq!(seen["peak"], "downloads, peak 3");
+    b.screenshot("console-health").await;
+    b.assert_no_console_errors().await;
+    b.quit().await;
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn console_cancels_a_task() {
     if !browser_here() {
         return;
@@ -353,7 +402,16 @@ async fn console_refuses_a_reader_its_buttons_and_the_server_refuses_forgeries()
     let visible = "return [...document.querySelectorAll('nav a')].filter(a => !a.hidden).map(a => a.getAttribute('href'))";
     assert_eq!(
         b.run(visible, json!([])).await,
-        json!(["#/firmware", "#/updates"])
+        json!([
+            "#/firmware",
+            "#/updates",
+            "#/devices",
+            "#/groups",
+            "#/campaigns",
+            "#/schedules",
+            "#/health"
+        ]),
+        "no Upload and no Tokens for a reader"
     );
     b.click("#firmware a[href='#/firmware/fw-r']").await;
     b.find("#sha256").await;
@@ -370,6 +428,23 @@ async fn console_refuses_a_reader_its_buttons_and_the_server_refuses_forgeries()
     b.find("#tasks tbody tr").await;
     assert!(b.find_now("#schedule-link").await.is_none());
     assert!(b.find_now("[data-cancel]").await.is_none());
+    // A campaign's dashboard: the figures, and no actions.
+    let c = client()
+        .post(srv.url("/v1/campaigns"))
+        .bearer_auth(&admin)
+        .json(&json!({"firmware": "fw-r", "target": {"devices": ["dev-r2"]}}))
+        .value()
+        .await;
+    let campaign = c["campaignId"].as_str().unwrap().to_owned();
+    b.goto(&srv.url(&format!("/ui/#/campaigns/{campaign}")))
+        .await;
+    b.find("#campaign-chart svg").await;
+    b.find("h1 [data-state=draft]").await;
+    assert!(b
+        .find_now("#campaign-actions [data-action]")
+        .await
+        .is_none());
+    assert!(b.find_now("#new-campaign").await.is_none());
     b.assert_no_console_errors().await;
 
     // The same requests forged with the reader's session: the server refuses them.
@@ -570,5 +645,206 @@ async fn console_runs_open_on_loopback_without_tokens() {
     assert_eq!(who["role"], "admin");
     let r = client().get(srv.url("/v1/firmware")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    srv.stop().await;
+}
+
+/// A simulated device over HTTP: takes its task if offered, downloads it, reports success.
+async fn device_updates(srv: &TestServer, device: &str) -> bool {
+    let r = client()
+        .get(srv.url(&format!("/v1/devices/{device}/fota")))
+        .send()
+        .await
+        .unwrap();
+    if r.status() == StatusCode::NO_CONTENT {
+        return false;
+    }
+    let w: Value = r.json().await.unwrap();
+    let id = w["fotaId"].as_str().unwrap().to_owned();
+    let body = client()
+        .get(w["packageUri"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.len() as u64, w["size"].as_u64().unwrap());
+    for (state, result) in [(2, 0), (3, 0), (0, 1)] {
+        let r = client()
+            .post(srv.url(&format!("/v1/fota/{id}/report")))
+            .json(&json!({"state": state, "result": result, "pkgVersion": "4.0.0"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    true
+}
+
+/// The dashboard's figures: succeeded per the overall bar and per wave, and the state.
+const DASHBOARD: &str = "const n = (sel) => [...document.querySelectorAll(sel)].map(r => Number(r.dataset.count)); \
+    const s = document.querySelector('h1 [data-state]'); \
+    return {state: s ? s.dataset.state : null, \
+            succeeded: n('#campaign-chart rect[data-status=succeeded]')[0] || 0, \
+            waves: [...document.querySelectorAll('#campaign-waves [data-row]')].map(g => { \
+                const r = g.querySelector('rect[data-status=succeeded]'); return r ? Number(r.dataset.count) : 0; }), \
+            actions: [...document.querySelectorAll('#campaign-actions [data-action]')].map(b => b.dataset.action)}";
+
+#[tokio::test]
+async fn console_campaign_wizard_and_a_dashboard_that_moves_with_the_devices() {
+    if !browser_here() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, admin) = server(dir.path()).await;
+    let r = client()
+        .put(srv.url("/v1/firmware/acme.com-meter-4?version=4.0.0"))
+        .bearer_auth(&admin)
+        .body(image(64 << 10, 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let devices: Vec<String> = (0..12).map(|i| format!("meter-{i:02}")).collect();
+    let b = Browser::start(1280, 900).await;
+    sign_in(&b, &srv, &admin).await;
+
+    // The wizard, step by step.
+    b.click("nav a[href='#/campaigns']").await;
+    b.click("#new-campaign").await;
+    b.type_into("#c-name", "meters to 4.0").await;
+    b.type_into("#c-firmware", "acme.com-meter-4").await;
+    b.select("#c-target-kind", "devices").await;
+    b.type_into("#c-target", &devices.join(" ")).await;
+    b.click("#c-next").await;
+    b.run("document.getElementById('c-waves').value = ''", json!([]))
+        .await;
+    b.type_into("#c-waves", "4, 100%").await;
+    b.click("#c-pause").await;
+    b.click("#c-next").await;
+    b.type_into("#c-share", "0.5").await;
+    b.select("#c-protocol", "HTTP").await;
+    b.click("#c-next").await;
+    let review: Value = serde_json::from_str(&b.text("#c-review").await).unwrap();
+    assert_eq!(
+        review["waves"],
+        json!([{"count": 4, "pause": true}, {"percent": 100}])
+    );
+    assert_eq!(review["target"]["devices"].as_array().unwrap().len(), 12);
+    b.click("#c-create").await;
+    let drawn = b.wait_for(DASHBOARD, |v| v["state"] == "draft").await;
+    assert!(drawn["actions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("start")));
+    let id = b.url().await.rsplit('/').next().unwrap().to_owned();
+
+    b.click("[data-action=start]").await;
+    b.wait_for(DASHBOARD, |v| v["state"] == "running").await;
+    // The first wave's devices update one by one; the chart follows each.
+    let mut updated = 0;
+    for d in &devices {
+        if device_updates(&srv, d).await {
+            updated += 1;
+            b.wait_for(DASHBOARD, |v| v["succeeded"] == updated).await;
+        }
+    }
+    assert_eq!(updated, 4, "only the first wave is offered work");
+    let first = b.wait_for(DASHBOARD, |v| v["waves"][0] == 4).await;
+    assert_eq!(first["waves"][1], 0);
+    b.screenshot("console-campaign").await;
+    // The first wave done, the campaign waits for a person: resume from the dashboard.
+    b.wait_for(DASHBOARD, |v| v["state"] == "paused").await;
+    b.click("[data-action=resume]").await;
+    b.wait_for(DASHBOARD, |v| v["state"] == "running").await;
+    // The second wave: every remaining device, until the campaign finishes.
+    let status = crate::common::poll(
+        async || {
+            for d in &devices {
+                device_updates(&srv, d).await;
+            }
+            client()
+                .get(srv.url(&format!("/v1/campaigns/{id}")))
+                .bearer_auth(&admin)
+                .value()
+                .await
+        },
+        |c| c["state"] == "finished",
+    )
+    .await;
+    assert_eq!(status["state"], "finished", "{status}");
+    let last = b
+        .wait_for(DASHBOARD, |v| {
+            v["state"] == "finished" && v["succeeded"] == 12
+        })
+        .await;
+    assert_eq!(last["waves"], json!([4, 8]));
+    b.screenshot("console-campaign-finished").await;
+    b.assert_no_console_errors().await;
+    b.quit().await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn console_every_page_opens_labelled_and_without_errors() {
+    if !browser_here() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, admin) = server(dir.path()).await;
+    let r = client()
+        .post(srv.url("/v1/devices:import"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/x-ndjson")
+        .body("{\"deviceId\":\"meter-1\",\"tags\":{\"site\":\"berlin\"}}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = client()
+        .put(srv.url("/v1/groups/berlin"))
+        .bearer_auth(&admin)
+        .json(&json!({"filter": "tag.site == \"berlin\""}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let b = Browser::start(1280, 900).await;
+    sign_in(&b, &srv, &admin).await;
+    // Every form control is labelled, on every page.
+    const UNLABELLED: &str = "return [...document.querySelectorAll('#main input, #main select, #main textarea')] \
+        .filter(el => !(el.id && document.querySelector(`label[for='${el.id}']`)) && !el.getAttribute('aria-label')) \
+        .map(el => el.outerHTML)";
+    for (page, ready, shot) in [
+        ("#/devices", "#devices tbody tr", "devices"),
+        ("#/devices/meter-1", "#device-facts", "device"),
+        ("#/groups", "#groups tbody tr", "groups"),
+        ("#/groups/berlin", "#group-devices tbody tr", "group"),
+        ("#/campaigns", "#campaigns", "campaigns"),
+        ("#/campaigns/new", "#campaign-form", "campaign-wizard"),
+        ("#/schedules", "table.week", "schedules"),
+        ("#/health", "#fig-firmware", "health"),
+        ("#/tokens", "#tokens tbody tr", "tokens"),
+        ("#/upload", "#upload", "upload"),
+        ("#/updates/new", "#schedule-form", "schedule"),
+    ] {
+        b.goto(&srv.url(&format!("/ui/{page}"))).await;
+        b.find(ready).await;
+        assert_eq!(b.run(UNLABELLED, json!([])).await, json!([]), "{page}");
+        b.screenshot(&format!("console-{shot}")).await;
+    }
+    // The group resolves its filter to the device; the schedules show their grids.
+    b.goto(&srv.url("/ui/#/groups/berlin")).await;
+    assert!(b.text("#group-devices").await.contains("meter-1"));
+    b.goto(&srv.url("/ui/#/schedules")).await;
+    let open = b
+        .run(
+            "return document.querySelectorAll('table.week[data-schedule=always] td.open').length",
+            json!([]),
+        )
+        .await;
+    assert_eq!(open, 7 * 24, "'always' is open every hour");
+    b.assert_no_console_errors().await;
+    b.quit().await;
     srv.stop().await;
 }

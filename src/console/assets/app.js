@@ -8,6 +8,10 @@ import * as firmware from "./firmware.js";
 import * as upload from "./upload.js";
 import * as updates from "./updates.js";
 import * as tokens from "./tokens.js";
+import * as fleet from "./fleet.js";
+import * as campaigns from "./campaigns.js";
+import * as schedules from "./schedules.js";
+import * as health from "./health.js";
 import * as signin from "./signin.js";
 
 async function loadSession() {
@@ -27,10 +31,19 @@ const routes = [
   [/^#\/firmware\/([^/]+)$/, (m) => firmware.detail(decodeURIComponent(m[1]))],
   [/^#\/firmware$/, () => firmware.list()],
   [/^#\/upload$/, () => upload.page()],
-  [/^#\/updates\/new$/, () => updates.schedule()],
+  [/^#\/updates\/new(\?.*)?$/, () => updates.schedule()],
   [/^#\/updates\/([^/?]+)$/, (m) => updates.task(decodeURIComponent(m[1]))],
   [/^#\/updates(\?.*)?$/, () => updates.list()],
   [/^#\/tokens$/, () => tokens.page()],
+  [/^#\/devices\/([^/?]+)$/, (m) => fleet.device(decodeURIComponent(m[1]))],
+  [/^#\/devices$/, () => fleet.devices()],
+  [/^#\/groups\/([^/?]+)$/, (m) => fleet.group(decodeURIComponent(m[1]))],
+  [/^#\/groups$/, () => fleet.groups()],
+  [/^#\/campaigns\/new(\?.*)?$/, () => campaigns.wizard()],
+  [/^#\/campaigns\/([0-9a-f]{32})$/, (m) => campaigns.dashboard(m[1])],
+  [/^#\/campaigns$/, () => campaigns.list()],
+  [/^#\/schedules$/, () => schedules.page()],
+  [/^#\/health$/, () => health.page()],
 ];
 
 async function afterSignIn() {

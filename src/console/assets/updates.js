@@ -196,7 +196,8 @@ export async function schedule() {
   if (live) live.close();
   unwatch();
   const input = (id, attrs = {}) => h("input", { id, name: id, ...attrs });
-  const device = input("deviceId", { required: true, placeholder: "urn:dev:os:0001", autocomplete: "off" });
+  const params = new URLSearchParams(location.hash.split("?")[1] || "");
+  const device = input("deviceId", { required: true, placeholder: "urn:dev:os:0001", autocomplete: "off", value: params.get("deviceId") || "" });
   const name = input("fw-name", { required: true, placeholder: "acme.com-7f3a9c", autocomplete: "off" });
   const url = input("firmwareUrl", { type: "url", placeholder: "https://… (imported when the name is not stored)" });
   const timeout = input("timeout", { placeholder: "1200s" });
