@@ -60,7 +60,15 @@ async fn console_signs_in_and_uploads_through_the_form() {
     // The console asked /ui/session and was refused a sign-in: the browser logged the 401.
     b.console().await;
 
-    sign_in(&b, &srv, &admin).await;
+    // With the keyboard: the field has focus, Enter submits.
+    b.goto(&srv.url("/ui/")).await;
+    b.find("#signin").await;
+    assert_eq!(
+        b.run("return document.activeElement.id", json!([])).await,
+        "token"
+    );
+    b.type_into("#token", &format!("{admin}\u{E007}")).await;
+    b.find("#firmware").await;
     assert!(b.text("#who").await.contains("root (admin)"));
     // The cookie: HttpOnly, SameSite=Strict, expiring; the page cannot read it.
     let cookies = b.cookies().await;
@@ -116,6 +124,38 @@ async fn console_signs_in_and_uploads_through_the_form() {
         "{row}"
     );
     b.screenshot("console-firmware").await;
+
+    // Change the description on the record's page, then delete it after confirming.
+    b.click("#firmware a[href='#/firmware/acme.com-console1']")
+        .await;
+    b.run(
+        "document.getElementById('description').value = ''",
+        json!([]),
+    )
+    .await;
+    b.type_into("#description", "tested on the bench").await;
+    b.click("#change button[type=submit]").await;
+    b.wait_for(
+        "return document.querySelector('#description') && document.querySelector('#description').value",
+        |v| v == "tested on the bench",
+    )
+    .await;
+    let record = client()
+        .get(srv.url("/v1/firmware/acme.com-console1"))
+        .bearer_auth(&admin)
+        .value()
+        .await;
+    assert_eq!(record["description"], "tested on the bench");
+    b.click("#delete").await;
+    b.accept_dialog().await;
+    b.find("#firmware").await;
+    let r = client()
+        .get(srv.url("/v1/firmware/acme.com-console1"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
     b.assert_no_console_errors().await;
 
     // Signing out clears the session: the API refuses the old cookie's absence.
@@ -645,6 +685,100 @@ async fn console_runs_open_on_loopback_without_tokens() {
     assert_eq!(who["role"], "admin");
     let r = client().get(srv.url("/v1/firmware")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    if browser_here() {
+        let b = Browser::start(1280, 900).await;
+        b.goto(&srv.url("/ui/")).await;
+        b.find("#firmware").await;
+        assert!(b.text("#who").await.contains("open mode"));
+        assert!(b.find_now("#signin").await.is_none());
+        assert!(b.find_now("#signout:not([hidden])").await.is_none());
+        b.assert_no_console_errors().await;
+        b.quit().await;
+    }
+    srv.stop().await;
+}
+
+/// Under HTTPS the session cookie is Secure.
+#[tokio::test]
+async fn console_cookie_is_secure_under_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = token(dir.path(), "root", Role::Admin).await;
+    let (cert, key) = crate::common::test_certificate(dir.path());
+    let sets = [
+        "http.listen=".to_owned(),
+        "https.listen=127.0.0.1:0".to_owned(),
+        format!("https.cert={}", cert.display()),
+        format!("https.key={}", key.display()),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let running = fwrepo::server::start(
+        &crate::common::config(dir.path(), &sets),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let base = format!("https://{}", running.https_addr.unwrap());
+    let tls = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap()])
+        .build()
+        .unwrap();
+    let r = tls
+        .post(format!("{base}/ui/session"))
+        .json(&json!({ "token": admin }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let set = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        set.contains("; Secure") && set.contains("HttpOnly"),
+        "{set}"
+    );
+    running.shutdown();
+    running.wait().await;
+}
+
+/// A thousand tasks: the list loads a page at a time, never all of them.
+#[tokio::test]
+async fn console_pages_a_thousand_tasks() {
+    if !browser_here() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, admin) = server(dir.path()).await;
+    let r = client()
+        .put(srv.url("/v1/firmware/fw-many"))
+        .bearer_auth(&admin)
+        .body(image(1024, 6))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let http = client();
+    for chunk in (0..1000).collect::<Vec<_>>().chunks(50) {
+        let made = chunk.iter().map(|i| {
+            http.post(srv.url(&format!("/v1/devices/d-{i:04}/fota")))
+                .bearer_auth(&admin)
+                .json(&json!({"name": "fw-many", "protocolType": "HTTP"}))
+                .send()
+        });
+        for r in futures_util::future::join_all(made).await {
+            assert_eq!(r.unwrap().status(), StatusCode::CREATED);
+        }
+    }
+    let b = Browser::start(1280, 900).await;
+    sign_in(&b, &srv, &admin).await;
+    b.click("nav a[href='#/updates']").await;
+    let rows = "return document.querySelectorAll('#tasks tbody tr').length";
+    b.wait_for(rows, |v| v == 100).await;
+    b.click("#more").await;
+    b.wait_for(rows, |v| v == 200).await;
+    // A filter by device finds its one task without loading the rest.
+    b.type_into("#device-filter", "d-0999").await;
+    b.wait_for(rows, |v| v == 1).await;
+    b.screenshot("console-many-tasks").await;
+    b.assert_no_console_errors().await;
+    b.quit().await;
     srv.stop().await;
 }
 

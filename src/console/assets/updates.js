@@ -8,6 +8,7 @@ import { may } from "./session.js";
 import { follow } from "./events.js";
 
 const PAGE = 100;
+const POLL_AT_ONCE = 10;
 const STATUSES = ["pending", "delivering", "downloading", "downloaded", "updating", "succeeded", "failed", "cancelled"];
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 
@@ -54,8 +55,12 @@ class Live {
 
   async poll() {
     if (!document.getElementById("tasks")) return this.close();
-    for (const [id, row] of this.rows) {
-      if (FINAL.has(row.task.status) || row.task.status === "pending") continue;
+    // At most a few tasks a tick, in turn, so a page of busy tasks costs the server little.
+    const busy = [...this.rows].filter(([, row]) => !FINAL.has(row.task.status) && row.task.status !== "pending");
+    this.turn = (this.turn || 0) % Math.max(1, busy.length);
+    const now = busy.slice(this.turn, this.turn + POLL_AT_ONCE);
+    this.turn += POLL_AT_ONCE;
+    for (const [id, row] of now) {
       try {
         const t = await api("GET", `/v1/fota/${encodeURIComponent(id)}`);
         row.task = t;
