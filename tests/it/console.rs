@@ -125,6 +125,27 @@ async fn console_signs_in_and_uploads_through_the_form() {
     );
     b.screenshot("console-firmware").await;
 
+    // An MCUboot image: built and signed here with the options of the form.
+    b.click("nav a[href='#/upload']").await;
+    b.type_into("#file", file.to_str().unwrap()).await;
+    b.run("document.getElementById('name').value = ''", json!([]))
+        .await;
+    b.type_into("#name", "acme.com-console-mcuboot").await;
+    b.type_into("#version", "1.2.3+42").await;
+    b.select("#format", "mcuboot").await;
+    b.type_into("#securityCounter", "auto").await;
+    b.click("#upload button[type=submit]").await;
+    b.find("#sha256").await;
+    let built = client()
+        .get(srv.url("/v1/firmware/acme.com-console-mcuboot"))
+        .bearer_auth(&admin)
+        .value()
+        .await;
+    assert_eq!(built["format"], "mcuboot", "{built}");
+    assert_eq!(built["mcuboot"]["version"], "1.2.3+42");
+    assert!(b.text("#main").await.contains("MCUboot"));
+    b.click("nav a[href='#/firmware']").await;
+
     // Change the description on the record's page, then delete it after confirming.
     b.click("#firmware a[href='#/firmware/acme.com-console1']")
         .await;
@@ -316,6 +337,21 @@ async fn console_schedules_an_update_and_follows_the_device() {
         "a finished task has no cancel"
     );
     b.screenshot("console-task").await;
+    // An admin makes a token; it is shown once and works.
+    b.goto(&srv.url("/ui/#/tokens")).await;
+    b.type_into("#token-name", "ci-bot").await;
+    b.select("#token-role", "publisher").await;
+    b.click("#token-form button[type=submit]").await;
+    let made = b.text("#new-token").await;
+    assert!(made.starts_with("fwr_"), "{made}");
+    let r = client()
+        .get(srv.url("/v1/firmware"))
+        .bearer_auth(&made)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(b.text("#tokens").await.contains("ci-bot"));
     b.assert_no_console_errors().await;
     b.quit().await;
     srv.stop().await;
