@@ -14,10 +14,10 @@ free_port() {
 
 # start_fwrepo HTTP_PORT LOG_LEVEL [--set key=value ...]: the release fwrepo in $work with
 # plain HTTP on HTTP_PORT and every CoAP listener off unless a --set turns it on; sets fw_pid
-# and returns once it answers.
+# and returns once it answers. BENCH_FWREPO runs another build (to compare two commits).
 start_fwrepo() {
   local port=$1 level=$2; shift 2
-  target/release/fwrepo serve --storage "$work/storage" --keys "$work/keys" \
+  "${BENCH_FWREPO:-target/release/fwrepo}" serve --storage "$work/storage" --keys "$work/keys" \
     --listen "127.0.0.1:$port" --set coap.tcp_listen= --set coap.udp_listen= \
     --set coap.dtls_listen= --set "log.level=$level" "$@" 2>"$work/fwrepo.log" &
   fw_pid=$!

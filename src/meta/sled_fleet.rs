@@ -311,7 +311,7 @@ fn merge(old: Option<&[u8]>, id: &str, patch: &Map<String, Value>, now_ms: i64) 
 impl DeviceStore for SledStore {
     async fn get_device(&self, device_id: &str) -> Result<Option<Device>, MetaError> {
         let id = device_id.to_owned();
-        self.blocking(move |s| {
+        self.point(move |s| {
             s.devices
                 .get(id.as_bytes())
                 .map_err(backend)?
@@ -329,7 +329,7 @@ impl DeviceStore for SledStore {
     ) -> Result<Device, MetaError> {
         let (id, patch) = (device_id.to_owned(), patch.clone());
         let stored = self
-            .blocking(move |s| {
+            .point(move |s| {
                 let v = s
                     .devices
                     .update_and_fetch(id.as_bytes(), |old| merge(old, &id, &patch, now_ms))
@@ -390,7 +390,7 @@ impl DeviceStore for SledStore {
         device_id: &str,
     ) -> Result<Option<DeviceCredential>, MetaError> {
         let id = device_id.to_owned();
-        self.blocking(move |s| {
+        self.point(move |s| {
             s.device_credentials
                 .get(id.as_bytes())
                 .map_err(backend)?
@@ -561,7 +561,7 @@ impl CampaignStore for SledStore {
 
     async fn get_campaign(&self, id: &str) -> Result<Option<Campaign>, MetaError> {
         let key = campaign_key(id);
-        self.blocking(move |s| s.get_json(&key)).await
+        self.point(move |s| s.get_json(&key)).await
     }
 
     async fn put_campaign(
@@ -739,7 +739,7 @@ impl CampaignStore for SledStore {
 
     async fn get_member(&self, campaign: &str, device: &str) -> Result<Option<Member>, MetaError> {
         let (cid, device) = (campaign.to_owned(), device.to_owned());
-        self.blocking(move |s| match s.get_json(&member_key(&cid, &device))? {
+        self.point(move |s| match s.get_json(&member_key(&cid, &device))? {
             Some(m) => Ok(Some(m)),
             None => s.in_roster(&cid, &device),
         })

@@ -168,7 +168,7 @@ impl TaskStore for SledStore {
         let task = task.clone();
         let json = serde_json::to_vec(&task).map_err(backend)?;
         let created = self
-            .blocking(move |s| {
+            .point(move |s| {
                 s.transact_tasks(task.campaign.is_some(), |t, i, f| {
                     if let Some(link) = &task.campaign {
                         let old = get_member(f, &link.id, &task.device_id)?;
@@ -205,7 +205,7 @@ impl TaskStore for SledStore {
 
     async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError> {
         let id = id.to_owned();
-        self.blocking(move |s| s.load(id.as_bytes())).await
+        self.point(move |s| s.load(id.as_bytes())).await
     }
 
     async fn put_task(
@@ -217,27 +217,30 @@ impl TaskStore for SledStore {
     ) -> Result<Put, MetaError> {
         let task = task.clone();
         let json = serde_json::to_vec(&task).map_err(backend)?;
-        let put = self
-            .blocking(move |s| {
-                let _gate = quota.map(|_| s.quota_gate.lock().unwrap_or_else(|e| e.into_inner()));
-                if let Some(limit) = quota {
-                    if s.quota_count()? >= limit {
-                        return Ok(Put::QuotaFull);
-                    }
+        let store = move |s: &SledStore| {
+            let _gate = quota.map(|_| s.quota_gate.lock().unwrap_or_else(|e| e.into_inner()));
+            if let Some(limit) = quota {
+                if s.quota_count()? >= limit {
+                    return Ok(Put::QuotaFull);
                 }
-                s.transact_tasks(task.campaign.is_some(), |t, i, f| {
-                    let old = t
-                        .get(task.id.as_bytes())?
-                        .and_then(|v| serde_json::from_slice::<FotaTask>(&v).ok());
-                    if old.as_ref().map_or(0, |o| o.revision) != expected {
-                        return Err(ConflictableTransactionError::Abort(Put::Stale));
-                    }
-                    write(t, i, old.as_ref(), &task, &json)?;
-                    follow(f, &task)?;
-                    Ok(Put::Stored)
-                })
+            }
+            s.transact_tasks(task.campaign.is_some(), |t, i, f| {
+                let old = t
+                    .get(task.id.as_bytes())?
+                    .and_then(|v| serde_json::from_slice::<FotaTask>(&v).ok());
+                if old.as_ref().map_or(0, |o| o.revision) != expected {
+                    return Err(ConflictableTransactionError::Abort(Put::Stale));
+                }
+                write(t, i, old.as_ref(), &task, &json)?;
+                follow(f, &task)?;
+                Ok(Put::Stored)
             })
-            .await?;
+        };
+        // Counting the quota's holders is a scan: that one goes to the blocking pool.
+        let put = match quota {
+            Some(_) => self.blocking(store).await?,
+            None => self.point(store).await?,
+        };
         if put == Put::Stored {
             self.flush().await?;
         }
@@ -246,7 +249,7 @@ impl TaskStore for SledStore {
 
     async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError> {
         let k = key(b'a', &[device_id.as_bytes()]);
-        self.blocking(move |s| {
+        self.point(move |s| {
             Ok(s.task_index
                 .get(k)
                 .map_err(backend)?
@@ -352,7 +355,7 @@ impl TaskStore for SledStore {
 impl ScheduleStore for SledStore {
     async fn get_schedule(&self, name: &str) -> Result<Option<Schedule>, MetaError> {
         let name = name.to_owned();
-        self.blocking(move |s| {
+        self.point(move |s| {
             s.schedules
                 .get(name.as_bytes())
                 .map_err(backend)?
