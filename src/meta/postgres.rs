@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::pg_fleet;
@@ -73,8 +73,15 @@ pub(super) fn rows<T: serde::de::DeserializeOwned>(
 pub struct PgStore {
     config: tokio_postgres::Config,
     tls: Option<PgTls>,
-    slots: Vec<Mutex<Option<Client>>>,
+    slots: Vec<Mutex<Option<Pooled>>>,
     next: AtomicUsize,
+}
+
+/// A pooled connection and the statements prepared on it: a statement used again skips the
+/// parse round trip (prepared once per connection, not once per request).
+struct Pooled {
+    client: Client,
+    statements: std::collections::HashMap<String, Statement>,
 }
 
 impl PgStore {
@@ -101,7 +108,7 @@ impl PgStore {
             Some(s) => s,
             None => self.slots[start % POOL_SIZE].lock().await,
         };
-        if slot.as_ref().is_none_or(Client::is_closed) {
+        if slot.as_ref().is_none_or(|p| p.client.is_closed()) {
             let client = match &self.tls {
                 Some(tls) => {
                     let (client, connection) =
@@ -115,7 +122,10 @@ impl PgStore {
                     client
                 }
             };
-            *slot = Some(client);
+            *slot = Some(Pooled {
+                client,
+                statements: Default::default(),
+            });
         }
         Ok(Conn(slot))
     }
@@ -171,8 +181,10 @@ pub(super) type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
 /// One statement on a pooled connection.
 impl PgStore {
     pub(super) async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64, MetaError> {
-        let c = self.conn().await?;
-        c.client().execute(sql, params).await.map_err(backend)
+        let mut c = self.conn().await?;
+        let st = c.statement(sql).await?;
+        let r = c.client().execute(&st, params).await;
+        c.checked(r)
     }
 
     pub(super) async fn query(
@@ -180,8 +192,10 @@ impl PgStore {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Vec<Row>, MetaError> {
-        let c = self.conn().await?;
-        c.client().query(sql, params).await.map_err(backend)
+        let mut c = self.conn().await?;
+        let st = c.statement(sql).await?;
+        let r = c.client().query(&st, params).await;
+        c.checked(r)
     }
 
     pub(super) async fn query_opt(
@@ -189,26 +203,60 @@ impl PgStore {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Option<Row>, MetaError> {
-        let c = self.conn().await?;
-        c.client().query_opt(sql, params).await.map_err(backend)
+        let mut c = self.conn().await?;
+        let st = c.statement(sql).await?;
+        let r = c.client().query_opt(&st, params).await;
+        c.checked(r)
     }
 
     pub(super) async fn query_one(&self, sql: &str, params: &Params<'_>) -> Result<Row, MetaError> {
-        let c = self.conn().await?;
-        c.client().query_one(sql, params).await.map_err(backend)
+        let mut c = self.conn().await?;
+        let st = c.statement(sql).await?;
+        let r = c.client().query_one(&st, params).await;
+        c.checked(r)
     }
 }
 
 /// A connection taken from the pool.
-pub(super) struct Conn<'a>(MutexGuard<'a, Option<Client>>);
+pub(super) struct Conn<'a>(MutexGuard<'a, Option<Pooled>>);
 
 impl Conn<'_> {
     pub(super) fn client(&self) -> &Client {
-        self.0.as_ref().expect("connected")
+        &self.0.as_ref().expect("connected").client
     }
 
     pub(super) fn client_mut(&mut self) -> &mut Client {
-        self.0.as_mut().expect("connected")
+        &mut self.0.as_mut().expect("connected").client
+    }
+
+    /// `sql` prepared on this connection, once.
+    pub(super) async fn statement(&mut self, sql: &str) -> Result<Statement, MetaError> {
+        let pooled = self.0.as_mut().expect("connected");
+        if let Some(st) = pooled.statements.get(sql) {
+            return Ok(st.clone());
+        }
+        let st = pooled.client.prepare(sql).await.map_err(backend)?;
+        pooled.statements.insert(sql.to_owned(), st.clone());
+        Ok(st)
+    }
+
+    /// A statement's result; after a failure the connection's statements are prepared
+    /// afresh, in case the schema changed under them (another instance upgraded it).
+    pub(super) fn checked<T>(
+        &mut self,
+        r: Result<T, tokio_postgres::Error>,
+    ) -> Result<T, MetaError> {
+        if r.is_err() {
+            self.forget_statements();
+        }
+        r.map_err(backend)
+    }
+
+    /// Prepares every statement again from the next use on.
+    pub(super) fn forget_statements(&mut self) {
+        if let Some(p) = self.0.as_mut() {
+            p.statements.clear();
+        }
     }
 }
 
@@ -472,7 +520,16 @@ impl TaskStore for PgStore {
         // One statement (with the member's move, one transaction): the unique index on
         // active tasks per device decides a race.
         let inserted = match &task.campaign {
-            None => c.client().execute(statement, &params).await.map(|_| true),
+            None => {
+                let st = c.statement(statement).await?;
+                let r = c.client().execute(&st, &params).await;
+                if r.as_ref()
+                    .is_err_and(|e| e.code() != Some(&SqlState::UNIQUE_VIOLATION))
+                {
+                    c.forget_statements();
+                }
+                r.map(|_| true)
+            }
             Some(link) => {
                 let tx = c.client_mut().transaction().await.map_err(backend)?;
                 let Some(old) = pg_fleet::lock_member(&tx, &link.id, &task.device_id)
@@ -539,11 +596,9 @@ impl TaskStore for PgStore {
         let statement = announcing(&mut params, &announce, UPDATE_TASK, UPDATE_TASK_ANNOUNCED);
         let mut c = self.conn().await?;
         if quota.is_none() && task.campaign.is_none() {
-            let n = c
-                .client()
-                .execute(statement, &params)
-                .await
-                .map_err(backend)?;
+            let st = c.statement(statement).await?;
+            let r = c.client().execute(&st, &params).await;
+            let n = c.checked(r)?;
             return Ok(if n == 1 { Put::Stored } else { Put::Stale });
         }
         let tx = c.client_mut().transaction().await.map_err(backend)?;
