@@ -117,9 +117,12 @@ mod tests {
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let gate = Arc::new(Mutex::new(gate));
         let first_call = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let in_fsync = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let entered = in_fsync.clone();
         let group = GroupFlush::with(Arc::new(move || {
             // The first flush waits until the test lets it end.
             if first_call.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                entered.store(true, std::sync::atomic::Ordering::SeqCst);
                 gate.lock().unwrap().recv().unwrap();
             }
             Ok(())
@@ -131,7 +134,8 @@ mod tests {
         };
         spawn(&mut callers);
         let taken = || group.state.lock().unwrap().taken;
-        while group.state.lock().unwrap().runs == 0 {
+        // Until the first flush is in its fsync: it has settled what it covers.
+        while !in_fsync.load(std::sync::atomic::Ordering::SeqCst) {
             tokio::task::yield_now().await;
         }
         // Ten more arrive while the first flush runs; none of them is covered by it.
@@ -146,6 +150,28 @@ mod tests {
             c.await.unwrap().unwrap();
         }
         assert_eq!(group.state.lock().unwrap().runs, 2, "one flush for the ten");
+        assert_eq!(*group.flushed.borrow(), 11);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn changes_made_while_a_flush_gathers_ride_on_it() {
+        let group = GroupFlush::with(Arc::new(|| Ok(())));
+        // Eleven callers ready at once: the first leads, and its flush lets the other ten
+        // take their tickets before it settles what it covers.
+        let callers: Vec<_> = (0..11)
+            .map(|_| {
+                let g = group.clone();
+                tokio::spawn(async move { g.flush().await })
+            })
+            .collect();
+        for c in callers {
+            c.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            group.state.lock().unwrap().runs,
+            1,
+            "one fsync for eleven changes"
+        );
         assert_eq!(*group.flushed.borrow(), 11);
     }
 
