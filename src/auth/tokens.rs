@@ -251,6 +251,16 @@ impl TokenStore {
         }
     }
 
+    /// The token with id `id` (a console session names its token by id). The file backend
+    /// answers from the tokens it holds in memory, as `check` does.
+    pub async fn by_id(&self, id: &str) -> Result<TokenInfo, AuthError> {
+        let found = match &self.0 {
+            Backend::File(f) => f.by_id(id)?,
+            Backend::Table(_) => self.list().await?.into_iter().find(|t| t.id == id),
+        };
+        found.ok_or(AuthError::Unknown)
+    }
+
     pub async fn list(&self) -> Result<Vec<TokenInfo>, AuthError> {
         let stored = match &self.0 {
             Backend::File(f) => blocking(f, |f| Ok(f.read_file()?.tokens)).await?,
@@ -353,6 +363,18 @@ impl TokenFile {
             .get(&hash(token))
             .cloned()
             .ok_or(AuthError::Unknown)
+    }
+
+    fn by_id(&self, id: &str) -> Result<Option<TokenInfo>, AuthError> {
+        self.refresh()?;
+        Ok(self
+            .loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_hash
+            .values()
+            .find(|t| t.id == id)
+            .cloned())
     }
 
     /// Adds a token; blocking (file lock and fsync).

@@ -126,13 +126,7 @@ pub async fn session_token(
             return Err(AuthError::Csrf);
         }
     }
-    access
-        .tokens
-        .list()
-        .await?
-        .into_iter()
-        .find(|t| t.id == session.token_id)
-        .ok_or(AuthError::Unknown)
+    access.tokens.by_id(&session.token_id).await
 }
 
 /// The middleware: the decision before the handler, so a refusal never depends on whether

@@ -99,6 +99,19 @@ fn check_tenant(app: &AppState, tenant: &str) -> Result<(), ApiError> {
     }
 }
 
+/// What every route on one action checks first, in this order: the tenant, the action id,
+/// and who is asking.
+async fn action_request<'h>(
+    app: &AppState,
+    tenant: &str,
+    action: &str,
+    headers: &'h HeaderMap,
+) -> Result<(u32, Proof<'h>), ApiError> {
+    check_tenant(app, tenant)?;
+    let action = parse_action(action)?;
+    Ok((action, proof(app, headers).await?))
+}
+
 fn parse_action(s: &str) -> Result<u32, ApiError> {
     s.parse::<u32>()
         .ok()
@@ -379,9 +392,7 @@ pub async fn deployment_feedback(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
-    check_tenant(&app, &tenant)?;
-    let action = parse_action(&action)?;
-    let proof = proof(&app, &headers).await?;
+    let (action, proof) = action_request(&app, &tenant, &action, &headers).await?;
     let feedback = Feedback::parse(&body).map_err(crate::fota::FotaError::from)?;
     app.engine
         .ddi_feedback(&device, action, &feedback, proof)
@@ -395,9 +406,7 @@ pub async fn cancel_action(
     Path((tenant, device, action)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    check_tenant(&app, &tenant)?;
-    let action = parse_action(&action)?;
-    let proof = proof(&app, &headers).await?;
+    let (action, proof) = action_request(&app, &tenant, &action, &headers).await?;
     let t = app.engine.ddi_cancellation(&device, action, proof).await?;
     let aid = action_id(&t.id).to_string();
     Ok(Json(json!({"id": aid, "cancelAction": {"stopId": aid}})))
@@ -410,9 +419,7 @@ pub async fn cancel_feedback(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
-    check_tenant(&app, &tenant)?;
-    let action = parse_action(&action)?;
-    let proof = proof(&app, &headers).await?;
+    let (action, proof) = action_request(&app, &tenant, &action, &headers).await?;
     let feedback = Feedback::parse(&body).map_err(crate::fota::FotaError::from)?;
     app.engine
         .ddi_cancel_feedback(&device, action, &feedback, proof)
@@ -466,9 +473,7 @@ pub async fn artifact_md5sum(
     Path((tenant, device, action, file)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_tenant(&app, &tenant)?;
-    let action = parse_action(&action)?;
-    let proof = proof(&app, &headers).await?;
+    let (action, proof) = action_request(&app, &tenant, &action, &headers).await?;
     let (_, record) = app.engine.ddi_deployment(&device, action, proof).await?;
     let name = file.strip_suffix(".MD5SUM");
     if name != Some(filename(&record)) {

@@ -31,6 +31,18 @@ fn browser_here() -> bool {
     have_tool("chromedriver") && have_tool("chromium")
 }
 
+/// Stores an image with the admin token, through the API (what the test is about is elsewhere).
+async fn publish(srv: &TestServer, admin: &str, path: &str, body: impl Into<reqwest::Body>) {
+    let r = client()
+        .put(srv.url(path))
+        .bearer_auth(admin)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "{path}");
+}
+
 /// Opens the console and signs in with `token` through the form.
 async fn sign_in(b: &Browser, srv: &TestServer, token: &str) {
     b.goto(&srv.url("/ui/")).await;
@@ -205,14 +217,7 @@ async fn console_schedules_an_update_and_follows_the_device() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, admin) = server(dir.path()).await;
     let data = image(1 << 20, 3);
-    let r = client()
-        .put(srv.url("/v1/firmware/acme.com-fleet2"))
-        .bearer_auth(&admin)
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    publish(&srv, &admin, "/v1/firmware/acme.com-fleet2", data.clone()).await;
     let b = Browser::start(1280, 900).await;
     sign_in(&b, &srv, &admin).await;
 
@@ -365,14 +370,7 @@ async fn console_health_charts_downloads_and_bytes_from_the_counters() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, admin) = server(dir.path()).await;
     let data = image(100_000, 5);
-    let r = client()
-        .put(srv.url("/v1/firmware/fw-h"))
-        .bearer_auth(&admin)
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    publish(&srv, &admin, "/v1/firmware/fw-h", data.clone()).await;
     let b = Browser::start(1280, 900).await;
     sign_in(&b, &srv, &admin).await;
     b.goto(&srv.url("/ui/#/health")).await;
@@ -413,14 +411,7 @@ async fn console_cancels_a_task() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (srv, admin) = server(dir.path()).await;
-    let r = client()
-        .put(srv.url("/v1/firmware/fw-c"))
-        .bearer_auth(&admin)
-        .body(image(4096, 1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    publish(&srv, &admin, "/v1/firmware/fw-c", image(4096, 1)).await;
     let made = client()
         .post(srv.url("/v1/devices/dev-c/fota"))
         .bearer_auth(&admin)
@@ -458,14 +449,7 @@ async fn console_refuses_a_reader_its_buttons_and_the_server_refuses_forgeries()
     let dir = tempfile::tempdir().unwrap();
     let reader = token(dir.path(), "dashboard", Role::Reader).await;
     let (srv, admin) = server(dir.path()).await;
-    let r = client()
-        .put(srv.url("/v1/firmware/fw-r"))
-        .bearer_auth(&admin)
-        .body(image(4096, 2))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    publish(&srv, &admin, "/v1/firmware/fw-r", image(4096, 2)).await;
     client()
         .post(srv.url("/v1/devices/dev-r/fota"))
         .bearer_auth(&admin)
@@ -782,14 +766,7 @@ async fn console_pages_a_thousand_tasks() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (srv, admin) = server(dir.path()).await;
-    let r = client()
-        .put(srv.url("/v1/firmware/fw-many"))
-        .bearer_auth(&admin)
-        .body(image(1024, 6))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    publish(&srv, &admin, "/v1/firmware/fw-many", image(1024, 6)).await;
     let http = client();
     for chunk in (0..1000).collect::<Vec<_>>().chunks(50) {
         let made = chunk.iter().map(|i| {
@@ -818,37 +795,10 @@ async fn console_pages_a_thousand_tasks() {
     srv.stop().await;
 }
 
-/// A simulated device over HTTP: takes its task if offered, downloads it, reports success.
+/// A simulated device over HTTP (the fleet tests' own): takes its task if offered, downloads
+/// it and reports success.
 async fn device_updates(srv: &TestServer, device: &str) -> bool {
-    let r = client()
-        .get(srv.url(&format!("/v1/devices/{device}/fota")))
-        .send()
-        .await
-        .unwrap();
-    if r.status() == StatusCode::NO_CONTENT {
-        return false;
-    }
-    let w: Value = r.json().await.unwrap();
-    let id = w["fotaId"].as_str().unwrap().to_owned();
-    let body = client()
-        .get(w["packageUri"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(body.len() as u64, w["size"].as_u64().unwrap());
-    for (state, result) in [(2, 0), (3, 0), (0, 1)] {
-        let r = client()
-            .post(srv.url(&format!("/v1/fota/{id}/report")))
-            .json(&json!({"state": state, "result": result, "pkgVersion": "4.0.0"}))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-    }
-    true
+    crate::fleet::device_polls(srv, device, false, "4.0.0").await == crate::fleet::Polled::Updated
 }
 
 /// The dashboard's figures: succeeded per the overall bar and per wave, and the state.
@@ -867,14 +817,13 @@ async fn console_campaign_wizard_and_a_dashboard_that_moves_with_the_devices() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (srv, admin) = server(dir.path()).await;
-    let r = client()
-        .put(srv.url("/v1/firmware/acme.com-meter-4?version=4.0.0"))
-        .bearer_auth(&admin)
-        .body(image(64 << 10, 4))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    publish(
+        &srv,
+        &admin,
+        "/v1/firmware/acme.com-meter-4?version=4.0.0",
+        image(64 << 10, 4),
+    )
+    .await;
     let devices: Vec<String> = (0..12).map(|i| format!("meter-{i:02}")).collect();
     let b = Browser::start(1280, 900).await;
     sign_in(&b, &srv, &admin).await;

@@ -18,7 +18,7 @@ const PARALLEL: usize = 64;
 
 /// What one device did when it polled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Polled {
+pub enum Polled {
     Nothing,
     Updated,
     Failed,
@@ -26,7 +26,7 @@ enum Polled {
 
 /// One poll of a device: takes its task if offered, downloads the package and reports
 /// success (saying it now runs `version`) or an integrity failure.
-async fn device_polls(srv: &TestServer, device: &str, fail: bool, version: &str) -> Polled {
+pub async fn device_polls(srv: &TestServer, device: &str, fail: bool, version: &str) -> Polled {
     let r = srv.get(&format!("/v1/devices/{device}/fota")).await;
     if r.status() == StatusCode::NO_CONTENT {
         return Polled::Nothing;

@@ -41,7 +41,7 @@ pub fn log_dir() -> PathBuf {
 }
 
 impl Browser {
-    /// Starts chromedriver on a free port and a headless browser with a 1280×900 window.
+    /// Starts chromedriver on a free port and a headless browser with a `width`×`height` window.
     pub async fn start(width: u32, height: u32) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
