@@ -1,6 +1,7 @@
 //! FOTA engine load: creates N tasks (one device each) over HTTP, checks that the idle
 //! server burns no CPU, then delivers every task and processes its reports. Prints times,
 //! rates and the server's memory. Run through `bench/fota.sh`, which starts the server.
+//! FOTA_BENCH_IDLE_SECS sets the idle check's length (default 10; 0 skips it).
 //!
 //!   fota_bench <base-url> <server-pid> [tasks] [concurrency]
 
@@ -84,12 +85,18 @@ async fn main() {
         ids.into_iter().map(|(_, id)| id).collect()
     };
 
-    let before = cpu_ticks(&pid);
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    println!(
-        "idle 10 s with {n} pending tasks: server used {} CPU ticks (1 tick = 10 ms)",
-        cpu_ticks(&pid) - before
-    );
+    let idle: u64 = std::env::var("FOTA_BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    if idle > 0 {
+        let before = cpu_ticks(&pid);
+        tokio::time::sleep(Duration::from_secs(idle)).await;
+        println!(
+            "idle {idle} s with {n} pending tasks: server used {} CPU ticks (1 tick = 10 ms)",
+            cpu_ticks(&pid) - before
+        );
+    }
 
     run(
         "device work requests (deliver)",
