@@ -38,6 +38,11 @@ impl ImageCache {
         }
     }
 
+    /// Whether anything is kept (`cache.max_bytes` above 0).
+    pub fn enabled(&self) -> bool {
+        self.max_bytes > 0
+    }
+
     /// Whether an image of `size` bytes is served from memory.
     pub fn admits(&self, size: u64) -> bool {
         size > 0 && size <= self.max_image

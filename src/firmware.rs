@@ -282,17 +282,25 @@ impl Repository {
     }
 
     /// The bytes of `record` in `range`: a slice of the cached image when it is hot and small
-    /// enough, else streamed from the blob store.
+    /// enough; for a larger image, a range of at most one read-ahead chunk comes from the
+    /// cached chunks as CoAP blocks do (random small ranges would otherwise open and read the
+    /// blob once each); anything else is streamed from the blob store.
     pub async fn read(
         &self,
         record: &FirmwareRecord,
         range: Range<u64>,
     ) -> Result<ByteStream, FirmwareError> {
+        let once = |b: Bytes| futures_util::stream::once(async move { Ok(b) }).boxed();
         if self.images.admits(record.size) && range.end <= record.size {
             if let Some(image) = self.read_cached(record).await? {
-                let slice = image.slice(range.start as usize..range.end as usize);
-                return Ok(futures_util::stream::once(async move { Ok(slice) }).boxed());
+                return Ok(once(image.slice(range.start as usize..range.end as usize)));
             }
+        }
+        if self.images.enabled()
+            && range.end - range.start <= READ_AHEAD
+            && range.end <= record.size
+        {
+            return Ok(once(self.read_bytes(record, range).await?));
         }
         self.blobs
             .read(&record.blob_key, range)

@@ -267,7 +267,7 @@ pub async fn start_with_clock(
     )
     .map_err(StartError::Uploads)?;
     work.spawn(Arc::clone(&uploads).sweep_every(cancel.clone()));
-    let state = AppState {
+    let state = AppState::new(http::Services {
         uploads,
         fleet,
         repo: Arc::clone(&repo),
@@ -276,7 +276,7 @@ pub async fn start_with_clock(
         engine: Arc::clone(&engine),
         cancel: cancel.clone(),
         access: Arc::new(access),
-    };
+    });
     let app = http::router(state);
     let limits = http::serve::Limits::from_config(&config.http);
     let mut http_addr = None;

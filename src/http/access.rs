@@ -179,10 +179,10 @@ pub async fn enforce(
         }
     };
     let audited = matches!(rule, Rule::Role(_)) && !matches!(method, Method::GET | Method::HEAD);
-    let target = req.uri().path().to_owned();
+    let target = audited.then(|| req.uri().path().to_owned());
     req.extensions_mut().insert(caller.clone());
     let resp = next.run(req).await;
-    if audited {
+    if let Some(target) = target {
         let role = match &caller {
             Caller::Token { role, .. } => Some(role.as_str()),
             Caller::Anonymous => None,

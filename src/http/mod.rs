@@ -41,9 +41,28 @@ use error::ApiError;
 /// Largest JSON request body (PATCH and friends); uploads stream and have their own limit.
 const JSON_BODY_LIMIT: usize = 64 << 10;
 
-/// What every handler shares.
+/// What every handler shares, behind one reference count: each request clones the state
+/// for every middleware and extractor that takes it, so a clone must cost one atomic
+/// increment rather than one per service (and a lock for the cancellation token's).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> AppState {
+        AppState(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The services behind [`AppState`].
+pub struct Services {
     pub repo: Arc<Repository>,
     pub metrics: Arc<Metrics>,
     /// Public base of device URIs per transport (`http`, `coap+tcp`, ...), no trailing slash.

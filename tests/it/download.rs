@@ -78,6 +78,47 @@ async fn single_ranges() {
     srv.stop().await;
 }
 
+/// An image larger than `cache.max_image` is not held whole: a range of up to one read-ahead
+/// chunk (1 MiB) is cut from cached chunks, and longer ranges and the whole image are
+/// streamed from the store. Each path answers the right bytes: within a chunk, across a
+/// chunk boundary, over three chunks, the short tail, and a range read again.
+#[tokio::test]
+async fn ranges_of_an_image_beyond_the_hot_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &["cache.max_image=65536"]).await;
+    let size = 3 * (1 << 20) + 12_345;
+    let data = image(size, 11);
+    let resp = srv.put("/v1/firmware/big.bin", data.clone()).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let c = client();
+    let mib = 1u64 << 20;
+    for (start, end) in [
+        (0, 4096),
+        (mib - 100, mib + 100),
+        (2 * mib + 5, 3 * mib + 5),
+        (mib - 1, 2 * mib + 1),
+        (3 * mib, size as u64),
+        (0, 4096),
+    ] {
+        let spec = format!("bytes={start}-{}", end - 1);
+        let resp = c
+            .get(srv.url("/fw/big.bin"))
+            .header("range", &spec)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT, "{spec}");
+        assert_eq!(
+            resp.bytes().await.unwrap(),
+            data[start as usize..end as usize],
+            "{spec}"
+        );
+    }
+    let whole = c.get(srv.url("/fw/big.bin")).send().await.unwrap();
+    assert_eq!(whole.bytes().await.unwrap(), data);
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn resume_after_a_dropped_link() {
     let (_d, srv, data, etag) = setup().await;
