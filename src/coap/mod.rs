@@ -8,6 +8,7 @@ pub mod handler;
 pub mod msg;
 pub mod tcp;
 pub mod tcp_codec;
+pub mod tcp_io;
 pub mod udp;
 
 use std::net::SocketAddr;

@@ -158,6 +158,13 @@ impl Message {
 
     /// Writes options, payload marker and payload.
     pub fn encode_body(&self, dst: &mut BytesMut) {
+        self.encode_options(dst);
+        dst.put_slice(&self.payload);
+    }
+
+    /// The options and, when there is a payload, its marker: everything of the body but the
+    /// payload bytes, which a sender can then write from where they are without copying.
+    pub fn encode_options(&self, dst: &mut BytesMut) {
         let mut prev = 0u16;
         for (n, v) in &self.options {
             let delta = (n - prev) as usize;
@@ -171,7 +178,6 @@ impl Message {
         }
         if !self.payload.is_empty() {
             dst.put_u8(0xff);
-            dst.put_slice(&self.payload);
         }
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -17,6 +17,7 @@ use super::block::Capacity;
 use super::handler::{self, CoapContext, RESPONSE_OVERHEAD};
 use super::msg::{codes, decode_uint, is_critical, Message};
 use super::tcp_codec::{frame_len, CodecError, TcpCodec};
+use super::tcp_io::FrameIo;
 
 /// Our Max-Message-Size: requests are small (GETs and reports), so 8 KiB bounds each
 /// connection's read buffer while leaving room for any option a client may send.
@@ -135,7 +136,7 @@ pub async fn connection<S>(stream: S, ctx: &CoapContext, limits: &Limits, cancel
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut framed = Framed::new(stream, TcpCodec::new(OUR_MAX_MESSAGE_SIZE));
+    let mut framed = FrameIo::new(stream, OUR_MAX_MESSAGE_SIZE);
     // libcoap's client sends nothing until it has our CSM (RFC 8323 §5.3: send it at once).
     if framed.send(&csm()).await.is_err() {
         return;

@@ -100,29 +100,36 @@ impl Encoder<&Message> for TcpCodec {
     type Error = CodecError;
 
     fn encode(&mut self, m: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let body = m.body_len();
         dst.reserve(frame_len(m));
-        let tkl = m.token.len() as u8;
-        match body {
-            0..EXT1 => dst.put_u8(((body as u8) << 4) | tkl),
-            EXT1..EXT2 => {
-                dst.put_u8((13 << 4) | tkl);
-                dst.put_u8((body - EXT1) as u8);
-            }
-            EXT2..EXT4 => {
-                dst.put_u8((14 << 4) | tkl);
-                dst.put_u16((body - EXT2) as u16);
-            }
-            _ => {
-                dst.put_u8((15 << 4) | tkl);
-                dst.put_u32((body - EXT4) as u32);
-            }
-        }
-        dst.put_u8(m.code);
-        dst.put_slice(&m.token);
-        m.encode_body(dst);
+        encode_head(m, dst);
+        dst.put_slice(&m.payload);
         Ok(())
     }
+}
+
+/// A frame without its payload bytes: length, token, code, options and the payload marker.
+/// The payload follows it on the wire as it is (a slice of a cached image, say).
+pub fn encode_head(m: &Message, dst: &mut BytesMut) {
+    let body = m.body_len();
+    let tkl = m.token.len() as u8;
+    match body {
+        0..EXT1 => dst.put_u8(((body as u8) << 4) | tkl),
+        EXT1..EXT2 => {
+            dst.put_u8((13 << 4) | tkl);
+            dst.put_u8((body - EXT1) as u8);
+        }
+        EXT2..EXT4 => {
+            dst.put_u8((14 << 4) | tkl);
+            dst.put_u16((body - EXT2) as u16);
+        }
+        _ => {
+            dst.put_u8((15 << 4) | tkl);
+            dst.put_u32((body - EXT4) as u32);
+        }
+    }
+    dst.put_u8(m.code);
+    dst.put_slice(&m.token);
+    m.encode_options(dst);
 }
 
 /// The frame of one message (tests, fuzz targets and tools that build frames by hand).
