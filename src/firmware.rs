@@ -11,11 +11,11 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use crate::blob::{BlobError, BlobStore, ByteStream};
 use crate::cache::ImageCache;
+use crate::digest::{Digests, Hasher, StreamHasher};
 use crate::keys::KeyRing;
 use crate::mcuboot::RawOptions;
 use crate::meta::{FirmwareRecord, MetaError, MetaStore};
@@ -95,39 +95,6 @@ impl FirmwareError {
             FirmwareError::Spool(SpoolError::Io { .. }) => {
                 ("storage-unavailable", Kind::Unavailable)
             }
-        }
-    }
-}
-
-/// The digests every image is stored with.
-pub struct Digests {
-    pub sha256: [u8; 32],
-    pub sha1: [u8; 20],
-    pub md5: [u8; 16],
-}
-
-/// Computes [`Digests`] in one pass over the bytes.
-#[derive(Default)]
-pub struct Hasher {
-    sha256: Sha256,
-    sha1: sha1::Sha1,
-    md5: md5::Md5,
-}
-
-impl Hasher {
-    pub fn update(&mut self, bytes: &[u8]) {
-        use sha1::Digest as _;
-        self.sha256.update(bytes);
-        self.sha1.update(bytes);
-        self.md5.update(bytes);
-    }
-
-    pub fn finish(self) -> Digests {
-        use sha1::Digest as _;
-        Digests {
-            sha256: self.sha256.finalize().into(),
-            sha1: self.sha1.finalize().into(),
-            md5: self.md5.finalize().into(),
         }
     }
 }
@@ -529,7 +496,7 @@ impl Repository {
         E: std::fmt::Display,
     {
         let mut body = std::pin::pin!(body);
-        let mut hasher = Hasher::default();
+        let mut hasher = StreamHasher::default();
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| FirmwareError::Interrupted(e.to_string()))?;
@@ -539,12 +506,19 @@ impl Repository {
                     limit: self.max_size,
                 });
             }
-            hasher.update(&chunk);
+            hasher
+                .update(&chunk)
+                .await
+                .map_err(|e| FirmwareError::Interrupted(e.to_string()))?;
             if let Some(w) = writer.as_deref_mut() {
                 w.write(chunk).await?;
             }
         }
-        Ok((hasher.finish(), size))
+        let digests = hasher
+            .finish()
+            .await
+            .map_err(|e| FirmwareError::Interrupted(e.to_string()))?;
+        Ok((digests, size))
     }
 
     /// The record with its SHA-1 and MD5, computed from the stored bytes and kept when the

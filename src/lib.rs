@@ -8,6 +8,7 @@ pub mod client;
 pub mod coap;
 pub mod config;
 pub mod console;
+pub mod digest;
 pub mod error;
 pub mod firmware;
 pub mod fleet;
