@@ -209,20 +209,27 @@ coap_many() { # host:port file clients
   done
   wait # runs in secs_of's subshell: only these clients are its children
   for i in $(seq "$n"); do
-    cmp -s "$work/m.$i" "$work/$file" || { echo "client $i got wrong bytes from $at" >&2; exit 1; }
+    cmp -s "$work/m.$i" "$work/$file" || {
+      echo "client $i got $(wc -c <"$work/m.$i" 2>/dev/null || echo no) bytes, not the file's, from $at (fwrepo: $fw_tcp)" >&2
+      exit 1
+    }
   done
   rm -f "$work"/m.*
 }
 
-coap_row() { # label target fwrepo-command peer-command (each given host:port as its last word)
-  local label=$1 target=$2 fcmd=$3 lcmd=$4 f=() l=()
+# coap_row LABEL TARGET FWREPO-COMMAND PEER-COMMAND: a run that fails (wrong bytes) is told on
+# stderr and left out; a side with no good run shows "fail".
+coap_row() {
+  local label=$1 target=$2 fcmd=$3 lcmd=$4 f=() l=() t
   for _ in $(seq "$runs"); do
-    f+=("$(secs_of $fcmd)")
-    l+=("$(secs_of $lcmd)")
+    if t=$(secs_of $fcmd); then f+=("$t"); fi
+    if t=$(secs_of $lcmd); then l+=("$t"); fi
   done
-  local fm lm
-  fm=$(median "${f[@]}"); lm=$(median "${l[@]}")
-  emit "$label" "$fm" "$lm" "s" "$(ratio "$lm" "$fm")" "$target" "$(rss_mb "$fw_pid")"
+  local fm=fail lm=fail r=-
+  [ ${#f[@]} = 0 ] || fm=$(median "${f[@]}")
+  [ ${#l[@]} = 0 ] || lm=$(median "${l[@]}")
+  [ "$fm" = fail ] || [ "$lm" = fail ] || r=$(ratio "$lm" "$fm")
+  emit "$label" "$fm" "$lm" "s" "$r" "$target" "$(rss_mb "$fw_pid")"
 }
 
 coap_10k() {
