@@ -300,22 +300,21 @@ fota_row() { # backend target metadata-url
 pg_url=${BENCH_PG:-}
 reset_pg() {
   if [ -z "${BENCH_PG:-}" ]; then
-    local bin
-    bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
     if [ -z "${pg_port:-}" ]; then
       pg_port=$(free_port)
       mkdir -p "$work/pg"
       [ "$(id -u)" != 0 ] || chown postgres "$work/pg"
       run_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-      run_pg "$bin/initdb" -D "$work/pg/data" -U fwrepo -A trust >/dev/null
-      run_pg "$bin/pg_ctl" -D "$work/pg/data" -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1" \
+      run_pg "$pg_bin/initdb" -D "$work/pg/data" -U fwrepo -A trust >/dev/null
+      run_pg "$pg_bin/pg_ctl" -D "$work/pg/data" -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1" \
         -l "$work/pg/log" -w start >/dev/null
-      trap 'run_pg "$bin/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null; cleanup' EXIT
+      trap 'run_pg "$pg_bin/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null; cleanup' EXIT
     fi
     pg_url="postgres://fwrepo@127.0.0.1:$pg_port/bench"
   fi
   local admin=${pg_url%/*}/postgres db=${pg_url##*/}
-  psql -q "$admin" -c "DROP DATABASE IF EXISTS \"$db\"" -c "CREATE DATABASE \"$db\"" >/dev/null
+  psql -q "$admin" -c "DROP DATABASE IF EXISTS \"$db\"" -c "CREATE DATABASE \"$db\"" >/dev/null 2>&1
 }
 
 for r in "${rows[@]}"; do

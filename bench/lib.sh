@@ -22,7 +22,10 @@ start_fwrepo() {
     --set coap.dtls_listen= --set "log.level=$level" "$@" 2>"$work/fwrepo.log" &
   fw_pid=$!
   pids+=("$fw_pid")
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && return; sleep 0.1; done
+  echo "fwrepo did not answer on port $port; its log:" >&2
+  tail -20 "$work/fwrepo.log" >&2
+  return 1
 }
 
 # timed COMMAND...: the median wall time of $runs runs.

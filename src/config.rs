@@ -201,7 +201,7 @@ impl Default for RetentionConfig {
 pub struct CacheConfig {
     /// Memory for hot images served as slices (HTTP ranges, CoAP blocks); 0 turns it off.
     pub max_bytes: u64,
-    /// Larger images are streamed from the store instead.
+    /// Larger images are not held whole: only their read-ahead chunks are cached.
     pub max_image: u64,
 }
 
