@@ -145,9 +145,8 @@ impl From<JsonRejection> for ApiError {
 
 /// The last line of the JSON-errors rule: an error answer that is not JSON (a rejection that
 /// escaped a handler's own extractors, say) is replaced by the documented shape, with a code
-/// for its status.
-pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let resp = next.run(req).await;
+/// for its status. Successes and JSON answers pass as they are.
+pub fn as_json(resp: Response) -> Response {
     let status = resp.status();
     let is_json = resp
         .headers()
