@@ -20,9 +20,13 @@ struct Entry {
     last_used: AtomicU64,
 }
 
+/// Entries by blob key, then by the offset their range starts at: a lookup borrows the key
+/// instead of formatting one, since every HTTP range and CoAP block makes one.
+type Entries = HashMap<String, HashMap<u64, Arc<Entry>>>;
+
 /// The cache; `max_bytes == 0` turns it off.
 pub struct ImageCache {
-    entries: Mutex<HashMap<String, Arc<Entry>>>,
+    entries: Mutex<Entries>,
     max_bytes: u64,
     max_image: u64,
     clock: AtomicU64,
@@ -70,8 +74,8 @@ impl ImageCache {
         range: Range<u64>,
     ) -> Result<Bytes, BlobError> {
         let size = range.end - range.start;
-        let cache_key = format!("{key}@{}", range.start);
-        let entry = self.entry(&cache_key, size);
+        let start = range.start;
+        let entry = self.entry(key, start, size);
         let bytes = entry
             .cell
             .get_or_try_init(|| async {
@@ -86,7 +90,13 @@ impl ImageCache {
         match bytes {
             Ok(b) => Ok(b.clone()),
             Err(e) => {
-                self.lock().remove(&cache_key);
+                let mut map = self.lock();
+                if let Some(ranges) = map.get_mut(key) {
+                    ranges.remove(&start);
+                    if ranges.is_empty() {
+                        map.remove(key);
+                    }
+                }
                 Err(e)
             }
         }
@@ -94,33 +104,38 @@ impl ImageCache {
 
     /// Drops everything cached of a blob (deleted or expired).
     pub fn remove(&self, key: &str) {
-        let prefix = format!("{key}@");
-        self.lock().retain(|k, _| !k.starts_with(&prefix));
+        self.lock().remove(key);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn entry(&self, key: &str, size: u64) -> Arc<Entry> {
+    fn entry(&self, key: &str, start: u64, size: u64) -> Arc<Entry> {
         let now = self.clock.fetch_add(1, Relaxed);
         let mut map = self.lock();
-        if let Some(e) = map.get(key) {
+        if let Some(e) = map.get(key).and_then(|ranges| ranges.get(&start)) {
             e.last_used.store(now, Relaxed);
             return Arc::clone(e);
         }
-        // Evict least recently used entries until the new image fits.
-        let mut used: u64 = map.values().map(|e| e.size).sum();
+        // Evict least recently used entries until the new one fits.
+        let mut used: u64 = map.values().flat_map(|r| r.values()).map(|e| e.size).sum();
         while used + size > self.max_bytes {
-            let Some(victim) = map
+            let Some((k, at)) = map
                 .iter()
-                .min_by_key(|(_, e)| e.last_used.load(Relaxed))
-                .map(|(k, _)| k.clone())
+                .flat_map(|(k, r)| r.iter().map(move |(at, e)| (k, *at, e)))
+                .min_by_key(|(_, _, e)| e.last_used.load(Relaxed))
+                .map(|(k, at, _)| (k.clone(), at))
             else {
                 break;
             };
-            if let Some(e) = map.remove(&victim) {
-                used -= e.size;
+            if let Some(ranges) = map.get_mut(&k) {
+                if let Some(e) = ranges.remove(&at) {
+                    used -= e.size;
+                }
+                if ranges.is_empty() {
+                    map.remove(&k);
+                }
             }
         }
         let e = Arc::new(Entry {
@@ -128,7 +143,9 @@ impl ImageCache {
             size,
             last_used: AtomicU64::new(now),
         });
-        map.insert(key.to_owned(), Arc::clone(&e));
+        map.entry(key.to_owned())
+            .or_default()
+            .insert(start, Arc::clone(&e));
         e
     }
 
@@ -136,6 +153,7 @@ impl ImageCache {
     pub fn held_bytes(&self) -> u64 {
         self.lock()
             .values()
+            .flat_map(|r| r.values())
             .filter(|e| e.cell.initialized())
             .map(|e| e.size)
             .sum()
@@ -169,7 +187,7 @@ mod tests {
         assert_eq!(cache.held_bytes(), 800);
         let keys: Vec<String> = cache.lock().keys().cloned().collect();
         assert!(
-            keys.contains(&"a@0".to_owned()) && keys.contains(&"c@0".to_owned()),
+            keys.contains(&"a".to_owned()) && keys.contains(&"c".to_owned()),
             "{keys:?}"
         );
         cache.remove("a");
@@ -177,9 +195,13 @@ mod tests {
         // A chunk of an image too large to cache whole.
         let part = cache.get_range(&store, "big", 1000..1500).await.unwrap();
         assert_eq!(&part[..], &[b'b'; 500][..]);
+        cache.get_range(&store, "big", 0..100).await.unwrap();
+        assert_eq!(cache.held_bytes(), 1000, "c and two chunks of big");
+        cache.remove("big");
+        assert_eq!(cache.held_bytes(), 400, "both chunks of big dropped");
         assert!(cache.get(&store, "big", 2000).await.unwrap().is_none());
         assert!(cache.get(&store, "missing", 10).await.is_err());
-        assert!(!cache.lock().contains_key("missing@0"));
+        assert!(!cache.lock().contains_key("missing"));
         let off = ImageCache::new(0, 0);
         assert!(off.get(&store, "a", 400).await.unwrap().is_none());
     }
