@@ -99,8 +99,7 @@ async fn console_signs_in_and_uploads_through_the_form() {
     std::fs::write(&file, &data).unwrap();
     b.click("nav a[href='#/upload']").await;
     b.type_into("#file", file.to_str().unwrap()).await;
-    b.run("document.getElementById('name').value = ''", json!([]))
-        .await;
+    b.clear("#name").await;
     b.type_into("#name", "acme.com-console1").await;
     b.type_into("#version", "2.0.0").await;
     b.type_into("#description", "from the browser").await;
@@ -140,8 +139,7 @@ async fn console_signs_in_and_uploads_through_the_form() {
     // An MCUboot image: built and signed here with the options of the form.
     b.click("nav a[href='#/upload']").await;
     b.type_into("#file", file.to_str().unwrap()).await;
-    b.run("document.getElementById('name').value = ''", json!([]))
-        .await;
+    b.clear("#name").await;
     b.type_into("#name", "acme.com-console-mcuboot").await;
     b.type_into("#version", "1.2.3+42").await;
     b.select("#format", "mcuboot").await;
@@ -161,11 +159,7 @@ async fn console_signs_in_and_uploads_through_the_form() {
     // Change the description on the record's page, then delete it after confirming.
     b.click("#firmware a[href='#/firmware/acme.com-console1']")
         .await;
-    b.run(
-        "document.getElementById('description').value = ''",
-        json!([]),
-    )
-    .await;
+    b.clear("#description").await;
     b.type_into("#description", "tested on the bench").await;
     b.click("#change button[type=submit]").await;
     b.wait_for(
@@ -836,8 +830,7 @@ async fn console_campaign_wizard_and_a_dashboard_that_moves_with_the_devices() {
     b.select("#c-target-kind", "devices").await;
     b.type_into("#c-target", &devices.join(" ")).await;
     b.click("#c-next").await;
-    b.run("document.getElementById('c-waves').value = ''", json!([]))
-        .await;
+    b.clear("#c-waves").await;
     b.type_into("#c-waves", "4, 100%").await;
     b.click("#c-pause").await;
     b.click("#c-next").await;

@@ -198,6 +198,13 @@ impl Browser {
     }
 
     /// Types `text` into the field matching `css` (a file input takes a path).
+    /// Empties the field matching `css` once it is on the page (W3C Element Clear).
+    pub async fn clear(&self, css: &str) {
+        let e = self.find(css).await;
+        self.command(&format!("/element/{}/clear", e.0), json!({}))
+            .await;
+    }
+
     pub async fn type_into(&self, css: &str, text: &str) {
         let e = self.find(css).await;
         self.command(&format!("/element/{}/value", e.0), json!({ "text": text }))
