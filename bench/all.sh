@@ -51,7 +51,6 @@ stop_all() {
   pids=()
 }
 rss_mb() { awk '/VmHWM/ { printf "%.0f MB", $2 / 1024 }' "/proc/$1/status"; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 
 printf '%-44s %11s %11s %-7s %6s %8s %9s\n' row fwrepo peer unit ratio target "fw RSS"
@@ -186,13 +185,6 @@ start_coap_pair() {
   for _ in $(seq 50); do coap-client-notls -m get -B 1 "coap+tcp://127.0.0.1:$lc/" >/dev/null 2>&1 && break; sleep 0.1; done
   for f in "$@"; do coap-client-notls -m put -f "$work/$f" "coap+tcp://127.0.0.1:$lc/fw/$f" >/dev/null; done
   lc_tcp=127.0.0.1:$lc; lc_udp=127.0.0.1:$lc
-}
-
-# secs_of COMMAND...: wall seconds of one run.
-secs_of() {
-  local s e
-  s=$(date +%s.%N); "$@"; e=$(date +%s.%N)
-  awk -v s="$s" -v e="$e" 'BEGIN { printf "%.3f", e - s }'
 }
 
 coap_get() { # scheme host:port file args...

@@ -28,15 +28,21 @@ start_fwrepo() {
   return 1
 }
 
+# secs_of COMMAND...: wall seconds of one run.
+secs_of() {
+  local s e
+  s=$(date +%s.%N); "$@"; e=$(date +%s.%N)
+  awk -v s="$s" -v e="$e" 'BEGIN { printf "%.3f", e - s }'
+}
+
+# median NUMBER...: the middle one (the lower middle of an even count).
+median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+
 # timed COMMAND...: the median wall time of $runs runs.
 timed() {
   local t=()
-  for _ in $(seq "$runs"); do
-    local s e
-    s=$(date +%s.%N); "$@"; e=$(date +%s.%N)
-    t+=("$(awk -v s="$s" -v e="$e" 'BEGIN { printf "%.3f", e - s }')")
-  done
-  printf '%s\n' "${t[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'
+  for _ in $(seq "$runs"); do t+=("$(secs_of "$@")"); done
+  median "${t[@]}"
 }
 
 # row LABEL FWREPO-COMMAND PEER-COMMAND: both timed, and the peer's time over fwrepo's.

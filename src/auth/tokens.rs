@@ -344,37 +344,30 @@ impl TokenFile {
         Ok(())
     }
 
-    fn is_empty(&self) -> Result<bool, AuthError> {
+    /// Answers `f` from the tokens as the file holds them now (re-read first if it changed).
+    fn with_tokens<T>(
+        &self,
+        f: impl FnOnce(&HashMap<[u8; 32], TokenInfo>) -> T,
+    ) -> Result<T, AuthError> {
         self.refresh()?;
-        Ok(self
+        Ok(f(&self
             .loaded
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .by_hash
-            .is_empty())
+            .by_hash))
+    }
+
+    fn is_empty(&self) -> Result<bool, AuthError> {
+        self.with_tokens(HashMap::is_empty)
     }
 
     fn check(&self, token: &str) -> Result<TokenInfo, AuthError> {
-        self.refresh()?;
-        self.loaded
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_hash
-            .get(&hash(token))
-            .cloned()
+        self.with_tokens(|tokens| tokens.get(&hash(token)).cloned())?
             .ok_or(AuthError::Unknown)
     }
 
     fn by_id(&self, id: &str) -> Result<Option<TokenInfo>, AuthError> {
-        self.refresh()?;
-        Ok(self
-            .loaded
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_hash
-            .values()
-            .find(|t| t.id == id)
-            .cloned())
+        self.with_tokens(|tokens| tokens.values().find(|t| t.id == id).cloned())
     }
 
     /// Adds a token; blocking (file lock and fsync).
