@@ -2,6 +2,7 @@
 //! (PostgreSQL) is a second implementation and callers do not change.
 
 mod group_flush;
+mod live_tasks;
 mod pg_fleet;
 mod pg_schema;
 pub(crate) mod pg_tls;

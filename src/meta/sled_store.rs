@@ -16,7 +16,7 @@ pub struct SledStore {
     expiry: sled::Tree,
     /// Task id → JSON task.
     pub(super) tasks: sled::Tree,
-    /// Prefixed task index keys (see `sled_tasks`).
+    /// `v` device ‖ 0 ‖ id: every task of a device (see `sled_tasks`).
     pub(super) task_index: sled::Tree,
     /// Device id → JSON `DeviceInfo`.
     pub(super) devices: sled::Tree,
@@ -35,9 +35,10 @@ pub struct SledStore {
     pub(super) fleet_gate: std::sync::Arc<std::sync::Mutex<()>>,
     /// Decoded roster chunks of started campaigns (they never change).
     pub(super) rosters: std::sync::Arc<super::sled_fleet::RosterCache>,
-    /// Held while a task takes a quota slot: counting the holders and storing the task are
-    /// one step (one process owns a sled database).
-    pub(super) quota_gate: std::sync::Arc<std::sync::Mutex<()>>,
+    /// The tasks under way, indexed (see `sled_tasks`); held across each task write, so a
+    /// check (the device's active task, the quota's holders) and the write are one step (one
+    /// process owns a sled database).
+    pub(super) live: std::sync::Arc<std::sync::Mutex<super::live_tasks::LiveTasks>>,
     /// Concurrent changes share fsyncs.
     group: super::group_flush::GroupFlush,
 }
@@ -78,11 +79,14 @@ impl SledStore {
                 .cache_capacity(SLED_CACHE)
                 .open()
                 .map_err(|e| MetaError::Backend(format!("{}: {e}", path.display())))?;
+            let tasks = db.open_tree("fota_tasks").map_err(backend)?;
+            let task_index = db.open_tree("fota_index").map_err(backend)?;
+            let live = SledStore::rebuild_live_tasks(&tasks, &task_index)?;
             Ok(SledStore {
                 firmware: db.open_tree("firmware").map_err(backend)?,
                 expiry: db.open_tree("expiry").map_err(backend)?,
-                tasks: db.open_tree("fota_tasks").map_err(backend)?,
-                task_index: db.open_tree("fota_index").map_err(backend)?,
+                tasks,
+                task_index,
                 devices: db.open_tree("devices").map_err(backend)?,
                 device_credentials: db.open_tree("device_credentials").map_err(backend)?,
                 device_psks: db.open_tree("device_psks").map_err(backend)?,
@@ -91,7 +95,7 @@ impl SledStore {
                 fleet: db.open_tree("fleet").map_err(backend)?,
                 fleet_gate: Default::default(),
                 rosters: Default::default(),
-                quota_gate: Default::default(),
+                live: std::sync::Arc::new(std::sync::Mutex::new(live)),
                 group: super::group_flush::GroupFlush::new(db),
             })
         })
@@ -348,5 +352,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = super::SledStore::open(dir.path().join("db")).await.unwrap();
         crate::meta::suite::run(&store).await;
+    }
+
+    #[tokio::test]
+    async fn tasks_under_way_are_indexed_again_after_a_restart() {
+        use crate::meta::{Put, TaskStore};
+        use crate::model::task::{tests::task, Status};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = super::SledStore::open(path.clone()).await.unwrap();
+        let mut done = task(false);
+        (done.id, done.device_id, done.firmware) = ("01".into(), "d1".into(), "old-fw".into());
+        store.create_task(&done, None).await.unwrap();
+        let mut next = done.clone();
+        next.set(Status::Succeeded, None, 5);
+        next.revision = 1;
+        assert_eq!(
+            store.put_task(&next, 0, None, None).await.unwrap(),
+            Put::Stored
+        );
+        let mut busy = task(false);
+        (busy.id, busy.device_id) = ("02".into(), "d2".into());
+        busy.options.use_quota = true;
+        busy.deliver(100);
+        store.create_task(&busy, None).await.unwrap();
+        // An index key an earlier version kept beside the tasks.
+        store.task_index.insert(b"ad9", b"99".to_vec()).unwrap();
+        drop(store);
+
+        let store = super::SledStore::open(path).await.unwrap();
+        assert_eq!(store.active_task("d2").await.unwrap(), Some("02".into()));
+        assert_eq!(store.active_task("d1").await.unwrap(), None);
+        assert_eq!(
+            store.active_task("d9").await.unwrap(),
+            None,
+            "old keys are gone"
+        );
+        assert_eq!(store.quota_holders().await.unwrap(), 1);
+        assert_eq!(store.next_due().await.unwrap(), busy.due_ms());
+        assert!(store.firmware_in_use("fw").await.unwrap());
+        assert!(!store.firmware_in_use("old-fw").await.unwrap());
+        let listed = store.list_tasks(Some("d1"), None, 10).await.unwrap();
+        assert_eq!(listed, vec![next]);
     }
 }

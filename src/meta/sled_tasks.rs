@@ -1,16 +1,23 @@
-//! FOTA tasks and schedules in sled. A task, its index entries and (for a task a campaign
-//! released) its campaign member and counts change in one transaction over three trees, so
-//! the indexes and counts never disagree with the tasks.
+//! FOTA tasks and schedules in sled. A task is one key in `fota_tasks`, written alone; what the
+//! engine looks tasks up by lives in memory (`LiveTasks`), rebuilt from the tasks at open and
+//! moved under one lock with every task write. In sled, every multi-key transaction seals and
+//! writes its log buffer twice and wakes its whole I/O pool, which made index keys beside
+//! each task cost more than the rest of a FOTA request (bench/all.sh fota-sled).
 //!
-//! Index keys in `fota_index`, each led by a one-byte kind:
-//! `a` device → active task id; `d` due ms (8 bytes, big-endian) ‖ id; `q` id (holds a quota
-//! slot); `i` id (importing); `f` firmware ‖ 0 ‖ id (active task delivers it); `v` device ‖ 0 ‖ id
-//! (every task of a device).
+//! A task a campaign released changes with its campaign member and counts in one transaction
+//! over `fota_tasks` and `fleet`, so members never disagree with their tasks.
+//!
+//! `fota_index` keeps `v` device ‖ 0 ‖ id for every task of a device (listing a device's
+//! tasks), written once, before its task. Index keys of other kinds are from earlier versions
+//! and are removed at open.
+
+use std::sync::MutexGuard;
 
 use async_trait::async_trait;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
+use super::live_tasks::LiveTasks;
 use super::sled_fleet::{get_member, put_member};
 use super::sled_store::{backend, SledStore};
 use super::{Created, MetaError, Put, ScheduleStore, TaskStore};
@@ -25,66 +32,9 @@ fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T,
     })
 }
 
-fn key(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut k = vec![kind];
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            k.push(0);
-        }
-        k.extend_from_slice(p);
-    }
-    k
-}
-
-fn due_key(at_ms: i64, id: &str) -> Vec<u8> {
-    let mut k = vec![b'd'];
-    k.extend_from_slice(&(at_ms.max(0) as u64).to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-/// The index entries a task version owns (the active-device entry is handled apart).
-fn entries(t: &FotaTask) -> Vec<Vec<u8>> {
-    let id = t.id.as_bytes();
-    let mut out = vec![key(b'v', &[t.device_id.as_bytes(), id])];
-    if let Some(at) = t.due_ms() {
-        out.push(due_key(at, &t.id));
-    }
-    if t.holds_quota() {
-        out.push(key(b'q', &[id]));
-    }
-    if t.is_importing() {
-        out.push(key(b'i', &[id]));
-    }
-    if t.is_active() {
-        out.push(key(b'f', &[t.firmware.as_bytes(), id]));
-    }
-    out
-}
-
-fn write<T>(
-    tasks: &TransactionalTree,
-    index: &TransactionalTree,
-    old: Option<&FotaTask>,
-    new: &FotaTask,
-    json: &[u8],
-) -> Result<(), ConflictableTransactionError<T>> {
-    if let Some(old) = old {
-        for k in entries(old) {
-            index.remove(k)?;
-        }
-    }
-    for k in entries(new) {
-        index.insert(k, &[])?;
-    }
-    let active = key(b'a', &[new.device_id.as_bytes()]);
-    if new.is_active() {
-        index.insert(active, new.id.as_bytes())?;
-    } else if index.get(&active)?.is_some_and(|v| v == new.id.as_bytes()) {
-        index.remove(active)?;
-    }
-    tasks.insert(new.id.as_bytes(), json)?;
-    Ok(())
+/// The `fota_index` key listing task `id` under its device.
+fn device_key(device: &str, id: &str) -> Vec<u8> {
+    [b"v", device.as_bytes(), &[0], id.as_bytes()].concat()
 }
 
 /// The member a campaign task's change moves: to the task's status (and its failure reason),
@@ -114,39 +64,45 @@ fn follow<T>(
 }
 
 impl SledStore {
-    fn transact_tasks<T>(
+    /// The index of tasks under way, from every stored task; index keys of earlier versions
+    /// other than `v` go.
+    pub(super) fn rebuild_live_tasks(
+        tasks: &sled::Tree,
+        index: &sled::Tree,
+    ) -> Result<LiveTasks, MetaError> {
+        for kind in [b'a', b'd', b'q', b'i', b'f'] {
+            for item in index.scan_prefix([kind]) {
+                let (k, _) = item.map_err(backend)?;
+                index.remove(k).map_err(backend)?;
+            }
+        }
+        let mut live = LiveTasks::default();
+        for item in tasks.iter() {
+            let (k, v) = item.map_err(backend)?;
+            live.apply(&decode::<FotaTask>(&k, &v)?);
+        }
+        Ok(live)
+    }
+
+    fn live(&self) -> MutexGuard<'_, LiveTasks> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes a task a campaign released with its member and counts, over the tasks, the
+    /// task index and the fleet; `Abort(r)` returns `r`.
+    fn transact_campaign<T>(
         &self,
-        campaign: bool,
         f: impl Fn(
             &TransactionalTree,
             &TransactionalTree,
             &TransactionalTree,
         ) -> Result<T, ConflictableTransactionError<T>>,
     ) -> Result<T, MetaError> {
-        let _one = campaign.then(|| self.fleet_gate.lock().unwrap_or_else(|e| e.into_inner()));
+        let _one = self.fleet_gate.lock().unwrap_or_else(|e| e.into_inner());
         match (&self.tasks, &self.task_index, &self.fleet).transaction(|(t, i, f2)| f(t, i, f2)) {
             Ok(v) | Err(TransactionError::Abort(v)) => Ok(v),
             Err(TransactionError::Storage(e)) => Err(backend(e)),
         }
-    }
-
-    fn scan_ids(&self, prefix: Vec<u8>, limit: usize) -> Result<Vec<Vec<u8>>, MetaError> {
-        let mut out = Vec::new();
-        for item in self.task_index.scan_prefix(&prefix).take(limit) {
-            let (k, _) = item.map_err(backend)?;
-            out.push(k[prefix.len()..].to_vec());
-        }
-        Ok(out)
-    }
-
-    /// Tasks holding a quota slot (index entries are keys only, so counting reads no task).
-    fn quota_count(&self) -> Result<u64, MetaError> {
-        let mut n = 0;
-        for entry in self.task_index.scan_prefix([b'q']) {
-            entry.map_err(backend)?;
-            n += 1;
-        }
-        Ok(n)
     }
 
     fn load(&self, id: &[u8]) -> Result<Option<FotaTask>, MetaError> {
@@ -155,6 +111,102 @@ impl SledStore {
             .map_err(backend)?
             .map(|v| decode(id, &v))
             .transpose()
+    }
+
+    fn load_all(&self, ids: Vec<String>) -> Result<Vec<FotaTask>, MetaError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(self.load(id.as_bytes())?);
+        }
+        Ok(out)
+    }
+
+    /// Stores a new task under the held index lock, unless its device has an active one.
+    fn create(
+        &self,
+        live: &mut LiveTasks,
+        task: &FotaTask,
+        json: &[u8],
+    ) -> Result<Created, MetaError> {
+        let busy = live.active(&task.device_id).map(str::to_owned);
+        let listed = device_key(&task.device_id, &task.id);
+        let created = match &task.campaign {
+            None => match busy {
+                Some(id) => Created::DeviceBusy(id),
+                None => {
+                    // The listing key first: a crash between the two leaves a key naming no
+                    // task, which listing skips, never a task its device does not list.
+                    self.task_index.insert(listed, &[]).map_err(backend)?;
+                    self.tasks
+                        .insert(task.id.as_bytes(), json)
+                        .map_err(backend)?;
+                    Created::Stored
+                }
+            },
+            Some(link) => self.transact_campaign(|t, i, f| {
+                let old = get_member(f, &link.id, &task.device_id)?;
+                let Some(old) =
+                    old.filter(|m| m.status == member::WAITING || m.status == member::SKIPPED)
+                else {
+                    return Err(ConflictableTransactionError::Abort(Created::MemberTaken));
+                };
+                if let Some(id) = &busy {
+                    return Err(ConflictableTransactionError::Abort(Created::DeviceBusy(
+                        id.clone(),
+                    )));
+                }
+                let new = Member {
+                    status: task.status.as_str().to_owned(),
+                    task_id: Some(task.id.clone()),
+                    reason: task.reason.clone(),
+                    retry_at_ms: None,
+                    ..old.clone()
+                };
+                put_member(f, &link.id, Some(&old), &new)?;
+                i.insert(listed.as_slice(), &[])?;
+                t.insert(task.id.as_bytes(), json)?;
+                Ok(Created::Stored)
+            })?,
+        };
+        if created == Created::Stored {
+            live.apply(task);
+        }
+        Ok(created)
+    }
+
+    /// Replaces a task still at revision `expected`, under the held index lock.
+    fn put(
+        &self,
+        live: &mut LiveTasks,
+        task: &FotaTask,
+        expected: u64,
+        quota: Option<u64>,
+        json: &[u8],
+    ) -> Result<Put, MetaError> {
+        if quota.is_some_and(|limit| live.quota_holders() >= limit) {
+            return Ok(Put::QuotaFull);
+        }
+        let stored = self.tasks.get(task.id.as_bytes()).map_err(backend)?;
+        let revision = stored
+            .and_then(|v| serde_json::from_slice::<FotaTask>(&v).ok())
+            .map_or(0, |o| o.revision);
+        if revision != expected {
+            return Ok(Put::Stale);
+        }
+        match &task.campaign {
+            None => {
+                self.tasks
+                    .insert(task.id.as_bytes(), json)
+                    .map_err(backend)?;
+            }
+            Some(_) => self.transact_campaign(|t, _, f| {
+                t.insert(task.id.as_bytes(), json)?;
+                follow(f, task)?;
+                Ok(())
+            })?,
+        }
+        live.apply(task);
+        Ok(Put::Stored)
     }
 }
 
@@ -165,38 +217,8 @@ impl TaskStore for SledStore {
         task: &FotaTask,
         _announce: Option<&str>,
     ) -> Result<Created, MetaError> {
-        let task = task.clone();
-        let json = serde_json::to_vec(&task).map_err(backend)?;
-        let created = self
-            .point(move |s| {
-                s.transact_tasks(task.campaign.is_some(), |t, i, f| {
-                    if let Some(link) = &task.campaign {
-                        let old = get_member(f, &link.id, &task.device_id)?;
-                        let Some(old) = old
-                            .filter(|m| m.status == member::WAITING || m.status == member::SKIPPED)
-                        else {
-                            return Err(ConflictableTransactionError::Abort(Created::MemberTaken));
-                        };
-                        if i.get(key(b'a', &[task.device_id.as_bytes()]))?.is_none() {
-                            let new = Member {
-                                status: task.status.as_str().to_owned(),
-                                task_id: Some(task.id.clone()),
-                                reason: task.reason.clone(),
-                                retry_at_ms: None,
-                                ..old.clone()
-                            };
-                            put_member(f, &link.id, Some(&old), &new)?;
-                        }
-                    }
-                    if let Some(active) = i.get(key(b'a', &[task.device_id.as_bytes()]))? {
-                        let id = String::from_utf8_lossy(&active).into_owned();
-                        return Err(ConflictableTransactionError::Abort(Created::DeviceBusy(id)));
-                    }
-                    write(t, i, None, &task, &json)?;
-                    Ok(Created::Stored)
-                })
-            })
-            .await?;
+        let json = serde_json::to_vec(task).map_err(backend)?;
+        let created = self.point(|s| s.create(&mut s.live(), task, &json)).await?;
         if created == Created::Stored {
             self.flush().await?;
         }
@@ -204,8 +226,7 @@ impl TaskStore for SledStore {
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError> {
-        let id = id.to_owned();
-        self.point(move |s| s.load(id.as_bytes())).await
+        self.point(|s| s.load(id.as_bytes())).await
     }
 
     async fn put_task(
@@ -215,32 +236,10 @@ impl TaskStore for SledStore {
         quota: Option<u64>,
         _announce: Option<&str>,
     ) -> Result<Put, MetaError> {
-        let task = task.clone();
-        let json = serde_json::to_vec(&task).map_err(backend)?;
-        let store = move |s: &SledStore| {
-            let _gate = quota.map(|_| s.quota_gate.lock().unwrap_or_else(|e| e.into_inner()));
-            if let Some(limit) = quota {
-                if s.quota_count()? >= limit {
-                    return Ok(Put::QuotaFull);
-                }
-            }
-            s.transact_tasks(task.campaign.is_some(), |t, i, f| {
-                let old = t
-                    .get(task.id.as_bytes())?
-                    .and_then(|v| serde_json::from_slice::<FotaTask>(&v).ok());
-                if old.as_ref().map_or(0, |o| o.revision) != expected {
-                    return Err(ConflictableTransactionError::Abort(Put::Stale));
-                }
-                write(t, i, old.as_ref(), &task, &json)?;
-                follow(f, &task)?;
-                Ok(Put::Stored)
-            })
-        };
-        // Counting the quota's holders is a scan: that one goes to the blocking pool.
-        let put = match quota {
-            Some(_) => self.blocking(store).await?,
-            None => self.point(store).await?,
-        };
+        let json = serde_json::to_vec(task).map_err(backend)?;
+        let put = self
+            .point(|s| s.put(&mut s.live(), task, expected, quota, &json))
+            .await?;
         if put == Put::Stored {
             self.flush().await?;
         }
@@ -248,14 +247,7 @@ impl TaskStore for SledStore {
     }
 
     async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError> {
-        let k = key(b'a', &[device_id.as_bytes()]);
-        self.point(move |s| {
-            Ok(s.task_index
-                .get(k)
-                .map_err(backend)?
-                .map(|v| String::from_utf8_lossy(&v).into_owned()))
-        })
-        .await
+        Ok(self.live().active(device_id).map(str::to_owned))
     }
 
     async fn list_tasks(
@@ -270,7 +262,7 @@ impl TaskStore for SledStore {
             let mut start = after.map(|a| [a.as_bytes(), &[0]].concat());
             match device_id {
                 Some(d) => {
-                    let prefix = key(b'v', &[d.as_bytes(), b""]);
+                    let prefix = device_key(&d, "");
                     let from = [
                         prefix.as_slice(),
                         start.take().unwrap_or_default().as_slice(),
@@ -281,6 +273,7 @@ impl TaskStore for SledStore {
                         if !k.starts_with(&prefix) || out.len() >= limit {
                             break;
                         }
+                        // A key written just before a crash may name a task never stored.
                         if let Some(t) = s.load(&k[prefix.len()..])? {
                             out.push(t);
                         }
@@ -299,55 +292,25 @@ impl TaskStore for SledStore {
     }
 
     async fn next_due(&self) -> Result<Option<i64>, MetaError> {
-        self.blocking(|s| {
-            let Some(item) = s.task_index.scan_prefix([b'd']).next() else {
-                return Ok(None);
-            };
-            let (k, _) = item.map_err(backend)?;
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&k[1..9]);
-            Ok(Some(u64::from_be_bytes(b) as i64))
-        })
-        .await
+        Ok(self.live().next_due())
     }
 
     async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<FotaTask>, MetaError> {
-        self.blocking(move |s| {
-            let end = due_key(now_ms.saturating_add(1), "");
-            let mut out = Vec::new();
-            for item in s.task_index.range(vec![b'd']..end).take(limit) {
-                let (k, _) = item.map_err(backend)?;
-                match s.load(&k[9..])? {
-                    Some(t) => out.push(t),
-                    None => {
-                        s.task_index.remove(&k).map_err(backend)?;
-                    }
-                }
-            }
-            Ok(out)
-        })
-        .await
+        let ids = self.live().due(now_ms, limit);
+        self.blocking(move |s| s.load_all(ids)).await
     }
 
     async fn quota_holders(&self) -> Result<u64, MetaError> {
-        self.blocking(|s| s.quota_count()).await
+        Ok(self.live().quota_holders())
     }
 
     async fn importing(&self) -> Result<Vec<FotaTask>, MetaError> {
-        self.blocking(|s| {
-            let mut out = Vec::new();
-            for id in s.scan_ids(vec![b'i'], usize::MAX)? {
-                out.extend(s.load(&id)?);
-            }
-            Ok(out)
-        })
-        .await
+        let ids = self.live().importing();
+        self.blocking(move |s| s.load_all(ids)).await
     }
 
     async fn firmware_in_use(&self, name: &str) -> Result<bool, MetaError> {
-        let prefix = key(b'f', &[name.as_bytes(), b""]);
-        self.blocking(move |s| Ok(!s.scan_ids(prefix, 1)?.is_empty()))
-            .await
+        Ok(self.live().firmware_in_use(name))
     }
 }
 

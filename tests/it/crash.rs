@@ -163,3 +163,116 @@ async fn sigterm_finishes_an_in_flight_download() {
     };
     assert!(status.success(), "exit status {status}");
 }
+
+/// Tasks created and cancelled by many clients at once while the process is killed: every
+/// change that was answered is there after the restart, and the indexes the engine works from
+/// (each device's active task) agree with the stored tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_task_changes_keeps_every_answered_one() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = ServerProcess::start(dir.path(), &[]);
+    let c = client();
+    let r = c
+        .put(p.url("/v1/firmware/kill-fw"))
+        .body(image(4096, 3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // device → (task id, whether its cancel was answered), for answered creations.
+    let answered: Arc<Mutex<Vec<(String, String, bool)>>> = Arc::default();
+    let devices = 400;
+    let mut clients = Vec::new();
+    for i in 0..devices {
+        let (c, base, answered) = (c.clone(), p.base.clone(), answered.clone());
+        clients.push(tokio::spawn(async move {
+            let device = format!("kd-{i}");
+            let Ok(r) = c
+                .post(format!("{base}/v1/devices/{device}/fota"))
+                .json(&serde_json::json!({"name": "kill-fw", "protocolType": "HTTP", "timeout": "1d"}))
+                .send()
+                .await
+            else {
+                return;
+            };
+            if r.status() != StatusCode::CREATED {
+                return;
+            }
+            let Ok(v) = r.json::<serde_json::Value>().await else {
+                return;
+            };
+            let id = v["fotaId"].as_str().unwrap().to_owned();
+            let slot = {
+                let mut a = answered.lock().unwrap();
+                a.push((device, id.clone(), false));
+                a.len() - 1
+            };
+            // Every other task is cancelled as soon as it exists: a change of a stored task.
+            if i % 2 == 0 {
+                let cancelled = c
+                    .post(format!("{base}/v1/fota/{id}/cancel"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == StatusCode::OK);
+                answered.lock().unwrap()[slot].2 = cancelled;
+            }
+        }));
+    }
+    let seen = answered.clone();
+    wait_until("a quarter of the creations answered", || {
+        seen.lock().unwrap().len() >= devices / 4
+    })
+    .await;
+    p.kill(); // SIGKILL, with changes in flight.
+    for h in clients {
+        h.await.unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() < devices,
+        "the kill came before every creation was answered"
+    );
+
+    let p = ServerProcess::start(dir.path(), &[]);
+    for (device, id, cancelled) in &answered {
+        let r = c
+            .get(p.url(&format!("/v1/fota/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "task {id} of {device} was answered"
+        );
+        let task: serde_json::Value = r.json().await.unwrap();
+        let status = task["status"].as_str().unwrap().to_owned();
+        if *cancelled {
+            assert_eq!(status, "cancelled", "{id}'s cancel was answered");
+        }
+        // The device's active task is this one exactly while it is not cancelled.
+        let again = c
+            .post(p.url(&format!("/v1/devices/{device}/fota")))
+            .json(&serde_json::json!({"name": "kill-fw", "protocolType": "HTTP", "timeout": "1d"}))
+            .send()
+            .await
+            .unwrap();
+        if status == "cancelled" {
+            assert_eq!(
+                again.status(),
+                StatusCode::CREATED,
+                "{device} is free again"
+            );
+        } else {
+            assert_eq!(
+                again.status(),
+                StatusCode::CONFLICT,
+                "{device} still has {id}"
+            );
+            let e: serde_json::Value = again.json().await.unwrap();
+            assert!(e.to_string().contains(id.as_str()), "{e}");
+        }
+    }
+}
