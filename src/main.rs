@@ -1,23 +1,13 @@
-//! The `fwrepo` binary: everything lives in the library, except one allocator setting that
-//! must come before any thread starts.
+//! The `fwrepo` binary: everything lives in the library, except the choice of allocator.
 
-/// glibc gives threads up to eight malloc arenas per core, and memory freed in one arena
-/// serves only that arena: with the blocking pool's threads taking turns on sled, the
-/// 100,000-device fleet benchmark held 600 MB where two arenas hold 280 MB at the same
-/// speed (threads keep their own small caches either way). `MALLOC_ARENA_MAX` in the
-/// environment still decides when set. Before any thread starts.
-#[allow(unsafe_code)]
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; no other thread runs yet.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
+/// mimalloc instead of glibc's malloc: per-thread heaps without arena locks. In
+/// bench/all.sh's FOTA row the server spent 20–30% less CPU per request (glibc's
+/// `_int_malloc`, `malloc_consolidate` and frees were 18% of its profile), and peak RSS fell
+/// from 255 MB to 133 MB. Built without transparent huge pages (`no_thp`): with them, 4 KiB
+/// ranged downloads held 104 MB instead of 48 MB and 1,000 CoAP clients 96 MB instead of 35.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    limit_malloc_arenas();
     fwrepo::cli::main()
 }
