@@ -216,8 +216,12 @@ fn read_file(file: std::fs::File, range: Range<u64>) -> ByteStream {
             }
             let len = (range.end - range.start).min(READ_CHUNK);
             let start = range.start;
+            // Allocated here, not on the blocking thread: the buffer is freed on the runtime's
+            // workers, and with a per-thread allocator (mimalloc) memory allocated on the
+            // blocking pool's many threads stayed in their heaps (256 MiB downloads at 64
+            // connections peaked at 297 MB instead of 47).
+            let mut buf = vec![0u8; len as usize];
             let buf = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len as usize];
                 file.read_exact_at(&mut buf, start)?;
                 Ok::<_, std::io::Error>(buf)
             })
