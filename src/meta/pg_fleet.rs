@@ -143,15 +143,7 @@ pub(super) async fn follow(tx: &Transaction<'_>, task: &FotaTask) -> Result<(), 
     let Some(old) = lock_member(tx, &link.id, &task.device_id).await? else {
         return Ok(());
     };
-    if old.task_id.as_deref() != Some(task.id.as_str()) {
-        return Ok(());
-    }
-    let new = Member {
-        status: task.status.as_str().to_owned(),
-        reason: task.reason.clone(),
-        ..old.clone()
-    };
-    if new != old {
+    if let Some(new) = old.following(task) {
         moved(tx, &link.id, Some(&old), &new).await?;
     }
     Ok(())

@@ -21,7 +21,7 @@ use super::{
     Created, ExpiryIndex, FirmwareCatalog, FirmwareRecord, MetaError, Put, ScheduleStore, TaskStore,
 };
 use crate::auth::{StoredToken, TokenTable};
-use crate::model::campaign::{member, Member};
+use crate::model::campaign::member;
 use crate::model::schedule::Schedule;
 use crate::model::task::FotaTask;
 
@@ -540,14 +540,7 @@ impl TaskStore for PgStore {
                 };
                 match tx.execute(statement, &params).await {
                     Ok(_) => {
-                        let new = Member {
-                            status: task.status.as_str().to_owned(),
-                            task_id: Some(task.id.clone()),
-                            reason: task.reason.clone(),
-                            retry_at_ms: None,
-                            ..old.clone()
-                        };
-                        pg_fleet::moved(&tx, &link.id, Some(&old), &new).await?;
+                        pg_fleet::moved(&tx, &link.id, Some(&old), &old.released_to(task)).await?;
                         tx.commit().await.map(|_| true)
                     }
                     Err(e) => Err(e),

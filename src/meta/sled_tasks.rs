@@ -21,7 +21,7 @@ use super::live_tasks::LiveTasks;
 use super::sled_fleet::{get_member, put_member};
 use super::sled_store::{backend, SledStore};
 use super::{Created, MetaError, Put, ScheduleStore, TaskStore};
-use crate::model::campaign::{member, Member};
+use crate::model::campaign::member;
 use crate::model::schedule::Schedule;
 use crate::model::task::FotaTask;
 
@@ -37,8 +37,7 @@ fn device_key(device: &str, id: &str) -> Vec<u8> {
     [b"v", device.as_bytes(), &[0], id.as_bytes()].concat()
 }
 
-/// The member a campaign task's change moves: to the task's status (and its failure reason),
-/// while the member still follows this task (a retried member follows a newer one).
+/// Moves the member a campaign task's change moves (`Member::following`).
 fn follow<T>(
     fleet: &TransactionalTree,
     task: &FotaTask,
@@ -49,15 +48,7 @@ fn follow<T>(
     let Some(old) = get_member(fleet, &link.id, &task.device_id)? else {
         return Ok(());
     };
-    if old.task_id.as_deref() != Some(task.id.as_str()) {
-        return Ok(());
-    }
-    let new = Member {
-        status: task.status.as_str().to_owned(),
-        reason: task.reason.clone(),
-        ..old.clone()
-    };
-    if new != old {
+    if let Some(new) = old.following(task) {
         put_member(fleet, &link.id, Some(&old), &new)?;
     }
     Ok(())
@@ -155,14 +146,7 @@ impl SledStore {
                         id.clone(),
                     )));
                 }
-                let new = Member {
-                    status: task.status.as_str().to_owned(),
-                    task_id: Some(task.id.clone()),
-                    reason: task.reason.clone(),
-                    retry_at_ms: None,
-                    ..old.clone()
-                };
-                put_member(f, &link.id, Some(&old), &new)?;
+                put_member(f, &link.id, Some(&old), &old.released_to(task))?;
                 i.insert(listed.as_slice(), &[])?;
                 t.insert(task.id.as_bytes(), json)?;
                 Ok(Created::Stored)

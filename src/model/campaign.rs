@@ -137,6 +137,34 @@ pub struct Member {
     pub retry_at_ms: Option<i64>,
 }
 
+impl Member {
+    /// The member as released to `task`: the task's status and reason, the task followed.
+    pub fn released_to(&self, task: &crate::model::task::FotaTask) -> Member {
+        Member {
+            status: task.status.as_str().to_owned(),
+            task_id: Some(task.id.clone()),
+            reason: task.reason.clone(),
+            retry_at_ms: None,
+            ..self.clone()
+        }
+    }
+
+    /// The member moved to `task`'s status (and its failure reason) by a change of the task,
+    /// while it still follows this task (a retried member follows a newer one); `None` when
+    /// nothing changes.
+    pub fn following(&self, task: &crate::model::task::FotaTask) -> Option<Member> {
+        if self.task_id.as_deref() != Some(task.id.as_str()) {
+            return None;
+        }
+        let new = Member {
+            status: task.status.as_str().to_owned(),
+            reason: task.reason.clone(),
+            ..self.clone()
+        };
+        (new != *self).then_some(new)
+    }
+}
+
 /// Members per wave and status, and failed members per reason, kept by the stores in the
 /// same step as each change.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
