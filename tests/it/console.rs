@@ -946,8 +946,13 @@ async fn console_every_page_opens_labelled_and_without_errors() {
         b.screenshot(&format!("console-{shot}")).await;
     }
     // The group resolves its filter to the device; the schedules show their grids.
+    // The page renders its table before the resolved devices arrive: wait for them.
     b.goto(&srv.url("/ui/#/groups/berlin")).await;
-    assert!(b.text("#group-devices").await.contains("meter-1"));
+    b.wait_for(
+        "const t = document.querySelector('#group-devices'); return t ? t.innerText : ''",
+        |v| v.as_str().is_some_and(|t| t.contains("meter-1")),
+    )
+    .await;
     b.goto(&srv.url("/ui/#/schedules")).await;
     let open = b
         .run(
