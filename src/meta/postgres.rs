@@ -4,6 +4,7 @@
 //! The schema is created on first start.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -13,6 +14,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 use tokio_util::sync::CancellationToken;
 
+use super::pg_batch;
 use super::pg_fleet;
 use super::pg_schema;
 use super::pg_tls::{self, PgTls};
@@ -69,12 +71,15 @@ pub(super) fn rows<T: serde::de::DeserializeOwned>(
 }
 
 /// A few connections, each re-established when it breaks (a database restart costs the
-/// requests in flight, not the process).
+/// requests in flight, not the process). Clones share them.
+#[derive(Clone)]
 pub struct PgStore {
     config: tokio_postgres::Config,
     tls: Option<PgTls>,
-    slots: Vec<Mutex<Option<Pooled>>>,
-    next: AtomicUsize,
+    slots: Arc<[Mutex<Option<Pooled>>]>,
+    next: Arc<AtomicUsize>,
+    /// Plain task updates that arrive together, written in one statement.
+    updates: pg_batch::Batcher,
 }
 
 /// A pooled connection and the statements prepared on it: a statement used again skips the
@@ -93,7 +98,8 @@ impl PgStore {
             config: target.config,
             tls,
             slots: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
-            next: AtomicUsize::new(0),
+            next: Arc::new(AtomicUsize::new(0)),
+            updates: Default::default(),
         };
         let mut conn = store.conn().await?;
         pg_schema::migrate(conn.client_mut()).await?;
@@ -435,12 +441,13 @@ impl<'a> TaskRow<'a> {
     }
 }
 
-const UPDATE_TASK: &str = "UPDATE fwrepo_tasks SET device_id = $2, firmware = $3,
+pub(super) const UPDATE_TASK: &str = "UPDATE fwrepo_tasks SET device_id = $2, firmware = $3,
     active = $4, due_ms = $5, holds_quota = $6, importing = $7, task = $8, revision = $9
     WHERE id = $1 AND revision = $10";
 
 /// `UPDATE_TASK` that also announces, in the same transaction, when it stores the task.
-const UPDATE_TASK_ANNOUNCED: &str = "WITH stored AS (UPDATE fwrepo_tasks SET device_id = $2,
+pub(super) const UPDATE_TASK_ANNOUNCED: &str =
+    "WITH stored AS (UPDATE fwrepo_tasks SET device_id = $2,
     firmware = $3, active = $4, due_ms = $5, holds_quota = $6, importing = $7, task = $8,
     revision = $9 WHERE id = $1 AND revision = $10 RETURNING 1)
     SELECT pg_notify($11, $12) FROM stored";
@@ -581,6 +588,23 @@ impl TaskStore for PgStore {
         quota: Option<u64>,
         announce: Option<&str>,
     ) -> Result<Put, MetaError> {
+        if quota.is_none() && task.campaign.is_none() {
+            let update = pg_batch::Update {
+                id: task.id.clone(),
+                device_id: task.device_id.clone(),
+                firmware: task.firmware.clone(),
+                active: task.is_active(),
+                due_ms: task.due_ms(),
+                holds_quota: task.holds_quota(),
+                importing: task.is_importing(),
+                task: encode(task)?,
+                revision: task.revision as i64,
+                expected: expected as i64,
+                announce: announce.map(str::to_owned),
+            };
+            let stored = self.updates.update(self, update).await?;
+            return Ok(if stored { Put::Stored } else { Put::Stale });
+        }
         let row = TaskRow::of(task)?;
         let (revision, expected) = (task.revision as i64, expected as i64);
         let mut params = row.params();
@@ -588,12 +612,6 @@ impl TaskStore for PgStore {
         // The announcement goes out at commit, and only if the task was stored.
         let statement = announcing(&mut params, &announce, UPDATE_TASK, UPDATE_TASK_ANNOUNCED);
         let mut c = self.conn().await?;
-        if quota.is_none() && task.campaign.is_none() {
-            let st = c.statement(statement).await?;
-            let r = c.client().execute(&st, &params).await;
-            let n = c.checked(r)?;
-            return Ok(if n == 1 { Put::Stored } else { Put::Stale });
-        }
         let tx = c.client_mut().transaction().await.map_err(backend)?;
         if let Some(limit) = quota {
             // Instances taking a slot queue on one lock; counting the holders and storing
@@ -1053,6 +1071,75 @@ mod tests {
         let next = tokio::time::timeout(Duration::from_secs(10), heard.recv());
         assert_eq!(next.await.unwrap().unwrap(), "stored");
         cancel.cancel();
+    }
+
+    /// Updates that arrive together share statements, and each caller learns its own
+    /// outcome: stored, stale, or the error of a row the database refused, which costs the
+    /// other rows of its batch nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_task_updates_share_statements_and_keep_their_own_outcomes() {
+        use crate::meta::{Created, Put, TaskStore};
+        use crate::model::task::{tests::task, Status};
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let store = super::PgStore::open(&url).await.unwrap();
+        let n = 40;
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let mut t = task(false);
+            (t.id, t.device_id) = (format!("t{i:02}"), format!("d{i:02}"));
+            assert_eq!(store.create_task(&t, None).await.unwrap(), Created::Stored);
+            tasks.push(t);
+        }
+        // d00's first task ends, and the device gets a second, active one.
+        let mut ended = tasks[0].clone();
+        ended.set(Status::Cancelled, None, 1);
+        ended.revision = 1;
+        assert_eq!(
+            store.put_task(&ended, 0, None, None).await.unwrap(),
+            Put::Stored
+        );
+        let mut second = task(false);
+        (second.id, second.device_id) = ("t99".into(), "d00".into());
+        assert_eq!(
+            store.create_task(&second, None).await.unwrap(),
+            Created::Stored
+        );
+
+        let batches_before = store.updates.batches();
+        tasks[0] = ended;
+        let puts = tasks.iter().enumerate().map(|(i, t)| {
+            let (store, mut t) = (store.clone(), t.clone());
+            tokio::spawn(async move {
+                t.revision += 1;
+                t.note = Some(format!("update {i}"));
+                // Odd ones expect a revision the task does not have. The first makes the
+                // ended task active again beside d00's active one: the database refuses it.
+                let expected = if i % 2 == 1 { 7 } else { t.revision - 1 };
+                if i == 0 {
+                    t.status = Status::Pending;
+                }
+                store.put_task(&t, expected, None, Some("batched")).await
+            })
+        });
+        let outcomes = futures_util::future::join_all(puts).await;
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            let outcome = outcome.unwrap();
+            match i {
+                0 => assert!(outcome.is_err(), "the refused row: {outcome:?}"),
+                i if i % 2 == 1 => assert_eq!(outcome.unwrap(), Put::Stale, "task {i}"),
+                i => assert_eq!(outcome.unwrap(), Put::Stored, "task {i}"),
+            }
+            let stored = store.get_task(&tasks[i].id).await.unwrap().unwrap();
+            let updated = i % 2 == 0 && i > 0;
+            assert_eq!(stored.note.is_some(), updated, "task {i}");
+        }
+        let batches = store.updates.batches() - batches_before;
+        assert!(
+            batches < n as u64,
+            "{n} updates went in {batches} statements"
+        );
     }
 
     #[tokio::test]
