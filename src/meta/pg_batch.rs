@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::postgres::{PgStore, EVENTS_CHANNEL, UPDATE_TASK, UPDATE_TASK_ANNOUNCED};
+use super::postgres::{
+    announcing, Param, PgStore, TaskRow, EVENTS_CHANNEL, UPDATE_TASK, UPDATE_TASK_ANNOUNCED,
+};
 use super::MetaError;
 
 /// The most updates one statement carries.
@@ -19,14 +21,7 @@ const MAX_BATCH: usize = 256;
 
 /// One task update waiting for its batch.
 pub(super) struct Update {
-    pub id: String,
-    pub device_id: String,
-    pub firmware: String,
-    pub active: bool,
-    pub due_ms: Option<i64>,
-    pub holds_quota: bool,
-    pub importing: bool,
-    pub task: String,
+    pub row: TaskRow,
     pub revision: i64,
     pub expected: i64,
     pub announce: Option<String>,
@@ -101,7 +96,7 @@ impl Batcher {
                 let mut rest = Vec::new();
                 let mut ids = std::collections::HashSet::new();
                 for item in q.waiting.drain(..) {
-                    if batch.len() < MAX_BATCH && ids.insert(item.0.id.clone()) {
+                    if batch.len() < MAX_BATCH && ids.insert(item.0.row.id.clone()) {
                         batch.push(item);
                     } else {
                         rest.push(item);
@@ -115,7 +110,7 @@ impl Batcher {
             match write_batch(store, &updates).await {
                 Ok(stored) => {
                     for (u, tx) in batch {
-                        let _ = tx.send(Ok(stored.contains(&u.id)));
+                        let _ = tx.send(Ok(stored.contains(&u.row.id)));
                     }
                 }
                 Err(_) if batch.len() > 1 => {
@@ -138,18 +133,18 @@ async fn write_batch(
     store: &PgStore,
     updates: &[&Update],
 ) -> Result<std::collections::HashSet<String>, MetaError> {
-    let col = |f: fn(&Update) -> String| updates.iter().map(|u| f(u)).collect::<Vec<_>>();
-    let ids = col(|u| u.id.clone());
-    let devices = col(|u| u.device_id.clone());
-    let firmware = col(|u| u.firmware.clone());
-    let tasks = col(|u| u.task.clone());
-    let active: Vec<bool> = updates.iter().map(|u| u.active).collect();
-    let due: Vec<Option<i64>> = updates.iter().map(|u| u.due_ms).collect();
-    let quota: Vec<bool> = updates.iter().map(|u| u.holds_quota).collect();
-    let importing: Vec<bool> = updates.iter().map(|u| u.importing).collect();
+    let rows_of = updates.iter().map(|u| &u.row);
+    let ids: Vec<&str> = rows_of.clone().map(|r| r.id.as_str()).collect();
+    let devices: Vec<&str> = rows_of.clone().map(|r| r.device_id.as_str()).collect();
+    let firmware: Vec<&str> = rows_of.clone().map(|r| r.firmware.as_str()).collect();
+    let active: Vec<bool> = rows_of.clone().map(|r| r.active).collect();
+    let due: Vec<Option<i64>> = rows_of.clone().map(|r| r.due).collect();
+    let quota: Vec<bool> = rows_of.clone().map(|r| r.holds_quota).collect();
+    let importing: Vec<bool> = rows_of.clone().map(|r| r.importing).collect();
+    let tasks: Vec<&str> = rows_of.map(|r| r.json.as_str()).collect();
     let revision: Vec<i64> = updates.iter().map(|u| u.revision).collect();
     let expected: Vec<i64> = updates.iter().map(|u| u.expected).collect();
-    let messages: Vec<Option<String>> = updates.iter().map(|u| u.announce.clone()).collect();
+    let messages: Vec<Option<&str>> = updates.iter().map(|u| u.announce.as_deref()).collect();
     let rows = store
         .query(
             UPDATE_BATCH,
@@ -174,26 +169,9 @@ async fn write_batch(
 
 /// One update in a statement of its own.
 async fn write_one(store: &PgStore, u: &Update) -> Result<bool, MetaError> {
-    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
-        &u.id,
-        &u.device_id,
-        &u.firmware,
-        &u.active,
-        &u.due_ms,
-        &u.holds_quota,
-        &u.importing,
-        &u.task,
-        &u.revision,
-        &u.expected,
-    ];
-    let sql = match &u.announce {
-        None => UPDATE_TASK,
-        Some(message) => {
-            params.push(&EVENTS_CHANNEL);
-            params.push(message);
-            UPDATE_TASK_ANNOUNCED
-        }
-    };
-    let n = store.execute(sql, &params).await?;
-    Ok(n == 1)
+    let mut params = u.row.params();
+    params.extend([&u.revision as Param, &u.expected]);
+    let announce = u.announce.as_deref();
+    let sql = announcing(&mut params, &announce, UPDATE_TASK, UPDATE_TASK_ANNOUNCED);
+    Ok(store.execute(sql, &params).await? == 1)
 }

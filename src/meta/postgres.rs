@@ -401,23 +401,23 @@ impl ExpiryIndex for PgStore {
 pub(super) type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
 
 /// A task's columns.
-struct TaskRow<'a> {
-    id: &'a str,
-    device_id: &'a str,
-    firmware: &'a str,
-    active: bool,
-    due: Option<i64>,
-    holds_quota: bool,
-    importing: bool,
-    json: String,
+pub(super) struct TaskRow {
+    pub(super) id: String,
+    pub(super) device_id: String,
+    pub(super) firmware: String,
+    pub(super) active: bool,
+    pub(super) due: Option<i64>,
+    pub(super) holds_quota: bool,
+    pub(super) importing: bool,
+    pub(super) json: String,
 }
 
-impl<'a> TaskRow<'a> {
-    fn of(t: &'a FotaTask) -> Result<TaskRow<'a>, MetaError> {
+impl TaskRow {
+    pub(super) fn of(t: &FotaTask) -> Result<TaskRow, MetaError> {
         Ok(TaskRow {
-            id: &t.id,
-            device_id: &t.device_id,
-            firmware: &t.firmware,
+            id: t.id.clone(),
+            device_id: t.device_id.clone(),
+            firmware: t.firmware.clone(),
             active: t.is_active(),
             due: t.due_ms(),
             holds_quota: t.holds_quota(),
@@ -427,7 +427,7 @@ impl<'a> TaskRow<'a> {
     }
 
     /// `$1` to `$8` of `INSERT_TASK` and `UPDATE_TASK`.
-    fn params(&self) -> Vec<Param<'_>> {
+    pub(super) fn params(&self) -> Vec<Param<'_>> {
         vec![
             &self.id,
             &self.device_id,
@@ -590,14 +590,7 @@ impl TaskStore for PgStore {
     ) -> Result<Put, MetaError> {
         if quota.is_none() && task.campaign.is_none() {
             let update = pg_batch::Update {
-                id: task.id.clone(),
-                device_id: task.device_id.clone(),
-                firmware: task.firmware.clone(),
-                active: task.is_active(),
-                due_ms: task.due_ms(),
-                holds_quota: task.holds_quota(),
-                importing: task.is_importing(),
-                task: encode(task)?,
+                row: TaskRow::of(task)?,
                 revision: task.revision as i64,
                 expected: expected as i64,
                 announce: announce.map(str::to_owned),
