@@ -12,6 +12,8 @@ use crate::model::task::FotaTask;
 /// What one active task is indexed under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
+    /// The stored version's revision.
+    revision: u64,
     device: String,
     firmware: String,
     due_ms: Option<i64>,
@@ -57,6 +59,7 @@ impl LiveTasks {
             return;
         }
         let entry = Entry {
+            revision: task.revision,
             device: task.device_id.clone(),
             firmware: task.firmware.clone(),
             due_ms: task.due_ms(),
@@ -73,6 +76,11 @@ impl LiveTasks {
         *self.firmware.entry(entry.firmware.clone()).or_default() += 1;
         self.active.insert(entry.device.clone(), task.id.clone());
         self.tasks.insert(task.id.clone(), entry);
+    }
+
+    /// The stored revision of an active task (`None` for a finished or unknown one).
+    pub fn revision(&self, id: &str) -> Option<u64> {
+        self.tasks.get(id).map(|e| e.revision)
     }
 
     pub fn active(&self, device: &str) -> Option<&str> {

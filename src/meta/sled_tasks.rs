@@ -170,10 +170,12 @@ impl SledStore {
         if quota.is_some_and(|limit| live.quota_holders() >= limit) {
             return Ok(Put::QuotaFull);
         }
-        let stored = self.tasks.get(task.id.as_bytes()).map_err(backend)?;
-        let revision = stored
-            .and_then(|v| serde_json::from_slice::<FotaTask>(&v).ok())
-            .map_or(0, |o| o.revision);
+        // An active task's revision is in the index (kept under this lock); only a finished
+        // one is read back.
+        let revision = match live.revision(&task.id) {
+            Some(r) => r,
+            None => self.load(task.id.as_bytes())?.map_or(0, |o| o.revision),
+        };
         if revision != expected {
             return Ok(Put::Stale);
         }
