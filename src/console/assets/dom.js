@@ -16,10 +16,11 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
-/** Replaces the page's content and moves focus to it (for keyboard and screen readers). */
+/** Replaces the page's content and moves focus to it (for keyboard and screen readers). Skips what
+ * `h` skips (a part left out as null, false or undefined), which replaceChildren would print. */
 export function show(...children) {
   const main = document.getElementById("main");
-  main.replaceChildren(...children);
+  main.replaceChildren(...children.flat(Infinity).filter((c) => c !== undefined && c !== null && c !== false));
   main.focus({ preventScroll: true });
   window.scrollTo(0, 0);
 }
