@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -139,6 +140,9 @@ pub struct Repository {
     records: Mutex<HashMap<String, (Arc<FirmwareRecord>, Instant)>>,
     /// Woken when an expiry appears or moves, so the sweeper recomputes its timer.
     pub(crate) expiry_changed: Notify,
+    /// Whether the last sweep (or the one running) kept expired firmware for an active task,
+    /// which a task's end may then let go.
+    kept_alive: AtomicBool,
 }
 
 pub fn now_ms() -> i64 {
@@ -178,6 +182,7 @@ impl Repository {
             spool,
             records: Mutex::new(HashMap::new()),
             expiry_changed: Notify::new(),
+            kept_alive: AtomicBool::new(false),
         }
     }
 
@@ -627,11 +632,14 @@ impl Repository {
     /// Deletes what has expired by `now`, except firmware an active FOTA task still
     /// delivers (swept when the task ends); returns how many were deleted.
     pub async fn sweep_expired(&self, now: i64) -> Result<usize, FirmwareError> {
+        // A task that ends while the sweep runs wakes the sweeper again.
+        self.kept_alive.store(true, Ordering::SeqCst);
         let mut total = 0;
         let mut kept: Option<FirmwareRecord> = None;
         loop {
             let batch = self.meta.expired(now, kept.as_ref(), 256).await?;
             if batch.is_empty() {
+                self.kept_alive.store(kept.is_some(), Ordering::SeqCst);
                 return Ok(total);
             }
             // Every record either leaves the index or moves the cursor past itself.
@@ -645,6 +653,13 @@ impl Repository {
                 total += 1;
                 tracing::info!(name = %record.name, "firmware expired and removed");
             }
+        }
+    }
+
+    /// A FOTA task ended: expired firmware it kept alive may go now, if the sweeper kept any.
+    pub fn task_ended(&self) {
+        if self.kept_alive.load(Ordering::SeqCst) {
+            self.expiry_changed.notify_one();
         }
     }
 

@@ -4,6 +4,7 @@
 mod group_flush;
 mod live_tasks;
 mod pg_batch;
+mod pg_batched;
 mod pg_fleet;
 mod pg_schema;
 pub(crate) mod pg_tls;

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Transaction};
 
+use super::pg_batched::Merge;
 use super::postgres::{announcing, backend, decode, encode, rows, Param, PgStore, EVENTS_CHANNEL};
 use super::{CampaignStore, DeviceCredential, DevicePsk, DeviceStore, GroupStore, MetaError};
 use crate::model::campaign::{Campaign, Counts, Member};
@@ -179,6 +180,22 @@ fn mergeable(patch: &Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
+impl PgStore {
+    /// One merge in a statement of its own: `patch` onto the stored device, else `fresh`.
+    pub(super) async fn merge_alone(&self, m: &Merge) -> Result<String, MetaError> {
+        let row = self
+            .query_one(
+                "INSERT INTO fwrepo_devices (device_id, info) VALUES ($1, $2)
+                 ON CONFLICT (device_id)
+                 DO UPDATE SET info = (fwrepo_devices.info::jsonb || $3::text::jsonb)::text
+                 RETURNING info",
+                &[&m.device_id, &m.fresh, &m.patch],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+}
+
 #[async_trait]
 impl DeviceStore for PgStore {
     async fn get_device(&self, device_id: &str) -> Result<Option<Device>, MetaError> {
@@ -200,17 +217,13 @@ impl DeviceStore for PgStore {
         let fresh = Device::new(device_id, now_ms)
             .merged(patch)
             .map_err(backend)?;
-        let (fresh, patch) = (encode(&fresh)?, encode(&mergeable(patch))?);
-        let row = self
-            .query_one(
-                "INSERT INTO fwrepo_devices (device_id, info) VALUES ($1, $2)
-                 ON CONFLICT (device_id)
-                 DO UPDATE SET info = (fwrepo_devices.info::jsonb || $3::text::jsonb)::text
-                 RETURNING info",
-                &[&device_id, &fresh, &patch],
-            )
-            .await?;
-        decode(device_id, row.get(0))
+        let merge = Merge {
+            device_id: device_id.to_owned(),
+            fresh: encode(&fresh)?,
+            patch: encode(&mergeable(patch))?,
+        };
+        let info = self.batched.merges.run(self, merge).await?;
+        decode(device_id, &info)
     }
 
     async fn merge_devices(
@@ -307,13 +320,12 @@ impl DeviceStore for PgStore {
         &self,
         device_id: &str,
     ) -> Result<Option<DeviceCredential>, MetaError> {
-        let row = self
-            .query_opt(
-                "SELECT credential FROM fwrepo_device_credentials WHERE device_id = $1",
-                &[&device_id],
-            )
+        let json = self
+            .batched
+            .credentials
+            .run(self, device_id.to_owned())
             .await?;
-        row.map(|r| decode(device_id, r.get(0))).transpose()
+        json.map(|j| decode(device_id, &j)).transpose()
     }
 
     async fn put_device_credential(&self, credential: &DeviceCredential) -> Result<(), MetaError> {

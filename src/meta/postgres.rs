@@ -14,7 +14,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 use tokio_util::sync::CancellationToken;
 
-use super::pg_batch;
+use super::pg_batched::{self, Batches};
 use super::pg_fleet;
 use super::pg_schema;
 use super::pg_tls::{self, PgTls};
@@ -78,8 +78,8 @@ pub struct PgStore {
     tls: Option<PgTls>,
     slots: Arc<[Mutex<Option<Pooled>>]>,
     next: Arc<AtomicUsize>,
-    /// Plain task updates that arrive together, written in one statement.
-    updates: pg_batch::Batcher,
+    /// The statements concurrent requests share.
+    pub(super) batched: Batches,
 }
 
 /// A pooled connection and the statements prepared on it: a statement used again skips the
@@ -99,7 +99,7 @@ impl PgStore {
             tls,
             slots: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
             next: Arc::new(AtomicUsize::new(0)),
-            updates: Default::default(),
+            batched: Default::default(),
         };
         let mut conn = store.conn().await?;
         pg_schema::migrate(conn.client_mut()).await?;
@@ -485,6 +485,53 @@ const INSERT_TASK_ANNOUNCED: &str = "WITH stored AS (INSERT INTO fwrepo_tasks
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING 1)
     SELECT pg_notify($9, $10) FROM stored";
 
+impl PgStore {
+    /// A task outside any campaign, in a statement of its own.
+    pub(super) async fn create_alone(
+        &self,
+        row: &TaskRow,
+        announce: Option<&str>,
+    ) -> Result<Created, MetaError> {
+        let mut params = row.params();
+        let statement = announcing(&mut params, &announce, INSERT_TASK, INSERT_TASK_ANNOUNCED);
+        let mut c = self.conn().await?;
+        let st = c.statement(statement).await?;
+        let r = c.client().execute(&st, &params).await;
+        if r.as_ref()
+            .is_err_and(|e| e.code() != Some(&SqlState::UNIQUE_VIOLATION))
+        {
+            c.forget_statements();
+        }
+        drop(c);
+        self.created(r.map(|_| ()), &row.device_id).await
+    }
+
+    /// What an insert's outcome means: a unique violation while the device has an active
+    /// task is that task's.
+    async fn created(
+        &self,
+        inserted: Result<(), tokio_postgres::Error>,
+        device_id: &str,
+    ) -> Result<Created, MetaError> {
+        match inserted {
+            Ok(()) => Ok(Created::Stored),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                let active = self
+                    .query_opt(
+                        "SELECT id FROM fwrepo_tasks WHERE device_id = $1 AND active",
+                        &[&device_id],
+                    )
+                    .await?;
+                match active {
+                    Some(r) => Ok(Created::DeviceBusy(r.get(0))),
+                    None => Err(backend(e)),
+                }
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+}
+
 #[async_trait]
 impl TaskStore for PgStore {
     fn shared(&self) -> bool {
@@ -521,64 +568,38 @@ impl TaskStore for PgStore {
         announce: Option<&str>,
     ) -> Result<Created, MetaError> {
         let row = TaskRow::of(task)?;
-        let mut c = self.conn().await?;
+        let Some(link) = &task.campaign else {
+            let announce = announce.map(str::to_owned);
+            let creation = pg_batched::Creation { row, announce };
+            return self.batched.creations.run(self, creation).await;
+        };
         let mut params = row.params();
         let statement = announcing(&mut params, &announce, INSERT_TASK, INSERT_TASK_ANNOUNCED);
-        // One statement (with the member's move, one transaction): the unique index on
-        // active tasks per device decides a race.
-        let inserted = match &task.campaign {
-            None => {
-                let st = c.statement(statement).await?;
-                let r = c.client().execute(&st, &params).await;
-                if r.as_ref()
-                    .is_err_and(|e| e.code() != Some(&SqlState::UNIQUE_VIOLATION))
-                {
-                    c.forget_statements();
+        // One transaction: the member's move and the task, which the unique index on active
+        // tasks per device may refuse.
+        let inserted = {
+            let mut c = self.conn().await?;
+            let tx = c.client_mut().transaction().await.map_err(backend)?;
+            let Some(old) = pg_fleet::lock_member(&tx, &link.id, &task.device_id)
+                .await?
+                .filter(|m| m.status == member::WAITING || m.status == member::SKIPPED)
+            else {
+                return Ok(Created::MemberTaken);
+            };
+            match tx.execute(statement, &params).await {
+                Ok(_) => {
+                    pg_fleet::moved(&tx, &link.id, Some(&old), &old.released_to(task)).await?;
+                    tx.commit().await
                 }
-                r.map(|_| true)
-            }
-            Some(link) => {
-                let tx = c.client_mut().transaction().await.map_err(backend)?;
-                let Some(old) = pg_fleet::lock_member(&tx, &link.id, &task.device_id)
-                    .await?
-                    .filter(|m| m.status == member::WAITING || m.status == member::SKIPPED)
-                else {
-                    return Ok(Created::MemberTaken);
-                };
-                match tx.execute(statement, &params).await {
-                    Ok(_) => {
-                        pg_fleet::moved(&tx, &link.id, Some(&old), &old.released_to(task)).await?;
-                        tx.commit().await.map(|_| true)
-                    }
-                    Err(e) => Err(e),
-                }
+                Err(e) => Err(e),
             }
         };
-        match inserted {
-            Ok(_) => Ok(Created::Stored),
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                let active = c
-                    .client()
-                    .query_opt(
-                        "SELECT id FROM fwrepo_tasks WHERE device_id = $1 AND active",
-                        &[&task.device_id],
-                    )
-                    .await
-                    .map_err(backend)?;
-                match active {
-                    Some(r) => Ok(Created::DeviceBusy(r.get(0))),
-                    None => Err(backend(e)),
-                }
-            }
-            Err(e) => Err(backend(e)),
-        }
+        self.created(inserted, &task.device_id).await
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<FotaTask>, MetaError> {
-        let row = self
-            .query_opt("SELECT task FROM fwrepo_tasks WHERE id = $1", &[&id])
-            .await?;
-        row.map(|r| decode(id, r.get(0))).transpose()
+        let json = self.batched.tasks.run(self, id.to_owned()).await?;
+        json.map(|j| decode(id, &j)).transpose()
     }
 
     async fn put_task(
@@ -589,13 +610,13 @@ impl TaskStore for PgStore {
         announce: Option<&str>,
     ) -> Result<Put, MetaError> {
         if quota.is_none() && task.campaign.is_none() {
-            let update = pg_batch::Update {
+            let update = pg_batched::Update {
                 row: TaskRow::of(task)?,
                 revision: task.revision as i64,
                 expected: expected as i64,
                 announce: announce.map(str::to_owned),
             };
-            let stored = self.updates.update(self, update).await?;
+            let stored = self.batched.updates.run(self, update).await?;
             return Ok(if stored { Put::Stored } else { Put::Stale });
         }
         let row = TaskRow::of(task)?;
@@ -630,13 +651,7 @@ impl TaskStore for PgStore {
     }
 
     async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError> {
-        let row = self
-            .query_opt(
-                "SELECT id FROM fwrepo_tasks WHERE device_id = $1 AND active",
-                &[&device_id],
-            )
-            .await?;
-        Ok(row.map(|r| r.get(0)))
+        self.batched.active.run(self, device_id.to_owned()).await
     }
 
     async fn list_tasks(
@@ -740,10 +755,7 @@ impl ScheduleStore for PgStore {
 #[async_trait]
 impl TokenTable for PgStore {
     async fn any_token(&self) -> Result<bool, MetaError> {
-        let row = self
-            .query_one("SELECT EXISTS (SELECT 1 FROM fwrepo_tokens)", &[])
-            .await?;
-        Ok(row.get(0))
+        self.batched.any_token.run(self, ()).await
     }
 
     async fn token_by_hash(&self, sha256: &str) -> Result<Option<StoredToken>, MetaError> {
@@ -1100,7 +1112,7 @@ mod tests {
             Created::Stored
         );
 
-        let batches_before = store.updates.batches();
+        let batches_before = store.batched.updates.batches();
         tasks[0] = ended;
         let puts = tasks.iter().enumerate().map(|(i, t)| {
             let (store, mut t) = (store.clone(), t.clone());
@@ -1128,11 +1140,168 @@ mod tests {
             let updated = i % 2 == 0 && i > 0;
             assert_eq!(stored.note.is_some(), updated, "task {i}");
         }
-        let batches = store.updates.batches() - batches_before;
+        let batches = store.batched.updates.batches() - batches_before;
         assert!(
             batches < n as u64,
             "{n} updates went in {batches} statements"
         );
+    }
+
+    /// Creations that arrive together share statements: each device ends with one active
+    /// task, the caller refused learns which task the device is busy with, and a creation
+    /// refused for another reason (an id taken) fails alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_creations_share_statements_and_keep_their_own_outcomes() {
+        use crate::meta::{Created, TaskStore};
+        use crate::model::task::tests::task;
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let store = super::PgStore::open(&url).await.unwrap();
+        let mut busy = task(false);
+        (busy.id, busy.device_id) = ("held".into(), "busy".into());
+        assert_eq!(
+            store.create_task(&busy, None).await.unwrap(),
+            Created::Stored
+        );
+
+        // Two new tasks for each of 20 devices, one for the busy device, and one whose id
+        // is the busy device's task's.
+        let mut wanted = Vec::new();
+        for i in 0..40 {
+            wanted.push((format!("c{i:02}"), format!("d{:02}", i % 20)));
+        }
+        wanted.push(("c40".into(), "busy".into()));
+        wanted.push(("held".into(), "fresh".into()));
+        let before = store.batched.creations.batches();
+        let creations = wanted.iter().map(|(id, device)| {
+            let (store, mut t) = (store.clone(), task(false));
+            (t.id, t.device_id) = (id.clone(), device.clone());
+            tokio::spawn(async move { store.create_task(&t, Some("created")).await })
+        });
+        let outcomes: Vec<_> = futures_util::future::join_all(creations)
+            .await
+            .into_iter()
+            .map(|o| o.unwrap())
+            .collect();
+        let batches = store.batched.creations.batches() - before;
+
+        for k in 0..20 {
+            let device = format!("d{k:02}");
+            let active = store.active_task(&device).await.unwrap().unwrap();
+            let pair = [k, k + 20].map(|i| outcomes[i].as_ref().unwrap().clone());
+            let stored = pair.iter().filter(|o| **o == Created::Stored).count();
+            assert_eq!(stored, 1, "{device}: {pair:?}");
+            assert!(
+                pair.contains(&Created::DeviceBusy(active.clone())),
+                "{device} is busy with {active}: {pair:?}"
+            );
+        }
+        assert_eq!(
+            outcomes[40].as_ref().unwrap(),
+            &Created::DeviceBusy("held".into())
+        );
+        assert!(outcomes[41].is_err(), "{:?}", outcomes[41]);
+        assert_eq!(store.active_task("fresh").await.unwrap(), None);
+        assert!(
+            batches < wanted.len() as u64,
+            "{} creations went in {batches} statements",
+            wanted.len()
+        );
+    }
+
+    /// Look-ups that arrive together share statements, and each caller gets its own key's
+    /// answer, absent ones included; merges into devices that arrive together keep each
+    /// other's fields and each caller gets the device as its merge left it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_lookups_and_merges_share_statements_and_answer_each_caller() {
+        use crate::meta::{DeviceCredential, DeviceStore, TaskStore};
+        use crate::model::task::tests::task;
+        use serde_json::{json, Map, Value};
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let store = super::PgStore::open(&url).await.unwrap();
+        for i in 0..30 {
+            let mut t = task(false);
+            (t.id, t.device_id) = (format!("t{i:02}"), format!("d{i:02}"));
+            store.create_task(&t, None).await.unwrap();
+            if i % 2 == 0 {
+                let credential = DeviceCredential {
+                    device_id: t.device_id.clone(),
+                    sha256: format!("{i:064}"),
+                    created_at: "2026-12-04T00:00:00Z".into(),
+                };
+                store.put_device_credential(&credential).await.unwrap();
+            }
+            if i < 10 {
+                let patch: Map<String, Value> =
+                    Map::from_iter([("tags".to_owned(), json!({"old": "1"}))]);
+                store.merge_device(&t.device_id, &patch, 1).await.unwrap();
+            }
+        }
+        let before = [
+            store.batched.tasks.batches(),
+            store.batched.active.batches(),
+            store.batched.credentials.batches(),
+            store.batched.merges.batches(),
+        ];
+        let calls = (0..40).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let (id, device) = (format!("t{i:02}"), format!("d{i:02}"));
+                let patch: Map<String, Value> =
+                    Map::from_iter([("pkgVersion".to_owned(), json!(i.to_string()))]);
+                let (t, active, credential, merged) = tokio::join!(
+                    store.get_task(&id),
+                    store.active_task(&device),
+                    store.device_credential(&device),
+                    store.merge_device(&device, &patch, 2),
+                );
+                (
+                    t.unwrap(),
+                    active.unwrap(),
+                    credential.unwrap(),
+                    merged.unwrap(),
+                )
+            })
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            let (t, active, credential, merged) = answer.unwrap();
+            let (id, known) = (format!("t{i:02}"), i < 30);
+            assert_eq!(t.map(|t| t.id), known.then(|| id.clone()), "task {i}");
+            assert_eq!(active, known.then_some(id), "active {i}");
+            assert_eq!(
+                credential.map(|c| c.sha256),
+                (known && i % 2 == 0).then(|| format!("{i:064}")),
+                "credential {i}"
+            );
+            let merged = serde_json::to_value(&merged).unwrap();
+            assert_eq!(
+                merged["pkgVersion"],
+                json!(i.to_string()),
+                "device {i}: {merged}"
+            );
+            let tags = if i < 10 {
+                json!({"old": "1"})
+            } else {
+                json!({})
+            };
+            assert_eq!(merged["tags"], tags, "device {i}: {merged}");
+        }
+        let after = [
+            store.batched.tasks.batches(),
+            store.batched.active.batches(),
+            store.batched.credentials.batches(),
+            store.batched.merges.batches(),
+        ];
+        for (kind, (b, a)) in ["tasks", "active", "credentials", "merges"]
+            .iter()
+            .zip(before.iter().zip(after))
+        {
+            assert!(a - b < 40, "40 {kind} calls went in {} statements", a - b);
+        }
     }
 
     #[tokio::test]

@@ -292,6 +292,27 @@ async fn timeout_runs_from_the_first_delivery() {
     f.srv.stop().await;
 }
 
+/// The timer sleeps until the earliest deadline it knows; a later task whose deadline comes
+/// sooner must wake it.
+#[tokio::test]
+async fn a_sooner_deadline_wakes_the_timer() {
+    let f = Fota::start(&[]).await;
+    f.upload("fw", b"firmware", "").await;
+    let long = f
+        .schedule("d1", json!({"name": "fw", "timeout": "1h"}))
+        .await;
+    f.deliver("d1").await;
+    let short = f
+        .schedule("d2", json!({"name": "fw", "timeout": "10m"}))
+        .await;
+    f.deliver("d2").await;
+    f.clock.advance(Duration::from_secs(10 * 60 + 1));
+    let v = f.wait_status(&short, "failed").await;
+    assert_eq!(v["reason"], "timeout");
+    assert_eq!(f.status(&long).await["status"], "delivering");
+    f.srv.stop().await;
+}
+
 #[tokio::test]
 async fn cancel_before_and_after_download() {
     let f = Fota::start(&[]).await;

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,9 @@ pub struct Engine {
     /// Names this instance in announcements, so it skips its own when they come back.
     origin: String,
     due_changed: Notify,
+    /// When the timer will next look at the store unless woken: a task due earlier wakes it
+    /// (`i64::MAX` while it is looking, so every change made meanwhile wakes it again).
+    next_wake: AtomicI64,
     /// Shutdown: timers and imports stop when it fires and run on `work`.
     cancel: CancellationToken,
     work: TaskTracker,
@@ -204,6 +207,7 @@ impl Engine {
             events: broadcast::channel(EVENT_BUFFER).0,
             others: broadcast::channel(EVENT_BUFFER).0,
             due_changed: Notify::new(),
+            next_wake: AtomicI64::new(i64::MAX),
         }
     }
 
@@ -345,11 +349,10 @@ impl Engine {
         lock(&self.packages).remove(&t.id);
         if !t.is_active() {
             lock(&self.progress).remove(&t.id);
-            // Expired firmware this task kept alive may go now.
-            self.repo.expiry_changed.notify_one();
+            self.repo.task_ended();
         }
         if before.due_ms() != t.due_ms() {
-            self.due_changed.notify_one();
+            self.due_moved(t.due_ms());
         }
         if let Some(event) = event {
             let _ = self.events.send(Arc::new(event));

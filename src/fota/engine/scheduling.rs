@@ -75,7 +75,11 @@ impl Engine {
         Ok((self.store_new(&t).await?, t))
     }
 
-    /// A new task for `device`, placed (or done, with useCachedData), not yet stored.
+    /// A new task for `device`, placed (or done, with useCachedData), not yet stored. A
+    /// device with an active task is busy, whatever else is wrong with the request, unless
+    /// a campaign releases the task (the store decides that). The store refuses a second
+    /// active task itself, so the look-up is left to the requests it cannot judge: a task
+    /// done at once, and the refused ones.
     async fn new_task(
         &self,
         device: &str,
@@ -83,6 +87,25 @@ impl Engine {
         campaign: Option<CampaignLink>,
     ) -> Result<FotaTask, FotaError> {
         check_device(device)?;
+        let alone = campaign.is_none();
+        let made = self.make_task(device, req, campaign).await;
+        if alone && !made.as_ref().is_ok_and(FotaTask::is_active) {
+            if let Some(active) = self.store.active_task(device).await? {
+                return Err(FotaError::DeviceBusy {
+                    device: device.to_owned(),
+                    fota_id: active,
+                });
+            }
+        }
+        made
+    }
+
+    async fn make_task(
+        &self,
+        device: &str,
+        req: &ScheduleRequest,
+        campaign: Option<CampaignLink>,
+    ) -> Result<FotaTask, FotaError> {
         let scheme = req.protocol.scheme();
         let base = self
             .bases()
@@ -94,14 +117,6 @@ impl Engine {
                 served: self.served_protocols(),
             })?;
         let sched = self.find_schedule(&req.schedule).await?;
-        if campaign.is_none() {
-            if let Some(active) = self.store.active_task(device).await? {
-                return Err(FotaError::DeviceBusy {
-                    device: device.to_owned(),
-                    fota_id: active,
-                });
-            }
-        }
         let record = match self.repo.resolve(&req.name).await {
             Ok(r) => Some(r),
             Err(FirmwareError::NotFound(_)) if req.firmware_url.is_some() => None,
@@ -167,9 +182,7 @@ impl Engine {
         if t.is_importing() {
             self.spawn_import(t.id.clone());
         }
-        if t.due_ms().is_some() {
-            self.due_changed.notify_one();
-        }
+        self.due_moved(t.due_ms());
         Ok(created)
     }
 

@@ -8,6 +8,7 @@ impl Engine {
         let cancel = self.cancel.clone();
         loop {
             let changed = self.due_changed.notified();
+            self.next_wake.store(i64::MAX, Ordering::SeqCst);
             let now = self.clock.now_ms();
             let mut next = match self.tick(now).await {
                 Ok(next) => next.unwrap_or(now + 3_600_000),
@@ -20,11 +21,20 @@ impl Engine {
                 // Other instances set deadlines and windows this one is not told of.
                 next = next.min(now + self.config.shared_timer_poll.0.as_millis() as i64);
             }
+            self.next_wake.store(next, Ordering::SeqCst);
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = changed => {}
                 _ = self.clock.sleep_until(next) => {}
             }
+        }
+    }
+
+    /// A task's due time was stored: the timer wakes if it is earlier than the timer's next
+    /// look. A due time removed or moved later wakes nothing; the timer finds it at its look.
+    pub(super) fn due_moved(&self, due: Option<i64>) {
+        if due.is_some_and(|d| d < self.next_wake.load(Ordering::SeqCst)) {
+            self.due_changed.notify_one();
         }
     }
 
