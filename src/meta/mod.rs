@@ -183,6 +183,13 @@ pub trait TaskStore: Send + Sync {
         announce: Option<&str>,
     ) -> Result<Put, MetaError>;
     async fn active_task(&self, device_id: &str) -> Result<Option<String>, MetaError>;
+    /// The device's active task itself.
+    async fn active_task_of(&self, device_id: &str) -> Result<Option<FotaTask>, MetaError> {
+        match self.active_task(device_id).await? {
+            Some(id) => self.get_task(&id).await,
+            None => Ok(None),
+        }
+    }
     /// Tasks in id (creation) order after `after`, of one device or all.
     async fn list_tasks(
         &self,

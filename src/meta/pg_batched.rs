@@ -18,6 +18,7 @@ pub(super) struct Batches {
     pub creations: Batcher<TaskCreations>,
     pub tasks: Batcher<ByKey<TaskById>>,
     pub active: Batcher<ByKey<ActiveByDevice>>,
+    pub active_tasks: Batcher<ByKey<ActiveTaskByDevice>>,
     pub credentials: Batcher<ByKey<CredentialByDevice>>,
     pub merges: Batcher<DeviceMerges>,
     pub any_token: Batcher<AnyToken>,
@@ -248,6 +249,13 @@ impl Lookup for TaskById {
 pub(super) struct ActiveByDevice;
 impl Lookup for ActiveByDevice {
     const SQL: &'static str = ACTIVE_OF;
+}
+
+/// A device's active task's JSON.
+pub(super) struct ActiveTaskByDevice;
+impl Lookup for ActiveTaskByDevice {
+    const SQL: &'static str =
+        "SELECT device_id, task FROM fwrepo_tasks WHERE device_id = ANY($1) AND active";
 }
 
 /// A device's credential JSON.

@@ -654,6 +654,15 @@ impl TaskStore for PgStore {
         self.batched.active.run(self, device_id.to_owned()).await
     }
 
+    async fn active_task_of(&self, device_id: &str) -> Result<Option<FotaTask>, MetaError> {
+        let json = self
+            .batched
+            .active_tasks
+            .run(self, device_id.to_owned())
+            .await?;
+        json.map(|j| decode(device_id, &j)).transpose()
+    }
+
     async fn list_tasks(
         &self,
         device_id: Option<&str>,

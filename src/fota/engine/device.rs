@@ -148,27 +148,29 @@ impl Engine {
     pub async fn work(&self, device: &str, proof: Proof<'_>) -> Result<Work, FotaError> {
         check_device(device)?;
         self.identify(device, proof).await?;
-        self.seen(device, None).await?;
-        retried(|| self.work_once(device)).await
+        // When the device was last seen is stored beside the work, not before it.
+        let (seen, work) =
+            tokio::join!(self.seen(device, None), retried(|| self.work_once(device)));
+        seen?;
+        work
     }
 
     pub(super) async fn work_once(&self, device: &str) -> Result<Work, FotaError> {
         let poll = self.config.poll_interval.0;
-        let mut active = self.store.active_task(device).await?;
+        let mut active = self.store.active_task_of(device).await?;
         if active.is_none() {
             if let Some(joiner) = self.joiner.get().and_then(std::sync::Weak::upgrade) {
                 if joiner.join(device).await? {
-                    active = self.store.active_task(device).await?;
+                    active = self.store.active_task_of(device).await?;
                 }
             }
         }
-        let Some(id) = active else {
+        let Some(mut t) = active else {
             return Ok(Work::Nothing { retry_after: poll });
         };
-        let _g = self.lock_task(&id).await;
-        let Some(mut t) = self.store.get_task(&id).await? else {
-            return Ok(Work::Nothing { retry_after: poll });
-        };
+        // Read before the lock, in one look-up with the device's active task: a change
+        // stored meanwhile makes this request's own change stale, and `retried` reads again.
+        let _g = self.lock_task(&t.id).await;
         let now = self.now_ms();
         if t.status.is_final() {
             return Ok(Work::Nothing { retry_after: poll });
@@ -280,10 +282,16 @@ impl Engine {
         let now = self.now_ms();
         let deferred_until = now.saturating_add(self.config.deferred_retry.0.as_millis() as i64);
         t.apply(report, deferred_until, now)?;
-        self.seen(&t.device_id, Some(report)).await?;
-        if t != before {
-            self.commit(&before, &mut t).await?;
-        }
+        // What the device reported of itself is stored beside the task, not before it.
+        let device = t.device_id.clone();
+        let (seen, committed) = tokio::join!(self.seen(&device, Some(report)), async {
+            if t != before {
+                self.commit(&before, &mut t).await?;
+            }
+            Ok::<_, FotaError>(())
+        });
+        seen?;
+        committed?;
         Ok(t)
     }
 
