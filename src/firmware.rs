@@ -2,7 +2,7 @@
 //! delete and expire images. Bytes live in the blob store, records in the metadata store;
 //! a record is written only after its blob is durable, so nothing is ever half-visible.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -143,6 +143,10 @@ pub struct Repository {
     /// Whether the last sweep (or the one running) kept expired firmware for an active task,
     /// which a task's end may then let go.
     kept_alive: AtomicBool,
+    /// Images stored without their SHA-1 and MD5, for `late_digests`.
+    digests_wanted: Mutex<VecDeque<String>>,
+    /// Woken when one is added.
+    pub(crate) digests_due: Notify,
 }
 
 pub fn now_ms() -> i64 {
@@ -183,6 +187,8 @@ impl Repository {
             records: Mutex::new(HashMap::new()),
             expiry_changed: Notify::new(),
             kept_alive: AtomicBool::new(false),
+            digests_wanted: Mutex::default(),
+            digests_due: Notify::new(),
         }
     }
 
@@ -399,8 +405,8 @@ impl Repository {
             name: name.to_string(),
             size,
             sha256: digest_hex.clone(),
-            sha1: Some(hex::encode(digests.sha1)),
-            md5: Some(hex::encode(digests.md5)),
+            sha1: digests.sha1.map(hex::encode),
+            md5: digests.md5.map(hex::encode),
             content_type: req
                 .content_type
                 .unwrap_or_else(|| content_type_for(name.as_str())),
@@ -425,6 +431,13 @@ impl Repository {
                     self.expiry_changed.notify_one();
                 }
                 tracing::info!(name = %record.name, size, sha256 = %record.sha256, "firmware stored");
+                if record.md5.is_none() {
+                    self.digests_wanted
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_back(record.name.clone());
+                    self.digests_due.notify_one();
+                }
                 Ok(Ingested::Created(record))
             }
             Ok(Some(winner)) => {
@@ -526,9 +539,10 @@ impl Repository {
         Ok((digests, size))
     }
 
-    /// The record with its SHA-1 and MD5, computed from the stored bytes and kept when the
-    /// record was stored before fwrepo computed them at ingest.
-    pub async fn with_legacy_digests(
+    /// The record with its SHA-1 and MD5, computed from the stored bytes and kept when it
+    /// lacks them: a large image until `late_digests` has been at it, or one stored by a
+    /// version before they were computed.
+    pub async fn with_all_digests(
         &self,
         record: Arc<FirmwareRecord>,
     ) -> Result<Arc<FirmwareRecord>, FirmwareError> {
@@ -548,11 +562,23 @@ impl Repository {
             )));
         }
         let mut updated = (*record).clone();
-        updated.sha1 = Some(hex::encode(digests.sha1));
-        updated.md5 = Some(hex::encode(digests.md5));
-        self.meta.update(&updated).await?;
+        updated.sha1 = digests.sha1.map(hex::encode);
+        updated.md5 = digests.md5.map(hex::encode);
+        let (sha1, md5) = (updated.sha1.as_deref(), updated.md5.as_deref());
+        let (sha1, md5) = (sha1.unwrap_or_default(), md5.unwrap_or_default());
+        self.meta
+            .add_digests(&updated.name, &updated.blob_key, sha1, md5)
+            .await?;
         self.forget(&updated.name);
         Ok(Arc::new(updated))
+    }
+
+    /// The oldest image stored without its SHA-1 and MD5 that `late_digests` has not taken.
+    pub(crate) fn take_digests_wanted(&self) -> Option<String> {
+        self.digests_wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
     }
 
     /// A page of live records whose names start with `prefix`, and the cursor of the next.

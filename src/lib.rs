@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod fota;
 pub mod http;
 pub mod keys;
+pub mod late_digests;
 pub mod mcuboot;
 pub mod meta;
 pub mod metrics;

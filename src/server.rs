@@ -19,8 +19,8 @@ use crate::http::{self, AppState};
 use crate::keys::{KeyError, KeyRing};
 use crate::meta::{self, MetaError};
 use crate::metrics::Metrics;
-use crate::retention;
 use crate::spool::{Spool, SpoolError};
+use crate::{late_digests, retention};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -324,6 +324,10 @@ pub async fn start_with_clock(
         cancel.clone(),
     ));
     tasks.push(sweeper);
+    tasks.push(tokio::spawn(late_digests::run(
+        Arc::clone(&repo),
+        cancel.clone(),
+    )));
     Ok(Running {
         http_addr,
         https_addr,

@@ -80,8 +80,19 @@ pub trait FirmwareCatalog: Send + Sync {
         &self,
         record: &FirmwareRecord,
     ) -> Result<Option<FirmwareRecord>, MetaError>;
-    /// Replaces the record with the same name and blob; `false` if there is none.
+    /// Replaces the record with the same name and blob; `false` if there is none. The SHA-1
+    /// and MD5 the stored record has stay when `record` lacks them (the same blob has the same
+    /// digests, and they may have been added since `record` was read).
     async fn update(&self, record: &FirmwareRecord) -> Result<bool, MetaError>;
+    /// Adds SHA-1 and MD5 (hex) to the record with this name and blob, changing nothing else;
+    /// `false` if there is none.
+    async fn add_digests(
+        &self,
+        name: &str,
+        blob_key: &str,
+        sha1: &str,
+        md5: &str,
+    ) -> Result<bool, MetaError>;
     /// Removes the record of `name` if it still points at `blob_key`.
     async fn remove(&self, name: &str, blob_key: &str) -> Result<bool, MetaError>;
     /// Records whose names start with `prefix`, in name order, after `after`.
@@ -493,6 +504,29 @@ pub(crate) mod suite {
             .update(&record("a", "other-blob", None))
             .await
             .unwrap());
+
+        // Digests added later change nothing else, and a later update without them keeps
+        // them.
+        assert!(store.add_digests("a", "b1", "22", "33").await.unwrap());
+        assert!(!store
+            .add_digests("a", "other-blob", "22", "33")
+            .await
+            .unwrap());
+        let with = store.get("a").await.unwrap().unwrap();
+        assert_eq!(
+            (with.sha1.as_deref(), with.md5.as_deref()),
+            (Some("22"), Some("33"))
+        );
+        assert_eq!(with.expires_at_ms, None);
+        let mut without = a2.clone();
+        (without.sha1, without.md5, without.description) = (None, None, Some("d".into()));
+        assert!(store.update(&without).await.unwrap());
+        let kept = store.get("a").await.unwrap().unwrap();
+        assert_eq!(
+            (kept.sha1.as_deref(), kept.md5.as_deref()),
+            (Some("22"), Some("33"))
+        );
+        assert_eq!(kept.description.as_deref(), Some("d"));
 
         assert!(!store.remove("aa", "wrong-blob").await.unwrap());
         assert!(store.remove("aa", "aa").await.unwrap());

@@ -310,7 +310,9 @@ impl FirmwareCatalog for PgStore {
         let json = encode(record)?;
         let n = self
             .execute(
-                "UPDATE fwrepo_firmware SET size = $3, expires_at_ms = $4, record = $5
+                "UPDATE fwrepo_firmware SET size = $3, expires_at_ms = $4,
+                 record = ($5::text::jsonb || jsonb_strip_nulls(jsonb_build_object(
+                     'sha1', record::jsonb -> 'sha1', 'md5', record::jsonb -> 'md5')))::text
                  WHERE name = $1 AND blob_key = $2",
                 &[
                     &record.name,
@@ -319,6 +321,24 @@ impl FirmwareCatalog for PgStore {
                     &record.expires_at_ms,
                     &json,
                 ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn add_digests(
+        &self,
+        name: &str,
+        blob_key: &str,
+        sha1: &str,
+        md5: &str,
+    ) -> Result<bool, MetaError> {
+        let n = self
+            .execute(
+                "UPDATE fwrepo_firmware SET record = (record::jsonb
+                     || jsonb_build_object('sha1', $3::text, 'md5', $4::text))::text
+                 WHERE name = $1 AND blob_key = $2",
+                &[&name, &blob_key, &sha1, &md5],
             )
             .await?;
         Ok(n == 1)

@@ -191,7 +191,6 @@ impl FirmwareCatalog for SledStore {
 
     async fn update(&self, record: &FirmwareRecord) -> Result<bool, MetaError> {
         let record = record.clone();
-        let json = serde_json::to_vec(&record).map_err(backend)?;
         let updated = self
             .blocking(move |s| {
                 s.transact(|fw, ex| {
@@ -209,7 +208,46 @@ impl FirmwareCatalog for SledStore {
                     if let Some(at) = record.expires_at_ms {
                         ex.insert(expiry_key(at, &record.name), &[])?;
                     }
-                    fw.insert(record.name.as_bytes(), json.as_slice())?;
+                    let mut new = record.clone();
+                    new.sha1 = new.sha1.or(old.sha1);
+                    new.md5 = new.md5.or(old.md5);
+                    let json = serde_json::to_vec(&new)
+                        .map_err(|_| ConflictableTransactionError::Abort(false))?;
+                    fw.insert(record.name.as_bytes(), json)?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if updated {
+            self.flush().await?;
+        }
+        Ok(updated)
+    }
+
+    async fn add_digests(
+        &self,
+        name: &str,
+        blob_key: &str,
+        sha1: &str,
+        md5: &str,
+    ) -> Result<bool, MetaError> {
+        let (name, blob_key) = (name.to_owned(), blob_key.to_owned());
+        let (sha1, md5) = (sha1.to_owned(), md5.to_owned());
+        let updated = self
+            .blocking(move |s| {
+                s.transact(|fw, _| {
+                    let Some(old) = fw.get(name.as_bytes())? else {
+                        return Err(ConflictableTransactionError::Abort(false));
+                    };
+                    let mut record: FirmwareRecord = serde_json::from_slice(&old)
+                        .map_err(|_| ConflictableTransactionError::Abort(false))?;
+                    if record.blob_key != blob_key {
+                        return Err(ConflictableTransactionError::Abort(false));
+                    }
+                    (record.sha1, record.md5) = (Some(sha1.clone()), Some(md5.clone()));
+                    let json = serde_json::to_vec(&record)
+                        .map_err(|_| ConflictableTransactionError::Abort(false))?;
+                    fw.insert(name.as_bytes(), json)?;
                     Ok(true)
                 })
             })

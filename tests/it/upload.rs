@@ -211,3 +211,50 @@ async fn raw_request(base: &str, request: &str) -> (u16, String) {
     let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, out)
 }
+
+/// A small image is answered with all three digests; a large one with SHA-256, and its SHA-1
+/// and MD5 follow once the upload is answered, without undoing a change made meanwhile.
+#[tokio::test]
+async fn large_images_get_sha1_and_md5_after_the_upload() {
+    use md5::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &[]).await;
+    let small = image(100_000, 3);
+    let rec: Value = srv
+        .put("/v1/firmware/small.bin", small.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rec["sha1"], hex::encode(sha1::Sha1::digest(&small)));
+    assert_eq!(rec["md5"], hex::encode(md5::Md5::digest(&small)));
+
+    let large = image(9 << 20, 4);
+    let r = srv.put("/v1/firmware/large.bin", large.clone()).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let rec: Value = r.json().await.unwrap();
+    assert_eq!(rec["sha256"], sha256_hex(&large));
+    assert!(rec.get("md5").is_none(), "{rec}");
+    let changed = client()
+        .patch(srv.url("/v1/firmware/large.bin"))
+        .json(&serde_json::json!({"description": "kept"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), StatusCode::OK);
+    let rec = crate::common::poll(
+        async || -> Value {
+            srv.get("/v1/firmware/large.bin")
+                .await
+                .json()
+                .await
+                .unwrap()
+        },
+        |rec| rec.get("md5").is_some(),
+    )
+    .await;
+    assert_eq!(rec["sha1"], hex::encode(sha1::Sha1::digest(&large)));
+    assert_eq!(rec["md5"], hex::encode(md5::Md5::digest(&large)));
+    assert_eq!(rec["description"], "kept");
+    srv.stop().await;
+}

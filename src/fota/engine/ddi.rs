@@ -127,7 +127,7 @@ impl Engine {
             });
         }
         let record = self.repo.resolve_any(&t.firmware).await?;
-        let record = self.repo.with_legacy_digests(record).await?;
+        let record = self.repo.with_all_digests(record).await?;
         Ok((t, record))
     }
 
