@@ -382,9 +382,42 @@ pub trait ScheduleStore: Send + Sync {
     async fn delete_schedule(&self, name: &str) -> Result<bool, MetaError>;
 }
 
+/// What a device's request reads first, the device's credential with its task: one look-up
+/// where the backend can join them (PostgreSQL), two otherwise.
+#[async_trait]
+pub trait DeviceReads: TaskStore + DeviceStore {
+    /// The device's credential and its active task.
+    async fn credential_and_active_task(
+        &self,
+        device_id: &str,
+    ) -> Result<(Option<DeviceCredential>, Option<FotaTask>), MetaError> {
+        let credential = self.device_credential(device_id).await?;
+        Ok((credential, self.active_task_of(device_id).await?))
+    }
+
+    /// A task and its device's credential.
+    async fn task_and_credential(
+        &self,
+        id: &str,
+    ) -> Result<Option<(FotaTask, Option<DeviceCredential>)>, MetaError> {
+        let Some(t) = self.get_task(id).await? else {
+            return Ok(None);
+        };
+        let credential = self.device_credential(&t.device_id).await?;
+        Ok(Some((t, credential)))
+    }
+}
+
 /// Every metadata concern of the service.
 pub trait MetaStore:
-    FirmwareCatalog + ExpiryIndex + TaskStore + DeviceStore + ScheduleStore + GroupStore + CampaignStore
+    FirmwareCatalog
+    + ExpiryIndex
+    + TaskStore
+    + DeviceStore
+    + DeviceReads
+    + ScheduleStore
+    + GroupStore
+    + CampaignStore
 {
 }
 impl<
@@ -392,6 +425,7 @@ impl<
             + ExpiryIndex
             + TaskStore
             + DeviceStore
+            + DeviceReads
             + ScheduleStore
             + GroupStore
             + CampaignStore,

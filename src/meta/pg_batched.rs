@@ -10,6 +10,7 @@ use super::pg_batch::{all_failed, Batcher, Kind};
 use super::postgres::{announcing, Param, PgStore, TaskRow, EVENTS_CHANNEL};
 use super::postgres::{UPDATE_TASK, UPDATE_TASK_ANNOUNCED};
 use super::{Created, MetaError};
+use tokio_postgres::Row;
 
 /// One batcher per kind; clones share them.
 #[derive(Default, Clone)]
@@ -20,6 +21,8 @@ pub(super) struct Batches {
     pub active: Batcher<ByKey<ActiveByDevice>>,
     pub active_tasks: Batcher<ByKey<ActiveTaskByDevice>>,
     pub credentials: Batcher<ByKey<CredentialByDevice>>,
+    pub device_states: Batcher<ByKey<DeviceState>>,
+    pub tasks_and_credentials: Batcher<ByKey<TaskAndCredential>>,
     pub merges: Batcher<DeviceMerges>,
     pub any_token: Batcher<AnyToken>,
 }
@@ -215,9 +218,12 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// A look-up by one text key: `SQL` takes the keys as `$1` and returns (key, value) rows.
+/// A look-up by one text key: `SQL` takes the keys as `$1` and returns one row per key
+/// found, the key first.
 pub(super) trait Lookup: Send + Sync + 'static {
     const SQL: &'static str;
+    type Value: Clone + Send + 'static;
+    fn value(row: &Row) -> Self::Value;
 }
 
 /// Look-ups of one kind, in one `= ANY($1)` statement.
@@ -225,13 +231,13 @@ pub(super) struct ByKey<L>(PhantomData<L>);
 
 impl<L: Lookup> Kind for ByKey<L> {
     type Item = String;
-    type Out = Option<String>;
+    type Out = Option<L::Value>;
 
-    async fn run(store: &PgStore, keys: Vec<String>) -> Vec<Result<Option<String>, MetaError>> {
+    async fn run(store: &PgStore, keys: Vec<String>) -> Vec<Result<Option<L::Value>, MetaError>> {
         match store.query(L::SQL, &[&keys]).await {
             Ok(rows) => {
-                let found: HashMap<String, String> =
-                    rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                let found: HashMap<String, L::Value> =
+                    rows.iter().map(|r| (r.get(0), L::value(r))).collect();
                 keys.iter().map(|k| Ok(found.get(k).cloned())).collect()
             }
             Err(e) => all_failed(keys.len(), &e),
@@ -243,12 +249,20 @@ impl<L: Lookup> Kind for ByKey<L> {
 pub(super) struct TaskById;
 impl Lookup for TaskById {
     const SQL: &'static str = "SELECT id, task FROM fwrepo_tasks WHERE id = ANY($1)";
+    type Value = String;
+    fn value(row: &Row) -> String {
+        row.get(1)
+    }
 }
 
 /// A device's active task id.
 pub(super) struct ActiveByDevice;
 impl Lookup for ActiveByDevice {
     const SQL: &'static str = ACTIVE_OF;
+    type Value = String;
+    fn value(row: &Row) -> String {
+        row.get(1)
+    }
 }
 
 /// A device's active task's JSON.
@@ -256,6 +270,10 @@ pub(super) struct ActiveTaskByDevice;
 impl Lookup for ActiveTaskByDevice {
     const SQL: &'static str =
         "SELECT device_id, task FROM fwrepo_tasks WHERE device_id = ANY($1) AND active";
+    type Value = String;
+    fn value(row: &Row) -> String {
+        row.get(1)
+    }
 }
 
 /// A device's credential JSON.
@@ -263,6 +281,34 @@ pub(super) struct CredentialByDevice;
 impl Lookup for CredentialByDevice {
     const SQL: &'static str = "SELECT device_id, credential FROM fwrepo_device_credentials
         WHERE device_id = ANY($1)";
+    type Value = String;
+    fn value(row: &Row) -> String {
+        row.get(1)
+    }
+}
+
+/// A device's credential JSON and its active task's JSON (a row for every key asked).
+pub(super) struct DeviceState;
+impl Lookup for DeviceState {
+    const SQL: &'static str = "SELECT d.id, c.credential, t.task FROM unnest($1::text[]) AS d(id)
+        LEFT JOIN fwrepo_device_credentials c ON c.device_id = d.id
+        LEFT JOIN fwrepo_tasks t ON t.device_id = d.id AND t.active";
+    type Value = (Option<String>, Option<String>);
+    fn value(row: &Row) -> Self::Value {
+        (row.get(1), row.get(2))
+    }
+}
+
+/// A task's JSON by id, with its device's credential JSON.
+pub(super) struct TaskAndCredential;
+impl Lookup for TaskAndCredential {
+    const SQL: &'static str = "SELECT t.id, t.task, c.credential FROM fwrepo_tasks t
+        LEFT JOIN fwrepo_device_credentials c ON c.device_id = t.device_id
+        WHERE t.id = ANY($1)";
+    type Value = (String, Option<String>);
+    fn value(row: &Row) -> Self::Value {
+        (row.get(1), row.get(2))
+    }
 }
 
 /// A merge into one device's JSON: `patch` onto the stored device, or `fresh` when there is

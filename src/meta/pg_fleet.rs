@@ -400,6 +400,43 @@ impl DeviceStore for PgStore {
 }
 
 #[async_trait]
+impl super::DeviceReads for PgStore {
+    async fn credential_and_active_task(
+        &self,
+        device_id: &str,
+    ) -> Result<(Option<DeviceCredential>, Option<FotaTask>), MetaError> {
+        let found = self
+            .batched
+            .device_states
+            .run(self, device_id.to_owned())
+            .await?;
+        let (credential, task) = found.unwrap_or_default();
+        Ok((
+            credential.map(|j| decode(device_id, &j)).transpose()?,
+            task.map(|j| decode(device_id, &j)).transpose()?,
+        ))
+    }
+
+    async fn task_and_credential(
+        &self,
+        id: &str,
+    ) -> Result<Option<(FotaTask, Option<DeviceCredential>)>, MetaError> {
+        let Some((task, credential)) = self
+            .batched
+            .tasks_and_credentials
+            .run(self, id.to_owned())
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((
+            decode(id, &task)?,
+            credential.map(|j| decode(id, &j)).transpose()?,
+        )))
+    }
+}
+
+#[async_trait]
 impl GroupStore for PgStore {
     async fn get_group(&self, name: &str) -> Result<Option<Group>, MetaError> {
         let row = self

@@ -1244,7 +1244,7 @@ mod tests {
     /// other's fields and each caller gets the device as its merge left it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_lookups_and_merges_share_statements_and_answer_each_caller() {
-        use crate::meta::{DeviceCredential, DeviceStore, TaskStore};
+        use crate::meta::{DeviceCredential, DeviceReads, DeviceStore, TaskStore};
         use crate::model::task::tests::task;
         use serde_json::{json, Map, Value};
         let Some(url) = fresh_database().await else {
@@ -1274,6 +1274,8 @@ mod tests {
             store.batched.active.batches(),
             store.batched.credentials.batches(),
             store.batched.merges.batches(),
+            store.batched.device_states.batches(),
+            store.batched.tasks_and_credentials.batches(),
         ];
         let calls = (0..40).map(|i| {
             let store = store.clone();
@@ -1281,30 +1283,44 @@ mod tests {
                 let (id, device) = (format!("t{i:02}"), format!("d{i:02}"));
                 let patch: Map<String, Value> =
                     Map::from_iter([("pkgVersion".to_owned(), json!(i.to_string()))]);
-                let (t, active, credential, merged) = tokio::join!(
+                let (t, active, credential, merged, state, with) = tokio::join!(
                     store.get_task(&id),
                     store.active_task(&device),
                     store.device_credential(&device),
                     store.merge_device(&device, &patch, 2),
+                    store.credential_and_active_task(&device),
+                    store.task_and_credential(&id),
                 );
+                let (t, active, credential) = (t.unwrap(), active.unwrap(), credential.unwrap());
                 (
-                    t.unwrap(),
-                    active.unwrap(),
-                    credential.unwrap(),
+                    t,
+                    active,
+                    credential,
                     merged.unwrap(),
+                    state.unwrap(),
+                    with.unwrap(),
                 )
             })
         });
         let answers = futures_util::future::join_all(calls).await;
         for (i, answer) in answers.into_iter().enumerate() {
-            let (t, active, credential, merged) = answer.unwrap();
+            let (t, active, credential, merged, state, with) = answer.unwrap();
             let (id, known) = (format!("t{i:02}"), i < 30);
+            let sha = (known && i % 2 == 0).then(|| format!("{i:064}"));
             assert_eq!(t.map(|t| t.id), known.then(|| id.clone()), "task {i}");
-            assert_eq!(active, known.then_some(id), "active {i}");
+            assert_eq!(active, known.then(|| id.clone()), "active {i}");
+            assert_eq!(credential.map(|c| c.sha256), sha, "credential {i}");
+            assert_eq!(state.0.map(|c| c.sha256), sha, "state's credential {i}");
             assert_eq!(
-                credential.map(|c| c.sha256),
-                (known && i % 2 == 0).then(|| format!("{i:064}")),
-                "credential {i}"
+                state.1.map(|t| t.id),
+                known.then(|| id.clone()),
+                "state's task {i}"
+            );
+            let with = with.map(|(t, c)| (t.id, c.map(|c| c.sha256)));
+            assert_eq!(
+                with,
+                known.then(|| (id.clone(), sha.clone())),
+                "task with credential {i}"
             );
             let merged = serde_json::to_value(&merged).unwrap();
             assert_eq!(
@@ -1324,11 +1340,18 @@ mod tests {
             store.batched.active.batches(),
             store.batched.credentials.batches(),
             store.batched.merges.batches(),
+            store.batched.device_states.batches(),
+            store.batched.tasks_and_credentials.batches(),
         ];
-        for (kind, (b, a)) in ["tasks", "active", "credentials", "merges"]
-            .iter()
-            .zip(before.iter().zip(after))
-        {
+        let kinds = [
+            "tasks",
+            "active",
+            "credentials",
+            "merges",
+            "states",
+            "tasks+credentials",
+        ];
+        for (kind, (b, a)) in kinds.iter().zip(before.iter().zip(after)) {
             assert!(a - b < 40, "40 {kind} calls went in {} statements", a - b);
         }
     }

@@ -503,6 +503,9 @@ impl SledStore {
 }
 
 #[async_trait]
+impl super::DeviceReads for SledStore {}
+
+#[async_trait]
 impl GroupStore for SledStore {
     async fn get_group(&self, name: &str) -> Result<Option<Group>, MetaError> {
         let name = name.to_owned();

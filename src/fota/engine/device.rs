@@ -17,6 +17,20 @@ pub enum Proof<'a> {
 impl Engine {
     /// Refuses a device that does not present the token its credential needs.
     pub(super) async fn identify(&self, device: &str, proof: Proof<'_>) -> Result<(), FotaError> {
+        let credential = match proof {
+            Proof::Token(_) => self.store.device_credential(device).await?,
+            Proof::Session(_) | Proof::Gateway => None,
+        };
+        self.admitted(device, proof, credential.as_ref())
+    }
+
+    /// [`Engine::identify`] with the device's credential read already.
+    fn admitted(
+        &self,
+        device: &str,
+        proof: Proof<'_>,
+        credential: Option<&crate::meta::DeviceCredential>,
+    ) -> Result<(), FotaError> {
         let presented = match proof {
             Proof::Session(d) if d == device => return Ok(()),
             Proof::Session(d) => {
@@ -29,8 +43,7 @@ impl Engine {
             Proof::Token(t) => t,
         };
         let required = self.device_credentials.load(Ordering::Relaxed);
-        let credential = self.store.device_credential(device).await?;
-        if crate::auth::device::admits(required, credential.as_ref(), presented) {
+        if crate::auth::device::admits(required, credential, presented) {
             return Ok(());
         }
         Err(FotaError::DeviceUnauthenticated {
@@ -147,17 +160,30 @@ impl Engine {
     /// The device's work; `credential` is the device token it presented.
     pub async fn work(&self, device: &str, proof: Proof<'_>) -> Result<Work, FotaError> {
         check_device(device)?;
-        self.identify(device, proof).await?;
+        // One look-up for both; nothing of the task is used unless the device is admitted.
+        let (credential, active) = self.store.credential_and_active_task(device).await?;
+        self.admitted(device, proof, credential.as_ref())?;
+        let mut read = Some(active);
         // When the device was last seen is stored beside the work, not before it.
-        let (seen, work) =
-            tokio::join!(self.seen(device, None), retried(|| self.work_once(device)));
+        let (seen, work) = tokio::join!(
+            self.seen(device, None),
+            retried(|| self.work_once(device, read.take()))
+        );
         seen?;
         work
     }
 
-    pub(super) async fn work_once(&self, device: &str) -> Result<Work, FotaError> {
+    /// `read`: the device's active task as read already, on the first attempt.
+    pub(super) async fn work_once(
+        &self,
+        device: &str,
+        read: Option<Option<FotaTask>>,
+    ) -> Result<Work, FotaError> {
         let poll = self.config.poll_interval.0;
-        let mut active = self.store.active_task_of(device).await?;
+        let mut active = match read {
+            Some(active) => active,
+            None => self.store.active_task_of(device).await?,
+        };
         if active.is_none() {
             if let Some(joiner) = self.joiner.get().and_then(std::sync::Weak::upgrade) {
                 if joiner.join(device).await? {
@@ -276,8 +302,9 @@ impl Engine {
         proof: Proof<'_>,
     ) -> Result<FotaTask, FotaError> {
         let _g = self.lock_task(id).await;
-        let mut t = self.task(id).await?;
-        self.identify(&t.device_id, proof).await?;
+        let (mut t, credential) = (self.store.task_and_credential(id).await?)
+            .ok_or_else(|| FotaError::NotFound(id.to_owned()))?;
+        self.admitted(&t.device_id, proof, credential.as_ref())?;
         let before = t.clone();
         let now = self.now_ms();
         let deferred_until = now.saturating_add(self.config.deferred_retry.0.as_millis() as i64);
