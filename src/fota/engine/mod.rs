@@ -247,10 +247,20 @@ impl Engine {
     /// other instances sharing the store, if any; they receive it from
     /// [`Engine::others_announced`].
     pub fn announce(&self, kind: &str, what: &impl serde::Serialize) -> Option<String> {
-        let mut m = serde_json::Map::new();
-        m.insert("origin".into(), self.origin.clone().into());
-        m.insert(kind.into(), serde_json::to_value(what).ok()?);
-        self.store.shared().then(|| Value::Object(m).to_string())
+        if !self.store.shared() {
+            return None;
+        }
+        // The origin first, so this instance knows its own when they come back without
+        // reading them.
+        let what = serde_json::to_string(what).ok()?;
+        let kind = serde_json::to_string(kind).ok()?;
+        Some(format!("{}{kind}:{what}}}", self.own_prefix()))
+    }
+
+    /// How this instance's announcements start.
+    fn own_prefix(&self) -> String {
+        let origin = serde_json::to_string(&self.origin).unwrap_or_default();
+        format!("{{\"origin\":{origin},")
     }
 
     /// What other instances announce besides task transitions, as announced.
@@ -265,8 +275,12 @@ impl Engine {
             return;
         };
         let this = Arc::clone(self);
+        let own = self.own_prefix();
         self.work.spawn(async move {
             while let Some(message) = announced.recv().await {
+                if message.starts_with(&own) {
+                    continue;
+                }
                 #[derive(serde::Deserialize)]
                 struct Announcement {
                     origin: String,
