@@ -250,11 +250,13 @@ upload_row() {
   for i in $(seq "$runs"); do
     port=$(free_port)
     rm -rf "$work/storage"
+    sync
     start_fwrepo "$port" warn
     f+=("$(secs_of curl -sf -o /dev/null -T "$work/fw2g.bin" "http://127.0.0.1:$port/v1/firmware/up-$i")")
     fw_peak=$(awk -v a="$fw_peak" '/VmHWM/ { print ($2 > a ? $2 : a) }' "/proc/$fw_pid/status")
     stop_all
     rm -rf "$work/storage"
+    sync
     d+=("$(secs_of dd if="$work/fw2g.bin" of="$work/copy.bin" bs=1M conv=fsync status=none)")
     rm -f "$work/copy.bin"
   done
@@ -271,6 +273,9 @@ fota_row() { # backend target metadata-url
   for _ in $(seq "$runs"); do
     port=$(free_port)
     rm -rf "$work/storage"
+    # A quiet disk: the rows before (the upload's 2 GiB files) leave writeback behind that
+    # would slow every fsync of the first runs.
+    sync
     [ -z "$url" ] || reset_pg
     start_fwrepo "$port" warn ${url:+--set "storage.metadata=$url"}
     out=$(FOTA_BENCH_IDLE_SECS=0 target/release/examples/fota_bench "http://127.0.0.1:$port" "$fw_pid" "$fota_tasks" "$conns")
