@@ -1277,14 +1277,18 @@ mod tests {
                 store.merge_device(&t.device_id, &patch, 1).await.unwrap();
             }
         }
-        let before = [
-            store.batched.tasks.batches(),
-            store.batched.active.batches(),
-            store.batched.credentials.batches(),
-            store.batched.merges.batches(),
-            store.batched.device_states.batches(),
-            store.batched.tasks_and_credentials.batches(),
-        ];
+        let counts = |store: &super::PgStore| {
+            let b = &store.batched;
+            [
+                b.tasks.batches(),
+                b.active.batches(),
+                b.credentials.batches(),
+                b.merges.batches(),
+                b.device_states.batches(),
+                b.tasks_and_credentials.batches(),
+            ]
+        };
+        let before = counts(&store);
         let calls = (0..40).map(|i| {
             let store = store.clone();
             tokio::spawn(async move {
@@ -1343,14 +1347,7 @@ mod tests {
             };
             assert_eq!(merged["tags"], tags, "device {i}: {merged}");
         }
-        let after = [
-            store.batched.tasks.batches(),
-            store.batched.active.batches(),
-            store.batched.credentials.batches(),
-            store.batched.merges.batches(),
-            store.batched.device_states.batches(),
-            store.batched.tasks_and_credentials.batches(),
-        ];
+        let after = counts(&store);
         let kinds = [
             "tasks",
             "active",

@@ -146,6 +146,27 @@ impl SledStore {
     }
 }
 
+/// In a transaction: the record stored under `name` with blob `blob_key`; the transaction
+/// ends with `false` (no such record) when there is none, or one of another blob.
+fn stored(
+    fw: &sled::transaction::TransactionalTree,
+    name: &str,
+    blob_key: &str,
+) -> Result<FirmwareRecord, ConflictableTransactionError<bool>> {
+    let refuse = || ConflictableTransactionError::Abort(false);
+    let old = fw.get(name.as_bytes())?.ok_or_else(refuse)?;
+    let old: FirmwareRecord = serde_json::from_slice(&old).map_err(|_| refuse())?;
+    if old.blob_key != blob_key {
+        return Err(refuse());
+    }
+    Ok(old)
+}
+
+/// In a transaction: `record` as stored.
+fn encoded(record: &FirmwareRecord) -> Result<Vec<u8>, ConflictableTransactionError<bool>> {
+    serde_json::to_vec(record).map_err(|_| ConflictableTransactionError::Abort(false))
+}
+
 #[async_trait]
 impl FirmwareCatalog for SledStore {
     async fn get(&self, name: &str) -> Result<Option<FirmwareRecord>, MetaError> {
@@ -194,14 +215,7 @@ impl FirmwareCatalog for SledStore {
         let updated = self
             .blocking(move |s| {
                 s.transact(|fw, ex| {
-                    let Some(old) = fw.get(record.name.as_bytes())? else {
-                        return Err(ConflictableTransactionError::Abort(false));
-                    };
-                    let old: FirmwareRecord = serde_json::from_slice(&old)
-                        .map_err(|_| ConflictableTransactionError::Abort(false))?;
-                    if old.blob_key != record.blob_key {
-                        return Err(ConflictableTransactionError::Abort(false));
-                    }
+                    let old = stored(fw, &record.name, &record.blob_key)?;
                     if let Some(at) = old.expires_at_ms {
                         ex.remove(expiry_key(at, &old.name))?;
                     }
@@ -211,9 +225,7 @@ impl FirmwareCatalog for SledStore {
                     let mut new = record.clone();
                     new.sha1 = new.sha1.or(old.sha1);
                     new.md5 = new.md5.or(old.md5);
-                    let json = serde_json::to_vec(&new)
-                        .map_err(|_| ConflictableTransactionError::Abort(false))?;
-                    fw.insert(record.name.as_bytes(), json)?;
+                    fw.insert(record.name.as_bytes(), encoded(&new)?)?;
                     Ok(true)
                 })
             })
@@ -236,18 +248,9 @@ impl FirmwareCatalog for SledStore {
         let updated = self
             .blocking(move |s| {
                 s.transact(|fw, _| {
-                    let Some(old) = fw.get(name.as_bytes())? else {
-                        return Err(ConflictableTransactionError::Abort(false));
-                    };
-                    let mut record: FirmwareRecord = serde_json::from_slice(&old)
-                        .map_err(|_| ConflictableTransactionError::Abort(false))?;
-                    if record.blob_key != blob_key {
-                        return Err(ConflictableTransactionError::Abort(false));
-                    }
+                    let mut record = stored(fw, &name, &blob_key)?;
                     (record.sha1, record.md5) = (Some(sha1.clone()), Some(md5.clone()));
-                    let json = serde_json::to_vec(&record)
-                        .map_err(|_| ConflictableTransactionError::Abort(false))?;
-                    fw.insert(name.as_bytes(), json)?;
+                    fw.insert(name.as_bytes(), encoded(&record)?)?;
                     Ok(true)
                 })
             })
