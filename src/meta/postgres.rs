@@ -544,14 +544,8 @@ impl PgStore {
         match inserted {
             Ok(()) => Ok(Created::Stored),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                let active = self
-                    .query_opt(
-                        "SELECT id FROM fwrepo_tasks WHERE device_id = $1 AND active",
-                        &[&device_id],
-                    )
-                    .await?;
-                match active {
-                    Some(r) => Ok(Created::DeviceBusy(r.get(0))),
+                match self.active_task(device_id).await? {
+                    Some(active) => Ok(Created::DeviceBusy(active)),
                     None => Err(backend(e)),
                 }
             }

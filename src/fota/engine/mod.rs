@@ -120,6 +120,9 @@ pub struct Engine {
     others: broadcast::Sender<Arc<Value>>,
     /// Names this instance in announcements, so it skips its own when they come back.
     origin: String,
+    /// How this instance's announcements begin (`{"origin":"…",`), made once: the origin
+    /// comes first so the instance skips its own, as they come back, without reading them.
+    own_prefix: String,
     due_changed: Notify,
     /// When the timer will next look at the store unless woken: a task due earlier wakes it
     /// (`i64::MAX` while it is looking, so every change made meanwhile wakes it again).
@@ -186,10 +189,16 @@ impl Engine {
         cancel: CancellationToken,
         work: TaskTracker,
     ) -> Engine {
+        let origin = new_capability();
+        let own_prefix = format!(
+            "{{\"origin\":{},",
+            serde_json::to_string(&origin).unwrap_or_default()
+        );
         Engine {
             cancel,
             work,
-            origin: new_capability(),
+            origin,
+            own_prefix,
             importer: Importer::new(&config),
             store,
             repo,
@@ -250,17 +259,9 @@ impl Engine {
         if !self.store.shared() {
             return None;
         }
-        // The origin first, so this instance knows its own when they come back without
-        // reading them.
         let what = serde_json::to_string(what).ok()?;
         let kind = serde_json::to_string(kind).ok()?;
-        Some(format!("{}{kind}:{what}}}", self.own_prefix()))
-    }
-
-    /// How this instance's announcements start.
-    fn own_prefix(&self) -> String {
-        let origin = serde_json::to_string(&self.origin).unwrap_or_default();
-        format!("{{\"origin\":{origin},")
+        Some(format!("{}{kind}:{what}}}", self.own_prefix))
     }
 
     /// What other instances announce besides task transitions, as announced.
@@ -275,22 +276,19 @@ impl Engine {
             return;
         };
         let this = Arc::clone(self);
-        let own = self.own_prefix();
         self.work.spawn(async move {
             while let Some(message) = announced.recv().await {
-                if message.starts_with(&own) {
+                if message.starts_with(&this.own_prefix) {
                     continue;
                 }
                 #[derive(serde::Deserialize)]
                 struct Announcement {
-                    origin: String,
                     event: Option<TaskEvent>,
                 }
                 let parsed = serde_json::from_str::<Value>(&message).and_then(|v| {
                     serde_json::from_value::<Announcement>(v.clone()).map(|a| (a, v))
                 });
                 match parsed {
-                    Ok((a, _)) if a.origin == this.origin => {}
                     Ok((Announcement { event: Some(e), .. }, _)) => {
                         let _ = this.events.send(Arc::new(e));
                         this.due_changed.notify_one();
