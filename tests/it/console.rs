@@ -953,14 +953,14 @@ async fn console_every_page_opens_labelled_and_without_errors() {
         |v| v.as_str().is_some_and(|t| t.contains("meter-1")),
     )
     .await;
+    // The hash route renders after its fetch: wait for the grid, then count.
     b.goto(&srv.url("/ui/#/schedules")).await;
-    let open = b
-        .run(
-            "return document.querySelectorAll('table.week[data-schedule=always] td.open').length",
-            json!([]),
-        )
-        .await;
-    assert_eq!(open, 7 * 24, "'always' is open every hour");
+    b.find("table.week[data-schedule=always]").await;
+    b.wait_for(
+        "return document.querySelectorAll('table.week[data-schedule=always] td.open').length",
+        |v| v == &json!(7 * 24),
+    )
+    .await;
     b.assert_no_console_errors().await;
     b.quit().await;
     srv.stop().await;
