@@ -2,9 +2,8 @@
 //! bearer tokens checked against the token store, and an audit event for every change.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -129,13 +128,9 @@ pub async fn session_token(
     access.tokens.by_id(&session.token_id).await
 }
 
-/// The middleware: the decision before the handler, so a refusal never depends on whether
+/// The access half of the envelope (`http::envelope`): the decision before the handler, so a refusal never depends on whether
 /// the resource exists; the audit event after it.
-pub async fn enforce(
-    State((app, rules)): State<(AppState, Arc<Rules>)>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+pub async fn enforce(app: &AppState, rules: &Rules, mut req: Request, next: Next) -> Response {
     // Deny by default: a path no route serves, or a method no rule names, is answered here
     // and never reaches a handler (axum would route HEAD to the GET handler, for one).
     let Some(path) = req.extensions().get::<MatchedPath>().cloned() else {

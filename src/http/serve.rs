@@ -7,6 +7,10 @@
 //! Each connection has an [`Activity`]: its IO wrapper notes bytes read and writes that wait
 //! on the client, its service notes requests starting and their responses ending, and a
 //! watchdog beside the connection closes it when the deadline of its current phase passes.
+//! Nothing wakes the watchdog when a phase begins (that was a wake-up and a timer per
+//! request): every deadline lies at least the shortest limit after the event that starts it,
+//! so a watchdog that wakes at the deadline it knows, and at least once per shortest limit,
+//! finds each deadline on time.
 
 use std::io;
 use std::pin::Pin;
@@ -22,7 +26,7 @@ use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -94,8 +98,6 @@ struct Activity {
     state: Mutex<State>,
     /// Mirrors `State::write_blocked.is_some()`, so a write that did not wait takes no lock.
     write_waiting: AtomicBool,
-    /// Wakes the watchdog when a phase with a deadline begins.
-    changed: Notify,
 }
 
 struct State {
@@ -238,7 +240,6 @@ impl Activity {
                 head: HeadScan::new(),
             }),
             write_waiting: AtomicBool::new(false),
-            changed: Notify::new(),
         }
     }
 
@@ -251,12 +252,8 @@ impl Activity {
         if s.in_flight == 0 && s.served && s.head_started.is_none() {
             s.head_started = Some(Instant::now());
             s.head.restart_if_lost();
-            s.head.feed(data);
-            drop(s);
-            self.changed.notify_one();
-        } else {
-            s.head.feed(data);
         }
+        s.head.feed(data);
     }
 
     fn write_pending(&self) {
@@ -264,8 +261,6 @@ impl Activity {
         if s.write_blocked.is_none() {
             s.write_blocked = Some(Instant::now());
             self.write_waiting.store(true, Ordering::Relaxed);
-            drop(s);
-            self.changed.notify_one();
         }
     }
 
@@ -289,8 +284,6 @@ impl Activity {
         s.in_flight -= 1;
         if s.in_flight == 0 {
             s.idle_since = Instant::now();
-            drop(s);
-            self.changed.notify_one();
         }
     }
 
@@ -464,13 +457,13 @@ async fn connection<I>(
         .serve_connection(TokioIo::new(watched), service);
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
+    let shortest = limits.header_read.min(limits.idle).min(limits.body);
     loop {
-        let deadline = activity.deadline(&limits);
-        let sleep = async {
-            match deadline {
-                Some((at, _)) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
+        // `now` before the look: a phase that begins after it ends no sooner than the wake.
+        let now = Instant::now();
+        let wake = match activity.deadline(&limits) {
+            Some((at, _)) => at.min(now + shortest),
+            None => now + shortest,
         };
         tokio::select! {
             done = conn.as_mut() => {
@@ -483,8 +476,7 @@ async fn connection<I>(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = activity.changed.notified() => {}
-            _ = sleep => {
+            _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 if let Some((at, why)) = activity.deadline(&limits) {
                     if at <= now {
