@@ -22,8 +22,8 @@ use crate::fota::view::{task_json, work_json};
 use crate::fota::{FotaError, Proof, Work};
 use crate::name::parse_duration;
 
-fn task_view(app: &AppState, t: &FotaTask) -> Json<Value> {
-    Json(task_json(t, app.engine.bytes_served(t)))
+fn task_view(app: &AppState, t: &FotaTask) -> Response {
+    Json(task_json(t, app.engine.bytes_served(t))).into_response()
 }
 
 /// `POST /v1/devices/{deviceId}/fota`
@@ -193,7 +193,7 @@ pub async fn report(
     Path(id): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     if body.len() > MAX_REPORT {
         return Err(ApiError::new(
             crate::error::Kind::TooLarge,
@@ -225,7 +225,7 @@ pub async fn report(
 pub async fn status(
     State(app): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let t = app.engine.task(&id).await?;
     Ok(task_view(&app, &t))
 }
@@ -234,7 +234,7 @@ pub async fn status(
 pub async fn cancel(
     State(app): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let t = app.engine.cancel(&id).await?;
     Ok(task_view(&app, &t))
 }
@@ -271,7 +271,7 @@ pub async fn list(
         .engine
         .list(q.device_id.as_deref(), status, q.cursor.as_deref(), limit)
         .await?;
-    let tasks: Vec<Value> = tasks
+    let tasks: Vec<_> = tasks
         .iter()
         .map(|t| task_json(t, app.engine.bytes_served(t)))
         .collect();
@@ -279,6 +279,11 @@ pub async fn list(
 }
 
 /// The `fotaId` of a check or cancel payload, which must belong to `device`.
+/// The status document as a value, for answers that wrap it (LwM2M method results).
+fn task_value(app: &AppState, t: &FotaTask) -> Value {
+    serde_json::to_value(task_json(t, app.engine.bytes_served(t))).unwrap_or_default()
+}
+
 async fn task_of(app: &AppState, device: &str, payload: &Value) -> Result<FotaTask, ApiError> {
     let id = payload
         .get("fotaId")
@@ -328,12 +333,12 @@ pub async fn method(
             }
             "checkFirmwareUpdateStatus" => {
                 let t = task_of(&app, &device, &payload).await?;
-                Ok(task_view(&app, &t).0)
+                Ok(task_value(&app, &t))
             }
             _ => {
                 let t = task_of(&app, &device, &payload).await?;
                 let t = app.engine.cancel(&t.id).await?;
-                Ok(task_view(&app, &t).0)
+                Ok(task_value(&app, &t))
             }
         }
     }
