@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -90,8 +90,7 @@ impl Tally {
 pub async fn content(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
+    req: Request,
 ) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     let record = app.repo.resolve(&name).await?;
@@ -99,43 +98,40 @@ pub async fn content(
         metrics: Arc::clone(&app.metrics),
         package: None,
     };
-    respond(&app, record, &method, &headers, tally).await
+    respond(&app, record, req.method(), req.headers(), tally).await
 }
 
 /// `GET`/`HEAD /p/{fotaId}`: a FOTA task's package URI; bytes served count as its progress.
 pub async fn package(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    headers: HeaderMap,
+    req: Request,
 ) -> Result<Response, ApiError> {
-    serve_package(app, &id, None, method, headers).await
+    serve_package(app, &id, None, req).await
 }
 
 /// `GET`/`HEAD /p/{fotaId}/{token}`: the package URI with its capability.
 pub async fn package_with_token(
     State(app): State<AppState>,
     Path((id, token)): Path<(String, String)>,
-    method: Method,
-    headers: HeaderMap,
+    req: Request,
 ) -> Result<Response, ApiError> {
-    serve_package(app, &id, Some(&token), method, headers).await
+    serve_package(app, &id, Some(&token), req).await
 }
 
 async fn serve_package(
     app: AppState,
     id: &str,
     token: Option<&str>,
-    method: Method,
-    headers: HeaderMap,
+    req: Request,
 ) -> Result<Response, ApiError> {
-    let package = app.engine.package(id, token, method == Method::GET).await?;
+    let package = app.engine.package(id, token, req.method() == Method::GET).await?;
     let record = Arc::clone(&package.record);
     let tally = Tally {
         metrics: Arc::clone(&app.metrics),
         package: Some(package),
     };
-    respond(&app, record, &method, &headers, tally).await
+    respond(&app, record, req.method(), req.headers(), tally).await
 }
 
 async fn respond(

@@ -58,6 +58,9 @@ pub fn parse(header: Option<&str>, size: u64) -> Ranges {
     if parts.is_empty() {
         return Ranges::Unsatisfiable;
     }
+    if parts.len() == 1 {
+        return Ranges::Parts(parts);
+    }
     // Ranges that together ask for more than the image (sixteen `0-`, say) would multiply
     // what one request sends: the image goes once, whole, instead (as nginx and Apache do).
     let asked: u64 = parts.iter().map(|r| r.end - r.start).sum();
