@@ -209,7 +209,8 @@ async fn work(ctx: &CoapContext, req: &Message, device: &str, sender: Sender<'_>
                 resp.payload = Bytes::from(work_cbor(&task, &record));
             } else {
                 resp.push_uint(opt::CONTENT_FORMAT, format::JSON as u64);
-                resp.payload = Bytes::from(serde_json::to_vec(&work_json(&task, &record)).unwrap_or_default());
+                resp.payload =
+                    Bytes::from(serde_json::to_vec(&work_json(&task, &record)).unwrap_or_default());
             }
             // The answer changes with the task; it must not be reused from a cache.
             resp.push_uint(opt::MAX_AGE, 0);

@@ -125,7 +125,10 @@ async fn serve_package(
     token: Option<&str>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let package = app.engine.package(id, token, req.method() == Method::GET).await?;
+    let package = app
+        .engine
+        .package(id, token, req.method() == Method::GET)
+        .await?;
     let record = Arc::clone(&package.record);
     let tally = Tally {
         metrics: Arc::clone(&app.metrics),
