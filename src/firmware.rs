@@ -147,6 +147,9 @@ pub struct Repository {
     digests_wanted: Mutex<VecDeque<String>>,
     /// Woken when one is added.
     pub(crate) digests_due: Notify,
+    /// One metadata change at a time: a change reads the stored record and writes it back
+    /// whole, so two at once (each of another field) would lose one.
+    changing: tokio::sync::Mutex<()>,
 }
 
 pub fn now_ms() -> i64 {
@@ -189,6 +192,7 @@ impl Repository {
             kept_alive: AtomicBool::new(false),
             digests_wanted: Mutex::default(),
             digests_due: Notify::new(),
+            changing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -604,7 +608,14 @@ impl Repository {
         name: &FirmwareName,
         change: Change,
     ) -> Result<FirmwareRecord, FirmwareError> {
-        let mut record = FirmwareRecord::clone(&*self.resolve(name).await?);
+        let _one = self.changing.lock().await;
+        // The stored record, not the cached one, which may predate another change.
+        let mut record = self
+            .meta
+            .get(name.as_str())
+            .await?
+            .filter(|r| !r.is_expired(now_ms()))
+            .ok_or_else(|| FirmwareError::NotFound(name.to_string()))?;
         if let Some(retention) = change.retention {
             record.retention_secs = retention.map(|d| d.as_secs());
             record.expires_at_ms = record

@@ -289,6 +289,39 @@ async fn list_change_and_delete() {
     srv.stop().await;
 }
 
+/// A PATCH reads the record, changes its fields and writes it back: two at once, each
+/// changing another field, must both land.
+#[tokio::test]
+async fn concurrent_changes_of_different_fields_both_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(dir.path(), &[]).await;
+    let c = client();
+    for round in 0..40 {
+        let name = format!("c-{round}");
+        c.put(srv.url(&format!("/v1/firmware/{name}")))
+            .body(name.clone())
+            .send()
+            .await
+            .unwrap();
+        let url = srv.url(&format!("/v1/firmware/{name}"));
+        let patch = |body: Value| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = c.patch(&url).json(&body).send().await.unwrap();
+                assert_eq!(r.status(), StatusCode::OK);
+            })
+        };
+        let a = patch(json!({"description": format!("round {round}")}));
+        let b = patch(json!({"retention": "30d"}));
+        a.await.unwrap();
+        b.await.unwrap();
+        let r: Value = c.get(url).value().await;
+        assert_eq!(r["description"], format!("round {round}"), "{r}");
+        assert_eq!(r["retention"], "30d", "{r}");
+    }
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn restart_keeps_firmware_keys_and_signatures() {
     let dir = tempfile::tempdir().unwrap();
