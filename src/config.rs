@@ -389,7 +389,8 @@ pub struct AuthConfig {
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: String,
-    /// A tracing filter such as `info` or `info,fwrepo::http=debug` (every answer logged); `RUST_LOG` wins.
+    /// A tracing filter such as `info` or `info,fwrepo::http=debug` (every answer logged);
+    /// `RUST_LOG` wins.
     pub level: String,
 }
 

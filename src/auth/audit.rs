@@ -91,11 +91,9 @@ impl AuditLog {
         let Some((f, _)) = file.as_mut() else { return };
         // One write of the whole line: O_APPEND keeps it whole beside other writers (the
         // command line appends to the same trail).
-        let appended = f.write_all(format!("{line}\n").as_bytes());
-        if appended.is_err() {
+        if let Err(e) = f.write_all(format!("{line}\n").as_bytes()) {
+            // Opened again by name for the next line.
             *file = None;
-        }
-        if let Err(e) = appended {
             tracing::error!(path = %path.display(), error = %e, "audit log append failed");
         }
     }

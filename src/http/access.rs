@@ -128,8 +128,8 @@ pub async fn session_token(
     access.tokens.by_id(&session.token_id).await
 }
 
-/// The access half of the envelope (`http::envelope`): the decision before the handler, so a refusal never depends on whether
-/// the resource exists; the audit event after it.
+/// The access half of the envelope (`http::envelope`): the decision before the handler, so a
+/// refusal never depends on whether the resource exists; the audit event after it.
 pub async fn enforce(app: &AppState, rules: &Rules, mut req: Request, next: Next) -> Response {
     // Deny by default: a path no route serves, or a method no rule names, is answered here
     // and never reaches a handler (axum would route HEAD to the GET handler, for one).

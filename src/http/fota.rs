@@ -278,12 +278,12 @@ pub async fn list(
     Ok(Json(json!({"tasks": tasks, "next": next})))
 }
 
-/// The `fotaId` of a check or cancel payload, which must belong to `device`.
 /// The status document as a value, for answers that wrap it (LwM2M method results).
 fn task_value(app: &AppState, t: &FotaTask) -> Value {
     serde_json::to_value(task_json(t, app.engine.bytes_served(t))).unwrap_or_default()
 }
 
+/// The `fotaId` of a check or cancel payload, which must belong to `device`.
 async fn task_of(app: &AppState, device: &str, payload: &Value) -> Result<FotaTask, ApiError> {
     let id = payload
         .get("fotaId")

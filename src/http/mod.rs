@@ -459,7 +459,14 @@ async fn envelope(
     if status >= 500 {
         tracing::error!(%method, route, status, "server error");
     } else {
-        tracing::debug!(%method, route, status, micros = started.elapsed().as_micros() as u64, "answered");
+        // The elapsed time is taken only when debug is on.
+        tracing::debug!(
+            %method,
+            route,
+            status,
+            micros = started.elapsed().as_micros() as u64,
+            "answered"
+        );
     }
     resp
 }
