@@ -144,13 +144,22 @@ pub async fn start(
             .uri_bases
             .push(("coap", base(&c.public_udp_url, "coap", local)));
         started.udp_addr = Some(local);
-        started.tasks.push(tokio::spawn(udp::serve(
+        let socket = socket.into_std().map_err(|source| StartError::Bind {
+            addr: local,
+            source,
+        })?;
+        let serving = udp::start(
             socket,
             Arc::clone(&ctx),
             c.udp_verify_peers,
             cancel.clone(),
             work.clone(),
-        )));
+        )
+        .map_err(|source| StartError::Bind {
+            addr: local,
+            source,
+        })?;
+        started.tasks.push(serving);
     }
     if !c.dtls_listen.is_empty() {
         let (socket, local) = bind_udp(&c.dtls_listen).await?;

@@ -3,13 +3,14 @@
 //! (peer, message id) so a retransmitted request is answered again without any work.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::future::Future;
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::AtomicU16;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -199,43 +200,95 @@ pub(super) fn answer(d: &Datagram, resp: Message, next_mid: &AtomicU16) -> Bytes
     encode(&out)
 }
 
-/// Serves UDP until `cancel` fires; each request runs on `work`. With `verify_peers`, an
-/// address is served only once it has echoed an Echo value (see [`super::echo`]).
-pub async fn serve(
-    socket: UdpSocket,
+/// How long the receiving thread sleeps before looking whether it should stop when no
+/// datagram and no wake-up came; stopping normally wakes it at once (see [`Stopper`]).
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves UDP on a thread of its own until `cancel` fires (or the runtime is dropped). The
+/// returned task ends when the thread has.
+///
+/// One thread receives, as libcoap's server does: a datagram wakes it straight from the
+/// socket, with no event loop between. A request whose answer needs no waiting (a block
+/// of a cached image, a replay, a ping) is answered on this thread, in the same wake-up;
+/// one that must wait (a store, a file read) continues as a task on the runtime, tracked by
+/// `work`. With tokio's event loop in between, each block cost a wake-up of a runtime
+/// worker and often a second one for the worker that took the task, and the time per block
+/// spread widely with where the scheduler put them. The thread is not on the runtime's
+/// blocking pool, which a dropped runtime waits for.
+///
+/// With `verify_peers`, an address is served only once it has echoed an Echo value (see
+/// [`super::echo`]).
+pub fn start(
+    socket: std::net::UdpSocket,
     ctx: Arc<CoapContext>,
     verify_peers: bool,
     cancel: CancellationToken,
     work: TaskTracker,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
+    let rt = tokio::runtime::Handle::current();
+    let stop = CancellationToken::new();
+    let stopper = Stopper {
+        stop: stop.clone(),
+        wake: socket.local_addr().ok().map(loopback_of),
+    };
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("coap-udp".into())
+        .spawn(move || {
+            serve(socket, ctx, verify_peers, stop, work, rt);
+            drop(done);
+        })?;
+    Ok(tokio::spawn(async move {
+        // Dropped when shutdown comes, or with this task if the runtime goes first: either
+        // way the thread stops.
+        let stopper = stopper;
+        let mut ended = ended;
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = &mut ended => return,
+        }
+        drop(stopper);
+        let _ = ended.await;
+    }))
+}
+
+fn serve(
+    socket: std::net::UdpSocket,
+    ctx: Arc<CoapContext>,
+    verify_peers: bool,
+    stop: CancellationToken,
+    work: TaskTracker,
+    rt: tokio::runtime::Handle,
 ) {
     let check = verify_peers.then(AddressCheck::new);
     let socket = Arc::new(socket);
     let cache = Arc::new(Mutex::new(ReplyCache::<(SocketAddr, u16)>::default()));
     let next_mid = Arc::new(AtomicU16::new(rand_u16()));
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    loop {
-        let (n, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::debug!(error = %e, "CoAP UDP receive failed");
-                    continue;
-                }
-            },
+    let waker = std::task::Waker::noop();
+    while !stop.is_cancelled() {
+        let (n, peer) = match socket.recv_from(&mut buf) {
+            Ok(v) => v,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "CoAP UDP receive failed");
+                continue;
+            }
         };
         let d = match parse(&buf[..n]) {
             Ok(d) => d,
             Err(_) => {
                 if let Some(rst) = reset_for_malformed(&buf[..n]) {
-                    let _ = socket.send_to(&rst, peer).await;
+                    send(&socket, &rst, peer);
                 }
                 continue;
             }
         };
         if let Some(reply) = triage(&d) {
             if let Some(bytes) = reply {
-                let _ = socket.send_to(&bytes, peer).await;
+                send(&socket, &bytes, peer);
             }
             continue;
         }
@@ -245,7 +298,7 @@ pub async fn serve(
                 // Never more than three times what came in (RFC 9175 §2.4): a request too
                 // small for that (no path, so nothing to serve) is dropped.
                 if reply.len() <= MAX_AMPLIFICATION * n {
-                    let _ = socket.send_to(&reply, peer).await;
+                    send(&socket, &reply, peer);
                 }
                 continue;
             }
@@ -253,7 +306,7 @@ pub async fn serve(
         let key = (peer, d.message_id);
         match lookup(&cache, key) {
             Lookup::Replay(bytes) => {
-                let _ = socket.send_to(&bytes, peer).await;
+                send(&socket, &bytes, peer);
                 continue;
             }
             Lookup::InFlight => continue,
@@ -265,7 +318,7 @@ pub async fn serve(
             Arc::clone(&ctx),
             Arc::clone(&next_mid),
         );
-        work.spawn(async move {
+        let mut answering = Box::pin(async move {
             let cap = Capacity {
                 max_payload: UDP_BLOCK,
                 bert: false,
@@ -277,9 +330,63 @@ pub async fn serve(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .done(&key, bytes.clone());
-            let _ = socket.send_to(&bytes, peer).await;
+            send(&socket, &bytes, peer);
+        });
+        // Polled once here, in the runtime's context; what is not done by then is a task
+        // like any other, polled again (with its real waker) by the runtime.
+        let _context = rt.enter();
+        if answering
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+            .is_pending()
+        {
+            work.spawn_on(answering, &rt);
+        }
+    }
+}
+
+/// Sends one datagram without waiting: with the socket's send buffer full it is dropped,
+/// as the network may drop it anyway, and the peer's retransmission is answered from the
+/// reply cache. So a task sending from a runtime worker never blocks it.
+fn send(socket: &std::net::UdpSocket, bytes: &[u8], peer: SocketAddr) {
+    if let Err(e) =
+        socket2::SockRef::from(socket).send_to_with_flags(bytes, &peer.into(), libc::MSG_DONTWAIT)
+    {
+        tracing::debug!(error = %e, %peer, "CoAP UDP send failed");
+    }
+}
+
+/// Stops the receiving thread when dropped: marks it to stop, and wakes it with an empty
+/// datagram to its socket's address so it need not wait for its receive timeout.
+struct Stopper {
+    stop: CancellationToken,
+    wake: Option<SocketAddr>,
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let Some(to) = self.wake else { return };
+        let from: SocketAddr = match to {
+            SocketAddr::V4(_) => (Ipv4Addr::LOCALHOST, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::LOCALHOST, 0).into(),
+        };
+        if let Ok(s) = std::net::UdpSocket::bind(from) {
+            let _ = s.send_to(&[], to);
+        }
+    }
+}
+
+/// The address a bound socket is reached at from this host: its own, or loopback in place
+/// of the unspecified address.
+fn loopback_of(mut a: SocketAddr) -> SocketAddr {
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
         });
     }
+    a
 }
 
 /// 4.01 Unauthorized with an Echo value and nothing else, to a request from an address not
@@ -333,6 +440,41 @@ mod tests {
             msg: Message::new(codes::CONTENT, Bytes::new()),
         };
         assert_eq!(&encode(&ack)[..], &[0x60, 0x45, 0, 7]);
+    }
+
+    #[test]
+    fn a_dropped_stopper_wakes_the_receiving_thread() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Far longer than the test may take: only the wake-up can end the receive.
+        socket
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .unwrap();
+        let stop = CancellationToken::new();
+        let stopper = Stopper {
+            stop: stop.clone(),
+            wake: Some(loopback_of(socket.local_addr().unwrap())),
+        };
+        let receiving = std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            socket.recv_from(&mut buf).map(|(n, _)| n)
+        });
+        drop(stopper);
+        assert!(stop.is_cancelled());
+        assert_eq!(
+            receiving.join().unwrap().unwrap(),
+            0,
+            "woken by an empty datagram"
+        );
+    }
+
+    #[test]
+    fn the_unspecified_address_is_woken_on_loopback() {
+        let v4: SocketAddr = "0.0.0.0:5683".parse().unwrap();
+        assert_eq!(loopback_of(v4), "127.0.0.1:5683".parse().unwrap());
+        let v6: SocketAddr = "[::]:5683".parse().unwrap();
+        assert_eq!(loopback_of(v6), "[::1]:5683".parse().unwrap());
+        let bound: SocketAddr = "192.0.2.1:5683".parse().unwrap();
+        assert_eq!(loopback_of(bound), bound);
     }
 
     #[test]
