@@ -6,7 +6,7 @@
 # median is reported. Not part of the tests.
 #
 #   bench/all.sh [row ...]          (default: every row, in this order)
-#     http-full http-range https-full https-range big-full big-range
+#     http-full http-range http-floor https-full https-range big-full big-range
 #     coap-blocks coap-bert coap-clients coap-udp coap-10k fota-sled fota-pg upload
 #   The upload row comes last: after its 12 GiB of writes (fwrepo's and dd's, three runs
 #   each) the FOTA rows, which wait on fsyncs, ran 10-30% slower than alone, even with a
@@ -22,7 +22,7 @@ runs=${RUNS:-3}
 secs=${SECS:-10}
 fota_tasks=${FOTA_TASKS:-20000}
 conns=64
-all_rows=(http-full http-range https-full https-range big-full big-range
+all_rows=(http-full http-range http-floor https-full https-range big-full big-range
   coap-blocks coap-bert coap-clients coap-udp coap-10k fota-sled fota-pg upload)
 rows=("$@")
 [ ${#rows[@]} -gt 0 ] || rows=("${all_rows[@]}")
@@ -41,7 +41,7 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release --quiet --bin fwrepo --example fota_bench --example coap_clients
+cargo build --release --quiet --bin fwrepo --example fota_bench --example coap_clients --example hyper_floor
 ulimit -n 65536 2>/dev/null || ulimit -n 16384
 
 . bench/lib.sh
@@ -168,6 +168,26 @@ http_row() { # label file bytes blocks tls target
   local unit=req/s
   [ "$blocks" != 0 ] || unit=MiB/s
   emit "$label" "$fm" "$nm" "$unit" "$(ratio "$fm" "$nm")" "$target" "$(rss_mb "$fw_pid_row")"
+  stop_all
+}
+
+# floor_row LABEL: examples/hyper_floor (hyper alone, one fixed 4 KiB 206 for every request)
+# against nginx's 4 KiB ranges, as in http-range: how far any handler on hyper can go.
+floor_row() {
+  local f=() n=() port pid
+  image fw16m.bin $((16 << 20))
+  port=$(free_port)
+  target/release/examples/hyper_floor "127.0.0.1:$port" &
+  pid=$!; pids+=("$pid")
+  for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+  start_nginx fw16m.bin
+  for _ in $(seq "$runs"); do
+    f+=("$(wrk_rate "http://127.0.0.1:$port/fw/fw16m.bin" 4096)")
+    n+=("$(wrk_rate "$ng_url" 4096)")
+  done
+  local fm nm
+  fm=$(median "${f[@]}"); nm=$(median "${n[@]}")
+  emit "$1" "$fm" "$nm" req/s "$(ratio "$fm" "$nm")" - "$(rss_mb "$pid")"
   stop_all
 }
 
@@ -321,6 +341,7 @@ for r in "${rows[@]}"; do
   case $r in
   http-full) http_row "HTTP 16 MiB full, $conns conns" fw16m.bin $((16 << 20)) 0 "" 1.05 ;;
   http-range) http_row "HTTP 4 KiB ranges of 16 MiB, $conns conns" fw16m.bin $((16 << 20)) 4096 "" 1.2 ;;
+  http-floor) floor_row "hyper alone, fixed 4 KiB 206 (the floor)" ;;
   https-full) http_row "HTTPS 16 MiB full, $conns conns" fw16m.bin $((16 << 20)) 0 tls 1.05 ;;
   https-range) http_row "HTTPS 4 KiB ranges of 16 MiB, $conns conns" fw16m.bin $((16 << 20)) 4096 tls 1.2 ;;
   big-full) http_row "HTTP 256 MiB (beyond cache) full" fw256m.bin $((256 << 20)) 0 "" 0.9 ;;
