@@ -128,6 +128,23 @@ pub struct Change {
     pub description: Option<Option<String>>,
 }
 
+/// Bytes of an image as [`Repository::read`] has them.
+pub enum ImageBytes {
+    /// In one buffer, from the cache.
+    Ready(Bytes),
+    /// Streamed from the blob store.
+    Streamed(ByteStream),
+}
+
+impl ImageBytes {
+    pub fn into_stream(self) -> ByteStream {
+        match self {
+            ImageBytes::Ready(b) => futures_util::stream::once(async move { Ok(b) }).boxed(),
+            ImageBytes::Streamed(s) => s,
+        }
+    }
+}
+
 /// The repository service shared by every listener.
 pub struct Repository {
     meta: Arc<dyn MetaStore>,
@@ -271,22 +288,23 @@ impl Repository {
         &self,
         record: &FirmwareRecord,
         range: Range<u64>,
-    ) -> Result<ByteStream, FirmwareError> {
-        let once = |b: Bytes| futures_util::stream::once(async move { Ok(b) }).boxed();
+    ) -> Result<ImageBytes, FirmwareError> {
         if self.images.admits(record.size) && range.end <= record.size {
             if let Some(image) = self.read_cached(record).await? {
-                return Ok(once(image.slice(range.start as usize..range.end as usize)));
+                let part = image.slice(range.start as usize..range.end as usize);
+                return Ok(ImageBytes::Ready(part));
             }
         }
         if self.images.enabled()
             && range.end - range.start <= READ_AHEAD
             && range.end <= record.size
         {
-            return Ok(once(self.read_bytes(record, range).await?));
+            return Ok(ImageBytes::Ready(self.read_bytes(record, range).await?));
         }
         self.blobs
             .read(&record.blob_key, range)
             .await
+            .map(ImageBytes::Streamed)
             .map_err(|e| missing_blob(record, e))
     }
 
@@ -553,7 +571,7 @@ impl Repository {
         if record.sha1.is_some() && record.md5.is_some() {
             return Ok(record);
         }
-        let mut stream = self.read(&record, 0..record.size).await?;
+        let mut stream = self.read(&record, 0..record.size).await?.into_stream();
         let mut hasher = Hasher::default();
         while let Some(chunk) = stream.next().await {
             hasher.update(&chunk.map_err(|e| FirmwareError::Interrupted(e.to_string()))?);

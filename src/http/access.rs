@@ -3,9 +3,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
@@ -130,13 +129,25 @@ pub async fn session_token(
 
 /// The access half of the envelope (`http::envelope`): the decision before the handler, so a
 /// refusal never depends on whether the resource exists; the audit event after it.
-pub async fn enforce(app: &AppState, rules: &Rules, mut req: Request, next: Next) -> Response {
+/// `route` is the matched route (`/fw/{name}`), `None` when no route matched; `next` runs
+/// the handler.
+pub async fn enforce<F, Fut>(
+    app: &AppState,
+    rules: &Rules,
+    route: Option<&str>,
+    mut req: Request,
+    next: F,
+) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     // Deny by default: a path no route serves, or a method no rule names, is answered here
     // and never reaches a handler (axum would route HEAD to the GET handler, for one).
-    let Some(path) = req.extensions().get::<MatchedPath>().cloned() else {
+    let Some(path) = route else {
         return ApiError::not_found().into_response();
     };
-    let Some(by_method) = rules.get(path.as_str()) else {
+    let Some(by_method) = rules.get(path) else {
         return ApiError::not_found().into_response();
     };
     let Some(rule) = rule_for(by_method, req.method()) else {
@@ -144,7 +155,7 @@ pub async fn enforce(app: &AppState, rules: &Rules, mut req: Request, next: Next
     };
     let access = &app.access;
     let method = req.method().clone();
-    let caller = match decide(access, rule, &method, path.as_str(), req.headers()).await {
+    let caller = match decide(access, rule, &method, path, req.headers()).await {
         Ok(c) => c,
         Err(e) => {
             let unauthenticated = matches!(e, AuthError::Missing | AuthError::Unknown);
@@ -159,7 +170,7 @@ pub async fn enforce(app: &AppState, rules: &Rules, mut req: Request, next: Next
             let mut resp = ApiError::from(e).into_response();
             // Refusals are audited too, reads included, so probing shows in the trail.
             if let Some((actor, role)) = refused {
-                let action = format!("{method} {}", path.as_str());
+                let action = format!("{method} {path}");
                 let mut event = AuditEvent::now(&actor, role, &action, req.uri().path());
                 event.status = Some(resp.status().as_u16());
                 access.audit.record(&event);
@@ -176,18 +187,13 @@ pub async fn enforce(app: &AppState, rules: &Rules, mut req: Request, next: Next
     let audited = matches!(rule, Rule::Role(_)) && !matches!(method, Method::GET | Method::HEAD);
     let target = audited.then(|| req.uri().path().to_owned());
     req.extensions_mut().insert(caller.clone());
-    let resp = next.run(req).await;
+    let resp = next(req).await;
     if let Some(target) = target {
         let role = match &caller {
             Caller::Token { role, .. } => Some(role.as_str()),
             Caller::Anonymous => None,
         };
-        let mut event = AuditEvent::now(
-            caller.name(),
-            role,
-            &format!("{method} {}", path.as_str()),
-            &target,
-        );
+        let mut event = AuditEvent::now(caller.name(), role, &format!("{method} {path}"), &target);
         if let Some(AuditDetail(detail)) = resp.extensions().get::<AuditDetail>() {
             event.target = format!("{target} ({detail})");
         }

@@ -9,21 +9,22 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{stream, StreamExt, TryStreamExt};
 
 use super::error::ApiError;
 use super::extract::Path;
 use super::range::{self, Ranges};
 use super::{parse_name, AppState};
-use crate::firmware::{FirmwareError, Repository};
+use crate::firmware::{FirmwareError, ImageBytes, Repository};
 use crate::fota::Package;
 use crate::meta::FirmwareRecord;
 use crate::metrics::Metrics;
 
 /// Validators of one image.
 struct Validators {
-    etag: String,
+    /// `"<sha256 hex>"`, quotes included.
+    etag: HeaderValue,
     last_modified: std::time::SystemTime,
 }
 
@@ -31,14 +32,24 @@ impl Validators {
     fn of(record: &FirmwareRecord) -> Validators {
         // HTTP dates have one-second resolution; truncate so comparisons round-trip.
         let secs = (record.created_at_ms.max(0) / 1000) as u64;
+        let mut etag = BytesMut::with_capacity(record.sha256.len() + 2);
+        etag.put_u8(b'"');
+        etag.put_slice(record.sha256.as_bytes());
+        etag.put_u8(b'"');
         Validators {
-            etag: format!("\"{}\"", record.sha256),
+            etag: HeaderValue::from_maybe_shared(etag.freeze())
+                .unwrap_or(HeaderValue::from_static("\"invalid\"")),
             last_modified: UNIX_EPOCH + Duration::from_secs(secs),
         }
     }
 
-    fn last_modified_text(&self) -> String {
-        httpdate::fmt_http_date(self.last_modified)
+    fn etag(&self) -> &[u8] {
+        self.etag.as_bytes()
+    }
+
+    fn last_modified_value(&self) -> HeaderValue {
+        HeaderValue::try_from(httpdate::fmt_http_date(self.last_modified))
+            .expect("an HTTP date is ASCII")
     }
 
     /// `If-None-Match` uses the weak comparison: `W/"x"` matches `"x"`.
@@ -46,14 +57,14 @@ impl Validators {
         header
             .split(',')
             .map(str::trim)
-            .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == self.etag)
+            .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == self.etag())
     }
 
     /// `If-Range` uses the strong comparison, or an exact date equal to Last-Modified.
     fn if_range_holds(&self, header: &str) -> bool {
         let header = header.trim();
         if header.starts_with('"') {
-            return header == self.etag;
+            return header.as_bytes() == self.etag();
         }
         if header.starts_with("W/") {
             return false;
@@ -92,13 +103,23 @@ pub async fn content(
     Path(name): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let name = parse_name(&name)?;
+    content_named(&app, &name, req.method(), req.headers()).await
+}
+
+/// [`content`] for a name already taken from the path (see `http::app`).
+pub async fn content_named(
+    app: &AppState,
+    name: &str,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let name = parse_name(name)?;
     let record = app.repo.resolve(&name).await?;
     let tally = Tally {
         metrics: Arc::clone(&app.metrics),
         package: None,
     };
-    respond(&app, record, req.method(), req.headers(), tally).await
+    respond(app, record, method, headers, tally).await
 }
 
 /// `GET`/`HEAD /p/{fotaId}`: a FOTA task's package URI; bytes served count as its progress.
@@ -146,10 +167,11 @@ async fn respond(
 ) -> Result<Response, ApiError> {
     let name = &record.name;
     let v = Validators::of(&record);
-    let mut base = HeaderMap::new();
-    let hv = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("invalid"));
-    base.insert(header::ETAG, hv(&v.etag));
-    base.insert(header::LAST_MODIFIED, hv(&v.last_modified_text()));
+    // The answer is built in place: a HeaderMap beside it would be hashed into it again.
+    let mut resp = Response::new(Body::empty());
+    let base = resp.headers_mut();
+    base.insert(header::ETAG, v.etag.clone());
+    base.insert(header::LAST_MODIFIED, v.last_modified_value());
     base.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 
     let not_modified = match header_str(headers, header::IF_NONE_MATCH) {
@@ -159,10 +181,15 @@ async fn respond(
         }
     };
     if not_modified {
-        return Ok((StatusCode::NOT_MODIFIED, base).into_response());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        return Ok(resp);
     }
 
-    base.insert(header::CONTENT_TYPE, hv(&record.content_type));
+    base.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&record.content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
     let size = record.size;
     // Range applies to GET only (RFC 9110 §14.2); a failed If-Range means the whole image.
     let range_header = (method == Method::GET)
@@ -173,12 +200,10 @@ async fn respond(
     match range::parse(range_header, size) {
         Ranges::Whole => {
             base.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-            let body = if head {
-                Body::empty()
-            } else {
-                body_of(app, &record, 0..size, tally).await?
-            };
-            Ok((StatusCode::OK, base, body).into_response())
+            if !head {
+                *resp.body_mut() = body_of(app, &record, 0..size, tally).await?;
+            }
+            Ok(resp)
         }
         Ranges::Unsatisfiable => {
             let mut resp = ApiError::new(
@@ -188,19 +213,23 @@ async fn respond(
             )
             .into_response();
             resp.headers_mut()
-                .insert(header::CONTENT_RANGE, hv(&format!("bytes */{size}")));
+                .insert(header::CONTENT_RANGE, content_range_value(None, size));
             resp.headers_mut()
                 .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
             Ok(resp)
         }
         Ranges::Parts(parts) if parts.len() == 1 => {
             let r = parts[0].clone();
-            base.insert(header::CONTENT_RANGE, hv(&content_range(&r, size)));
+            base.insert(header::CONTENT_RANGE, content_range_value(Some(&r), size));
             base.insert(header::CONTENT_LENGTH, HeaderValue::from(r.end - r.start));
-            let body = body_of(app, &record, r, tally).await?;
-            Ok((StatusCode::PARTIAL_CONTENT, base, body).into_response())
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            *resp.body_mut() = body_of(app, &record, r, tally).await?;
+            Ok(resp)
         }
-        Ranges::Parts(parts) => Ok(multipart(app, record, parts, base, tally)),
+        Ranges::Parts(parts) => {
+            let headers = std::mem::take(resp.headers_mut());
+            Ok(multipart(app, record, parts, headers, tally))
+        }
     }
 }
 
@@ -208,14 +237,30 @@ fn content_range(r: &Range<u64>, size: u64) -> String {
     format!("bytes {}-{}/{size}", r.start, r.end - 1)
 }
 
+/// `Content-Range` of a part (`bytes 0-99/1000`), or of no part (`bytes */1000`).
+fn content_range_value(r: Option<&Range<u64>>, size: u64) -> HeaderValue {
+    let text = match r {
+        Some(r) => content_range(r, size),
+        None => format!("bytes */{size}"),
+    };
+    HeaderValue::try_from(text).expect("digits and ASCII")
+}
+
+/// One buffer when the cache holds the bytes (hyper then knows the body whole and writes it
+/// with the head), a stream from the store otherwise. Bytes count as served once handed over.
 async fn body_of(
     app: &AppState,
     record: &FirmwareRecord,
     r: Range<u64>,
     tally: Tally,
 ) -> Result<Body, FirmwareError> {
-    let s = app.repo.read(record, r).await?;
-    Ok(Body::from_stream(counted(s, tally)))
+    Ok(match app.repo.read(record, r).await? {
+        ImageBytes::Ready(b) => {
+            tally.add(b.len() as u64);
+            Body::from(b)
+        }
+        ImageBytes::Streamed(s) => Body::from_stream(counted(s, tally)),
+    })
 }
 
 fn counted<S, E>(s: S, tally: Tally) -> impl futures_util::Stream<Item = Result<Bytes, E>>
@@ -261,7 +306,7 @@ fn multipart(
         .then(move |(r, head)| {
             let (repo, record) = (Arc::clone(&repo), Arc::clone(&record));
             async move {
-                let bytes = repo.read(&record, r).await?;
+                let bytes = repo.read(&record, r).await?.into_stream();
                 let head = stream::once(async move { Ok(Bytes::from(head)) });
                 Ok::<_, FirmwareError>(head.chain(bytes.map_err(FirmwareError::from)))
             }

@@ -1,6 +1,7 @@
 //! The HTTP API: routes, shared state, request metrics and JSON fallbacks.
 
 pub mod access;
+mod app;
 mod campaigns;
 mod console;
 mod ddi;
@@ -417,7 +418,7 @@ pub fn routes() -> Routes {
 }
 
 /// The complete service with its middleware.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState) -> app::App {
     let routes = routes();
     let mut rules: access::Rules = std::collections::HashMap::new();
     for (method, path, rule) in &routes.table {
@@ -426,16 +427,18 @@ pub fn router(state: AppState) -> Router {
             .or_default()
             .push((method.clone(), *rule));
     }
-    routes
+    let rules = Arc::new(rules);
+    let router = routes
         .router
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
-            (state.clone(), Arc::new(rules)),
+            (state.clone(), Arc::clone(&rules)),
             envelope,
         ))
-        .with_state(state)
+        .with_state(state.clone());
+    app::App::new(router, state, rules)
 }
 
 /// Every answer's envelope, in one layer: each layer costs a clone of the inner service, an
@@ -450,10 +453,27 @@ async fn envelope(
 ) -> Response {
     // MatchedPath is an Arc<str> inside: cloning it does not copy the route.
     let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map(MatchedPath::as_str);
+    answer(&state, &rules, route, req, |req| next.run(req)).await
+}
+
+/// The envelope's work on a request whose route is known (`None`: none matched), with
+/// `next` running its handler.
+pub(crate) async fn answer<F, Fut>(
+    state: &AppState,
+    rules: &access::Rules,
+    route: Option<&str>,
+    req: Request,
+    next: F,
+) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let method = req.method().clone();
     let started = std::time::Instant::now();
-    let resp = error::as_json(caught(access::enforce(&state, &rules, req, next)).await);
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let resp = error::as_json(caught(access::enforce(state, rules, route, req, next)).await);
+    let route = route.unwrap_or("unmatched");
     let status = resp.status().as_u16();
     state.metrics.request(route, status);
     if status >= 500 {

@@ -22,7 +22,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::serve::Listener;
-use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -30,8 +29,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
+use super::app::App;
 use crate::config::HttpConfig;
 use crate::metrics::{Cut, Metrics};
 
@@ -65,7 +64,7 @@ pub struct ListenerScheme(pub &'static str);
 pub async fn serve<L: Listener>(
     mut listener: L,
     scheme: &'static str,
-    app: Router,
+    app: App,
     limits: Limits,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -176,31 +175,50 @@ impl HeadScan {
                         }
                     }
                     let had = bytes.len();
-                    let take = data.len().min(MAX_SCANNED_HEAD.saturating_sub(had));
-                    bytes.extend_from_slice(&data[..take]);
-                    let from = had.saturating_sub(3);
-                    let Some(end) = bytes[from..].windows(4).position(|w| w == b"\r\n\r\n") else {
-                        if bytes.len() >= MAX_SCANNED_HEAD {
-                            self.at = Scan::Lost;
+                    // The common case, a whole head in one read, is scanned where it lies.
+                    let (head, used) = match head_end(data).filter(|_| had == 0) {
+                        Some(end) => (&data[..end], end),
+                        None => {
+                            let take = data.len().min(MAX_SCANNED_HEAD.saturating_sub(had));
+                            bytes.extend_from_slice(&data[..take]);
+                            let from = had.saturating_sub(3);
+                            let Some(end) = head_end(&bytes[from..]) else {
+                                if bytes.len() >= MAX_SCANNED_HEAD {
+                                    self.at = Scan::Lost;
+                                }
+                                return;
+                            };
+                            (&bytes[..from + end], from + end - had)
                         }
-                        return;
                     };
-                    let head_len = from + end + 4;
-                    let (length, chunked) = framing(&bytes[..head_len]);
-                    self.conflicts.push_back(length.is_some() && chunked);
-                    data = &data[head_len - had..];
-                    self.at = match length {
-                        _ if chunked => Scan::Lost,
+                    let f = framing(head);
+                    self.conflicts.push_back(f.length.is_some() && f.chunked);
+                    data = &data[used..];
+                    self.at = match f.length {
+                        _ if f.chunked => Scan::Lost,
                         Some(n) if n > 0 => Scan::Body(n),
-                        Some(_) => Scan::Head(Vec::new()),
                         // A Content-Length hyper will refuse: nothing to follow.
-                        None if has_header(&bytes[..head_len], b"content-length") => Scan::Lost,
-                        None => Scan::Head(Vec::new()),
+                        None if f.has_length => Scan::Lost,
+                        _ => match std::mem::replace(&mut self.at, Scan::Lost) {
+                            // The buffer is kept for the next head.
+                            Scan::Head(mut b) => {
+                                b.clear();
+                                Scan::Head(b)
+                            }
+                            _ => Scan::Head(Vec::new()),
+                        },
                     };
                 }
             }
         }
     }
+}
+
+/// Where a head ends: just past its blank line.
+fn head_end(data: &[u8]) -> Option<usize> {
+    data.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
 }
 
 /// Header lines of a head (after the request line).
@@ -216,16 +234,34 @@ fn header_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
         .then(|| rest[1..].trim_ascii())
 }
 
-fn has_header(head: &[u8], name: &[u8]) -> bool {
-    header_lines(head).any(|l| header_value(l, name).is_some())
+/// The framing headers of a head.
+struct Framing {
+    /// Content-Length, when it parses.
+    length: Option<u64>,
+    /// Whether a Content-Length is there at all.
+    has_length: bool,
+    /// Whether a Transfer-Encoding is there.
+    chunked: bool,
 }
 
-/// A head's Content-Length (when it parses) and whether it has a Transfer-Encoding.
-fn framing(head: &[u8]) -> (Option<u64>, bool) {
-    let length = header_lines(head)
-        .find_map(|l| header_value(l, b"content-length"))
-        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
-    (length, has_header(head, b"transfer-encoding"))
+/// One pass over a head's header lines.
+fn framing(head: &[u8]) -> Framing {
+    let mut f = Framing {
+        length: None,
+        has_length: false,
+        chunked: false,
+    };
+    for line in header_lines(head) {
+        if let Some(v) = header_value(line, b"content-length") {
+            if !f.has_length {
+                f.length = std::str::from_utf8(v).ok().and_then(|v| v.parse().ok());
+            }
+            f.has_length = true;
+        } else if header_value(line, b"transfer-encoding").is_some() {
+            f.chunked = true;
+        }
+    }
+    f
 }
 
 impl Activity {
@@ -420,7 +456,7 @@ fn framing_conflict() -> axum::response::Response {
 async fn connection<I>(
     io: I,
     scheme: &'static str,
-    app: Router,
+    app: App,
     limits: Limits,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -436,18 +472,13 @@ async fn connection<I>(
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let activity = Arc::clone(&service_activity);
         let conflict = activity.request_started();
-        let mut req: Request =
+        let req: Request =
             req.map(|b| Body::new(tower_http::timeout::TimeoutBody::new(limits.body, b)));
-        req.extensions_mut().insert(ListenerScheme(scheme));
-        let app = app.clone();
+        let answering = (!conflict).then(|| app.handle(req, scheme));
         async move {
-            let resp = if conflict {
-                framing_conflict()
-            } else {
-                // The router's error type is Infallible.
-                app.oneshot(req)
-                    .await
-                    .unwrap_or_else(|never| match never {})
+            let resp = match answering {
+                Some(answering) => answering.await,
+                None => framing_conflict(),
             };
             Ok::<_, std::convert::Infallible>(resp.map(|body| Ending { body, activity }))
         }
