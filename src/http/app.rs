@@ -52,7 +52,9 @@ impl App {
     ) -> impl std::future::Future<Output = Response> + Send + 'static {
         if direct_download(&req) {
             let app = self.clone();
-            return Either::Left(async move {
+            // Boxed: the answer's future holds the handler's whole state, several times the
+            // size of a pointer, and hyper moves what it is given.
+            return Either::Left(Box::pin(async move {
                 let Inner { state, rules, .. } = &*app.0;
                 // A Uri clone shares its bytes: the name borrows from it, not from `req`.
                 let uri = req.uri().clone();
@@ -63,7 +65,7 @@ impl App {
                         .into_response()
                 })
                 .await
-            });
+            }));
         }
         req.extensions_mut().insert(ListenerScheme(scheme));
         // The router's error type is Infallible.

@@ -21,17 +21,57 @@ use crate::fota::Package;
 use crate::meta::FirmwareRecord;
 use crate::metrics::Metrics;
 
-/// Validators of one image.
+/// Validators of one image, and the header values every answer for it carries.
+#[derive(Clone)]
 struct Validators {
     /// `"<sha256 hex>"`, quotes included.
     etag: HeaderValue,
     last_modified: std::time::SystemTime,
+    last_modified_value: HeaderValue,
+    content_type: HeaderValue,
+}
+
+/// Which image a thread's [`Validators`] were last made for: its digest, creation time and
+/// content type are all they depend on.
+struct Made {
+    sha256: String,
+    created_at_ms: i64,
+    content_type: String,
+    validators: Validators,
+}
+
+thread_local! {
+    /// The last image each runtime thread answered for. A fleet fetches one image in many
+    /// small ranges: its header values are made once per thread, not formatted, validated
+    /// and copied again for every 4 KiB.
+    static LAST: std::cell::RefCell<Option<Made>> = const { std::cell::RefCell::new(None) };
 }
 
 impl Validators {
     fn of(record: &FirmwareRecord) -> Validators {
+        LAST.with_borrow_mut(|last| {
+            if let Some(m) = last.as_ref().filter(|m| {
+                m.created_at_ms == record.created_at_ms
+                    && m.sha256 == record.sha256
+                    && m.content_type == record.content_type
+            }) {
+                return m.validators.clone();
+            }
+            let validators = Validators::make(record);
+            *last = Some(Made {
+                sha256: record.sha256.clone(),
+                created_at_ms: record.created_at_ms,
+                content_type: record.content_type.clone(),
+                validators: validators.clone(),
+            });
+            validators
+        })
+    }
+
+    fn make(record: &FirmwareRecord) -> Validators {
         // HTTP dates have one-second resolution; truncate so comparisons round-trip.
         let secs = (record.created_at_ms.max(0) / 1000) as u64;
+        let last_modified = UNIX_EPOCH + Duration::from_secs(secs);
         let mut etag = BytesMut::with_capacity(record.sha256.len() + 2);
         etag.put_u8(b'"');
         etag.put_slice(record.sha256.as_bytes());
@@ -39,17 +79,16 @@ impl Validators {
         Validators {
             etag: HeaderValue::from_maybe_shared(etag.freeze())
                 .unwrap_or(HeaderValue::from_static("\"invalid\"")),
-            last_modified: UNIX_EPOCH + Duration::from_secs(secs),
+            last_modified,
+            last_modified_value: HeaderValue::try_from(httpdate::fmt_http_date(last_modified))
+                .expect("an HTTP date is ASCII"),
+            content_type: HeaderValue::from_str(&record.content_type)
+                .unwrap_or(HeaderValue::from_static("application/octet-stream")),
         }
     }
 
     fn etag(&self) -> &[u8] {
         self.etag.as_bytes()
-    }
-
-    fn last_modified_value(&self) -> HeaderValue {
-        HeaderValue::try_from(httpdate::fmt_http_date(self.last_modified))
-            .expect("an HTTP date is ASCII")
     }
 
     /// `If-None-Match` uses the weak comparison: `W/"x"` matches `"x"`.
@@ -168,10 +207,12 @@ async fn respond(
     let name = &record.name;
     let v = Validators::of(&record);
     // The answer is built in place: a HeaderMap beside it would be hashed into it again.
+    // Room for its six headers at once, not grown as they come.
     let mut resp = Response::new(Body::empty());
+    *resp.headers_mut() = HeaderMap::with_capacity(8);
     let base = resp.headers_mut();
     base.insert(header::ETAG, v.etag.clone());
-    base.insert(header::LAST_MODIFIED, v.last_modified_value());
+    base.insert(header::LAST_MODIFIED, v.last_modified_value.clone());
     base.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 
     let not_modified = match header_str(headers, header::IF_NONE_MATCH) {
@@ -185,11 +226,7 @@ async fn respond(
         return Ok(resp);
     }
 
-    base.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_str(&record.content_type)
-            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
-    );
+    base.insert(header::CONTENT_TYPE, v.content_type.clone());
     let size = record.size;
     // Range applies to GET only (RFC 9110 §14.2); a failed If-Range means the whole image.
     let range_header = (method == Method::GET)
@@ -237,13 +274,37 @@ fn content_range(r: &Range<u64>, size: u64) -> String {
     format!("bytes {}-{}/{size}", r.start, r.end - 1)
 }
 
-/// `Content-Range` of a part (`bytes 0-99/1000`), or of no part (`bytes */1000`).
+/// `Content-Range` of a part (`bytes 0-99/1000`), or of no part (`bytes */1000`), written
+/// without the formatting machinery: one per ranged answer.
 fn content_range_value(r: Option<&Range<u64>>, size: u64) -> HeaderValue {
-    let text = match r {
-        Some(r) => content_range(r, size),
-        None => format!("bytes */{size}"),
-    };
-    HeaderValue::try_from(text).expect("digits and ASCII")
+    let mut b = BytesMut::with_capacity(6 + 3 * 20 + 2);
+    b.put_slice(b"bytes ");
+    match r {
+        Some(r) => {
+            put_decimal(&mut b, r.start);
+            b.put_u8(b'-');
+            put_decimal(&mut b, r.end - 1);
+        }
+        None => b.put_u8(b'*'),
+    }
+    b.put_u8(b'/');
+    put_decimal(&mut b, size);
+    HeaderValue::from_maybe_shared(b.freeze()).expect("digits and ASCII")
+}
+
+fn put_decimal(b: &mut BytesMut, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    b.put_slice(&digits[at..]);
 }
 
 /// One buffer when the cache holds the bytes (hyper then knows the body whole and writes it
@@ -315,4 +376,26 @@ fn multipart(
         .chain(stream::once(async move { Ok(Bytes::from(tail)) }));
     let body = Body::from_stream(counted(body, tally));
     (StatusCode::PARTIAL_CONTENT, headers, body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_values_read_as_formatted() {
+        for (r, size) in [
+            (0..1, 1),
+            (0..4096, 16 << 20),
+            (10..100, 300_000),
+            (u64::MAX - 10..u64::MAX, u64::MAX),
+        ] {
+            assert_eq!(
+                content_range_value(Some(&r), size),
+                content_range(&r, size).as_str()
+            );
+        }
+        assert_eq!(content_range_value(None, 0), "bytes */0");
+        assert_eq!(content_range_value(None, 300_000), "bytes */300000");
+    }
 }
