@@ -334,25 +334,34 @@ impl Repository {
         if let Some(image) = self.read_cached(record).await? {
             return Ok(image.slice(range.start as usize..range.end as usize));
         }
-        let chunk = |i: u64| i * READ_AHEAD..((i + 1) * READ_AHEAD).min(record.size);
         let (first, last) = (range.start / READ_AHEAD, (range.end - 1) / READ_AHEAD);
-        let mut parts = Vec::new();
-        for i in first..=last {
-            let c = chunk(i);
-            let bytes = self
-                .images
-                .get_range(&self.blobs, &record.blob_key, c.clone())
-                .await
-                .map_err(|e| missing_blob(record, e))?;
-            let from = range.start.max(c.start) - c.start;
-            let to = range.end.min(c.end) - c.start;
-            parts.push(bytes.slice(from as usize..to as usize));
+        if first == last {
+            // Within one chunk (every CoAP block, most ranged reads): a slice of it.
+            return self.chunk_part(record, first, &range).await;
         }
-        Ok(if parts.len() == 1 {
-            parts.pop().expect("one part")
-        } else {
-            Bytes::from(parts.concat())
-        })
+        let mut parts = Vec::with_capacity((last - first + 1) as usize);
+        for i in first..=last {
+            parts.push(self.chunk_part(record, i, &range).await?);
+        }
+        Ok(Bytes::from(parts.concat()))
+    }
+
+    /// The part of `range` in read-ahead chunk `i`, from the cache.
+    async fn chunk_part(
+        &self,
+        record: &FirmwareRecord,
+        i: u64,
+        range: &Range<u64>,
+    ) -> Result<Bytes, FirmwareError> {
+        let c = i * READ_AHEAD..((i + 1) * READ_AHEAD).min(record.size);
+        let bytes = self
+            .images
+            .get_range(&self.blobs, &record.blob_key, c.clone())
+            .await
+            .map_err(|e| missing_blob(record, e))?;
+        let from = range.start.max(c.start) - c.start;
+        let to = range.end.min(c.end) - c.start;
+        Ok(bytes.slice(from as usize..to as usize))
     }
 
     /// Hashes, stores, signs and commits an image. The body is streamed: at most a few parts
