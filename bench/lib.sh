@@ -32,7 +32,7 @@ start_fwrepo() {
 secs_of() {
   local s e
   s=$(date +%s.%N); "$@"; e=$(date +%s.%N)
-  awk -v s="$s" -v e="$e" 'BEGIN { printf "%.3f", e - s }'
+  awk -v s="$s" -v e="$e" 'BEGIN { printf "%.4f", e - s }'
 }
 
 # median NUMBER...: the middle one (the lower middle of an even count).
