@@ -183,10 +183,14 @@ async fn killed_during_task_changes_keeps_every_answered_one() {
 
     // device → (task id, whether its cancel was answered), for answered creations.
     let answered: Arc<Mutex<Vec<(String, String, bool)>>> = Arc::default();
+    // Told by the client whose answer is the quarter's: the kill follows at once. (Polling
+    // for it let a fast machine answer all of them before the kill.)
+    let quarter = Arc::new(tokio::sync::Notify::new());
     let devices = 400;
     let mut clients = Vec::new();
     for i in 0..devices {
         let (c, base, answered) = (c.clone(), p.base.clone(), answered.clone());
+        let quarter = Arc::clone(&quarter);
         clients.push(tokio::spawn(async move {
             let device = format!("kd-{i}");
             let Ok(r) = c
@@ -207,6 +211,9 @@ async fn killed_during_task_changes_keeps_every_answered_one() {
             let slot = {
                 let mut a = answered.lock().unwrap();
                 a.push((device, id.clone(), false));
+                if a.len() == devices / 4 {
+                    quarter.notify_one();
+                }
                 a.len() - 1
             };
             // Every other task is cancelled as soon as it exists: a change of a stored task.
@@ -220,11 +227,9 @@ async fn killed_during_task_changes_keeps_every_answered_one() {
             }
         }));
     }
-    let seen = answered.clone();
-    wait_until("a quarter of the creations answered", || {
-        seen.lock().unwrap().len() >= devices / 4
-    })
-    .await;
+    tokio::time::timeout(Duration::from_secs(15), quarter.notified())
+        .await
+        .expect("a quarter of the creations answered within 15 s");
     p.kill(); // SIGKILL, with changes in flight.
     for h in clients {
         h.await.unwrap();
