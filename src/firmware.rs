@@ -128,6 +128,10 @@ pub struct Change {
     pub description: Option<Option<String>>,
 }
 
+/// How often a change of a firmware record is tried again when the stored record changed
+/// between its read and its write (another instance's change, or digests added).
+const CHANGE_ATTEMPTS: usize = 16;
+
 /// Bytes of an image as [`Repository::read`] has them.
 pub enum ImageBytes {
     /// In one buffer, from the cache.
@@ -635,33 +639,41 @@ impl Repository {
         name: &FirmwareName,
         change: Change,
     ) -> Result<FirmwareRecord, FirmwareError> {
+        if let Some(Some(d)) = &change.description {
+            check_text("description", d)?;
+        }
+        // One change at a time here; across instances sharing the store, the replace is a
+        // compare-and-swap, retried from the record as it is then.
         let _one = self.changing.lock().await;
-        // The stored record, not the cached one, which may predate another change.
-        let mut record = self
-            .meta
-            .get(name.as_str())
-            .await?
-            .filter(|r| !r.is_expired(now_ms()))
-            .ok_or_else(|| FirmwareError::NotFound(name.to_string()))?;
-        if let Some(retention) = change.retention {
-            record.retention_secs = retention.map(|d| d.as_secs());
-            record.expires_at_ms = record
-                .retention_secs
-                .map(|s| record.created_at_ms + (s as i64) * 1000);
-        }
-        if let Some(description) = change.description {
-            if let Some(d) = &description {
-                check_text("description", d)?;
+        for _ in 0..CHANGE_ATTEMPTS {
+            // The stored record, not the cached one, which may predate another change.
+            let stored = self
+                .meta
+                .get(name.as_str())
+                .await?
+                .filter(|r| !r.is_expired(now_ms()))
+                .ok_or_else(|| FirmwareError::NotFound(name.to_string()))?;
+            let mut record = stored.clone();
+            if let Some(retention) = change.retention {
+                record.retention_secs = retention.map(|d| d.as_secs());
+                record.expires_at_ms = record
+                    .retention_secs
+                    .map(|s| record.created_at_ms + (s as i64) * 1000);
             }
-            record.description = description;
+            if let Some(description) = &change.description {
+                record.description = description.clone();
+            }
+            let replaced = self.meta.replace(&stored, &record).await?;
+            self.forget(name.as_str());
+            if replaced {
+                self.expiry_changed.notify_one();
+                return Ok(record);
+            }
         }
-        let updated = self.meta.update(&record).await?;
-        self.forget(name.as_str());
-        if !updated {
-            return Err(FirmwareError::NotFound(name.to_string()));
-        }
-        self.expiry_changed.notify_one();
-        Ok(record)
+        Err(MetaError::Backend(format!(
+            "firmware {name} changed under {CHANGE_ATTEMPTS} attempts to change it"
+        ))
+        .into())
     }
 
     pub async fn delete(&self, name: &FirmwareName) -> Result<(), FirmwareError> {

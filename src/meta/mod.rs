@@ -80,10 +80,11 @@ pub trait FirmwareCatalog: Send + Sync {
         &self,
         record: &FirmwareRecord,
     ) -> Result<Option<FirmwareRecord>, MetaError>;
-    /// Replaces the record with the same name and blob; `false` if there is none. The SHA-1
-    /// and MD5 the stored record has stay when `record` lacks them (the same blob has the same
-    /// digests, and they may have been added since `record` was read).
-    async fn update(&self, record: &FirmwareRecord) -> Result<bool, MetaError>;
+    /// Replaces `old`, the record as it was read, by `new` (same name and blob) if the stored
+    /// record is still `old`; `false` if it is not (changed since it was read, by this
+    /// instance or another sharing the store, or gone). A compare-and-swap: a change made
+    /// from a record read before another change landed never undoes it.
+    async fn replace(&self, old: &FirmwareRecord, new: &FirmwareRecord) -> Result<bool, MetaError>;
     /// Adds SHA-1 and MD5 (hex) to the record with this name and blob, changing nothing else;
     /// `false` if there is none.
     async fn add_digests(
@@ -471,7 +472,7 @@ pub(crate) mod suite {
     //! The behaviour every backend must show; each backend's tests call `run`.
     use super::*;
 
-    fn record(name: &str, blob: &str, expires: Option<i64>) -> FirmwareRecord {
+    pub fn record(name: &str, blob: &str, expires: Option<i64>) -> FirmwareRecord {
         FirmwareRecord {
             name: name.into(),
             size: 10,
@@ -529,18 +530,25 @@ pub(crate) mod suite {
         // Moving an expiry moves its index entry.
         let mut a2 = a.clone();
         a2.expires_at_ms = Some(1000);
-        assert!(store.update(&a2).await.unwrap());
+        assert!(store.replace(&a, &a2).await.unwrap());
         assert_eq!(store.next_expiry_after(0).await.unwrap(), Some(1000));
-        a2.expires_at_ms = None;
-        assert!(store.update(&a2).await.unwrap());
+        // A replace from the record as it was before is refused, and changes nothing.
+        let mut stale = a.clone();
+        stale.description = Some("stale".into());
+        assert!(!store.replace(&a, &stale).await.unwrap());
+        assert_eq!(store.get("a").await.unwrap().unwrap(), a2);
+        let mut a3 = a2.clone();
+        a3.expires_at_ms = None;
+        assert!(store.replace(&a2, &a3).await.unwrap());
+        let a2 = a3;
         assert_eq!(store.next_expiry_after(0).await.unwrap(), Some(3000));
-        assert!(!store
-            .update(&record("a", "other-blob", None))
-            .await
-            .unwrap());
+        let other = record("a", "other-blob", None);
+        assert!(!store.replace(&other, &other).await.unwrap());
+        let gone = record("nobody", "nobody", None);
+        assert!(!store.replace(&gone, &gone).await.unwrap());
 
-        // Digests added later change nothing else, and a later update without them keeps
-        // them.
+        // Digests added later change nothing else, and a replace from the record read before
+        // them is refused: the one read after keeps them.
         assert!(store.add_digests("a", "b1", "22", "33").await.unwrap());
         assert!(!store
             .add_digests("a", "other-blob", "22", "33")
@@ -552,9 +560,12 @@ pub(crate) mod suite {
             (Some("22"), Some("33"))
         );
         assert_eq!(with.expires_at_ms, None);
-        let mut without = a2.clone();
-        (without.sha1, without.md5, without.description) = (None, None, Some("d".into()));
-        assert!(store.update(&without).await.unwrap());
+        let mut described = a2.clone();
+        described.description = Some("d".into());
+        assert!(!store.replace(&a2, &described).await.unwrap());
+        let mut described = with.clone();
+        described.description = Some("d".into());
+        assert!(store.replace(&with, &described).await.unwrap());
         let kept = store.get("a").await.unwrap().unwrap();
         assert_eq!(
             (kept.sha1.as_deref(), kept.md5.as_deref()),

@@ -314,20 +314,26 @@ impl FirmwareCatalog for PgStore {
         }
     }
 
-    async fn update(&self, record: &FirmwareRecord) -> Result<bool, MetaError> {
-        let json = encode(record)?;
+    async fn replace(&self, old: &FirmwareRecord, new: &FirmwareRecord) -> Result<bool, MetaError> {
+        if new.name != old.name || new.blob_key != old.blob_key {
+            return Ok(false);
+        }
+        // The stored JSON compared as jsonb, nulls left out: equal documents whatever their
+        // spacing and key order, and whether an absent field was stored as null or not at
+        // all (records from before a field existed); a record add_digests extended since
+        // is not equal.
         let n = self
             .execute(
-                "UPDATE fwrepo_firmware SET size = $3, expires_at_ms = $4,
-                 record = ($5::text::jsonb || jsonb_strip_nulls(jsonb_build_object(
-                     'sha1', record::jsonb -> 'sha1', 'md5', record::jsonb -> 'md5')))::text
-                 WHERE name = $1 AND blob_key = $2",
+                "UPDATE fwrepo_firmware SET size = $3, expires_at_ms = $4, record = $5
+                 WHERE name = $1 AND blob_key = $2
+                   AND jsonb_strip_nulls(record::jsonb) = jsonb_strip_nulls($6::text::jsonb)",
                 &[
-                    &record.name,
-                    &record.blob_key,
-                    &(record.size as i64),
-                    &record.expires_at_ms,
-                    &json,
+                    &new.name,
+                    &new.blob_key,
+                    &(new.size as i64),
+                    &new.expires_at_ms,
+                    &encode(new)?,
+                    &encode(old)?,
                 ],
             )
             .await?;
@@ -1377,6 +1383,40 @@ mod tests {
                 assert_eq!(timeout.get::<_, String>(0), "4321ms");
             }
         }
+    }
+
+    /// A record stored without the fields that are null (as versions from before those
+    /// fields wrote it) is still the record read back: a change of it lands.
+    #[tokio::test]
+    async fn records_stored_without_null_fields_can_be_replaced() {
+        use crate::meta::FirmwareCatalog;
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let store = super::PgStore::open(&url).await.unwrap();
+        let mut old = crate::meta::suite::record("old", "old-blob", None);
+        old.sha1 = None;
+        assert_eq!(
+            FirmwareCatalog::insert_new(&store, &old).await.unwrap(),
+            None
+        );
+        store
+            .execute(
+                "UPDATE fwrepo_firmware SET record = (record::jsonb - 'description' - 'version'
+                     - 'retention_secs' - 'expires_at_ms')::text WHERE name = 'old'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let read = FirmwareCatalog::get(&store, "old").await.unwrap().unwrap();
+        assert_eq!(read, old);
+        let mut changed = read.clone();
+        changed.description = Some("now described".into());
+        assert!(FirmwareCatalog::replace(&store, &read, &changed)
+            .await
+            .unwrap());
+        let got = FirmwareCatalog::get(&store, "old").await.unwrap();
+        assert_eq!(got, Some(changed));
     }
 
     #[tokio::test]

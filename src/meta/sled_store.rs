@@ -210,30 +210,30 @@ impl FirmwareCatalog for SledStore {
         Ok(existing)
     }
 
-    async fn update(&self, record: &FirmwareRecord) -> Result<bool, MetaError> {
-        let record = record.clone();
-        let updated = self
+    async fn replace(&self, old: &FirmwareRecord, new: &FirmwareRecord) -> Result<bool, MetaError> {
+        let (old, new) = (old.clone(), new.clone());
+        let replaced = self
             .blocking(move |s| {
                 s.transact(|fw, ex| {
-                    let old = stored(fw, &record.name, &record.blob_key)?;
-                    if let Some(at) = old.expires_at_ms {
-                        ex.remove(expiry_key(at, &old.name))?;
+                    let stored = stored(fw, &old.name, &old.blob_key)?;
+                    if stored != old || new.name != old.name || new.blob_key != old.blob_key {
+                        return Err(ConflictableTransactionError::Abort(false));
                     }
-                    if let Some(at) = record.expires_at_ms {
-                        ex.insert(expiry_key(at, &record.name), &[])?;
+                    if let Some(at) = stored.expires_at_ms {
+                        ex.remove(expiry_key(at, &stored.name))?;
                     }
-                    let mut new = record.clone();
-                    new.sha1 = new.sha1.or(old.sha1);
-                    new.md5 = new.md5.or(old.md5);
-                    fw.insert(record.name.as_bytes(), encoded(&new)?)?;
+                    if let Some(at) = new.expires_at_ms {
+                        ex.insert(expiry_key(at, &new.name), &[])?;
+                    }
+                    fw.insert(new.name.as_bytes(), encoded(&new)?)?;
                     Ok(true)
                 })
             })
             .await?;
-        if updated {
+        if replaced {
             self.flush().await?;
         }
-        Ok(updated)
+        Ok(replaced)
     }
 
     async fn add_digests(
