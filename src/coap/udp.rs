@@ -268,6 +268,10 @@ fn serve(
     let next_mid = Arc::new(AtomicU16::new(rand_u16()));
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let waker = std::task::Waker::noop();
+    // Answers are first polled on this thread, in the runtime's context (its timers, its
+    // spawns); what is not done by then is a task like any other, polled again with its
+    // real waker by the runtime.
+    let _context = rt.enter();
     while !stop.is_cancelled() {
         let (n, peer) = match socket.recv_from(&mut buf) {
             Ok(v) => v,
@@ -332,9 +336,6 @@ fn serve(
                 .done(&key, bytes.clone());
             send(&socket, &bytes, peer);
         });
-        // Polled once here, in the runtime's context; what is not done by then is a task
-        // like any other, polled again (with its real waker) by the runtime.
-        let _context = rt.enter();
         if answering
             .as_mut()
             .poll(&mut std::task::Context::from_waker(waker))

@@ -127,7 +127,7 @@ pub async fn session_token(
     access.tokens.by_id(&session.token_id).await
 }
 
-/// The access half of the envelope (`http::envelope`): the decision before the handler, so a
+/// The access half of the envelope (`http::answer`): the decision before the handler, so a
 /// refusal never depends on whether the resource exists; the audit event after it.
 /// `route` is the matched route (`/fw/{name}`), `None` when no route matched; `next` runs
 /// the handler.

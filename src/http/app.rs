@@ -22,8 +22,8 @@ use tower::ServiceExt;
 use super::serve::ListenerScheme;
 use super::{access, answer, download, AppState};
 
-/// The route the direct way serves, as the router names it (rules and metrics use it).
-const DOWNLOAD_ROUTE: &str = "/fw/{name}";
+/// The route the direct way serves, as the routes table names it (rules and metrics use it).
+pub(super) const DOWNLOAD_ROUTE: &str = "/fw/{name}";
 
 /// The complete HTTP service; cheap to clone.
 #[derive(Clone)]

@@ -2,6 +2,7 @@
 
 pub mod access;
 mod app;
+pub use app::App;
 mod campaigns;
 mod console;
 mod ddi;
@@ -167,8 +168,13 @@ pub fn routes() -> Routes {
         role(Reader),
         download::content,
     )
-    .add(M::GET, "/fw/{name}", DeviceByName, download::content)
-    .add(M::HEAD, "/fw/{name}", DeviceByName, download::content)
+    .add(M::GET, app::DOWNLOAD_ROUTE, DeviceByName, download::content)
+    .add(
+        M::HEAD,
+        app::DOWNLOAD_ROUTE,
+        DeviceByName,
+        download::content,
+    )
     .add(M::GET, "/p/{fotaId}", Device, download::package)
     .add(M::HEAD, "/p/{fotaId}", Device, download::package)
     .add(
@@ -417,8 +423,9 @@ pub fn routes() -> Routes {
     )
 }
 
-/// The complete service with its middleware.
-pub fn router(state: AppState) -> app::App {
+/// The complete service: the router with its middleware, and the direct way in for device
+/// downloads beside it (`http::app`).
+pub fn router(state: AppState) -> App {
     let routes = routes();
     let mut rules: access::Rules = std::collections::HashMap::new();
     for (method, path, rule) in &routes.table {

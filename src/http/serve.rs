@@ -176,7 +176,8 @@ impl HeadScan {
                     }
                     let had = bytes.len();
                     // The common case, a whole head in one read, is scanned where it lies.
-                    let (head, used) = match head_end(data).filter(|_| had == 0) {
+                    let whole = if had == 0 { head_end(data) } else { None };
+                    let (head, used) = match whole {
                         Some(end) => (&data[..end], end),
                         None => {
                             let take = data.len().min(MAX_SCANNED_HEAD.saturating_sub(had));
@@ -192,10 +193,11 @@ impl HeadScan {
                         }
                     };
                     let f = framing(head);
-                    self.conflicts.push_back(f.length.is_some() && f.chunked);
+                    self.conflicts
+                        .push_back(f.length.is_some() && f.transfer_encoding);
                     data = &data[used..];
                     self.at = match f.length {
-                        _ if f.chunked => Scan::Lost,
+                        _ if f.transfer_encoding => Scan::Lost,
                         Some(n) if n > 0 => Scan::Body(n),
                         // A Content-Length hyper will refuse: nothing to follow.
                         None if f.has_length => Scan::Lost,
@@ -241,7 +243,7 @@ struct Framing {
     /// Whether a Content-Length is there at all.
     has_length: bool,
     /// Whether a Transfer-Encoding is there.
-    chunked: bool,
+    transfer_encoding: bool,
 }
 
 /// One pass over a head's header lines.
@@ -249,7 +251,7 @@ fn framing(head: &[u8]) -> Framing {
     let mut f = Framing {
         length: None,
         has_length: false,
-        chunked: false,
+        transfer_encoding: false,
     };
     for line in header_lines(head) {
         if let Some(v) = header_value(line, b"content-length") {
@@ -258,7 +260,7 @@ fn framing(head: &[u8]) -> Framing {
             }
             f.has_length = true;
         } else if header_value(line, b"transfer-encoding").is_some() {
-            f.chunked = true;
+            f.transfer_encoding = true;
         }
     }
     f
