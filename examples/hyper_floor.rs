@@ -19,14 +19,33 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let addr = std::env::args()
         .nth(1)
-        .expect("usage: hyper_floor HOST:PORT");
+        .expect("usage: hyper_floor HOST:PORT")
+        .parse()
+        .expect("HOST:PORT");
     let body = Bytes::from(vec![0x5a; 4096]);
-    tokio::runtime::Builder::new_multi_thread()
+    // As `fwrepo serve` serves HTTP: a thread per core, each with its own runtime and its own
+    // socket on the shared address.
+    let n = fwrepo::http::threads::count(0);
+    let (listeners, _) = fwrepo::http::threads::bind(addr, n).expect("bind");
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let body = body.clone();
+            std::thread::spawn(move || serve(l, body))
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn serve(listener: std::net::TcpListener, body: Bytes) {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime")
         .block_on(async move {
-            let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;

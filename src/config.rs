@@ -92,6 +92,9 @@ pub struct HttpConfig {
     /// Most connections each listener (HTTP, HTTPS) serves at once; beyond it new ones wait
     /// in the kernel's backlog until one closes.
     pub max_connections: u32,
+    /// Threads that serve HTTP and HTTPS connections, each with its own runtime and
+    /// listening socket on the shared address; 0 is one per core.
+    pub threads: u32,
     /// A resumable upload (tus, `/v1/uploads`) no request touched for this long is removed
     /// with its bytes.
     pub upload_expiry: Dur,
@@ -108,6 +111,7 @@ impl Default for HttpConfig {
             idle_timeout: Dur(Duration::from_secs(60)),
             body_timeout: Dur(Duration::from_secs(60)),
             max_connections: 4096,
+            threads: 0,
             upload_expiry: Dur(Duration::from_secs(24 * 3600)),
         }
     }

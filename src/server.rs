@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,6 +72,8 @@ pub struct Running {
     /// only once all of it has ended, so the stores it holds are closed.
     work: TaskTracker,
     engine: Arc<Engine>,
+    /// The HTTP and HTTPS serving threads, ended last.
+    serving: http::threads::ServingThreads,
     grace: Duration,
 }
 
@@ -89,6 +92,7 @@ impl Running {
             tasks,
             work,
             engine,
+            serving,
             grace,
             ..
         } = self;
@@ -123,17 +127,17 @@ impl Running {
         }
         // Nothing serves bytes any more: what was served is stored.
         engine.save_progress().await;
+        // Work that requests started ran on the serving threads' runtimes, and has ended.
+        serving.finish().await;
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
-    Ok((listener, bound))
+/// One listening socket per serving thread, all on `addr` (see [`http::threads`]).
+fn bind_shared(
+    addr: SocketAddr,
+    threads: usize,
+) -> Result<(Vec<std::net::TcpListener>, SocketAddr), StartError> {
+    http::threads::bind(addr, threads).map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Tokens, audit log and the open-mode decision; refuses to run open beyond loopback.
@@ -209,9 +213,10 @@ pub async fn start_with_clock(
     repo.init_metrics().await?;
 
     let mut uri_bases = Vec::new();
+    let threads = http::threads::count(config.http.threads);
     let http = match config.http_listen()? {
         Some(addr) => {
-            let (listener, bound) = bind(addr).await?;
+            let (listener, bound) = bind_shared(addr, threads)?;
             let mut base = config.public_http_url()?;
             if config.http.public_url.is_empty() && addr.port() == 0 {
                 base = format!("http://{bound}");
@@ -225,7 +230,7 @@ pub async fn start_with_clock(
         let addr = config.https_listen()?;
         let tls = crate::tls::server_config(&config.https.cert, &config.https.key, b"http/1.1")
             .map_err(StartError::Tls)?;
-        let (listener, bound) = bind(addr).await?;
+        let (listener, bound) = bind_shared(addr, threads)?;
         let mut base = config.public_https_url()?;
         if config.https.public_url.is_empty() && addr.port() == 0 {
             base = format!("https://{bound}");
@@ -279,43 +284,75 @@ pub async fn start_with_clock(
     });
     let app = http::router(state);
     let limits = http::serve::Limits::from_config(&config.http);
+    let mut serving = http::threads::ServingThreads::default();
     let mut http_addr = None;
-    if let Some((listener, bound)) = http {
-        // Headers and a small body go out as separate writes; without TCP_NODELAY, Nagle
-        // holds the body back until the client's delayed ACK (~40 ms), capping ranged reads.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-        });
-        tasks.push(tokio::spawn(http::serve::serve(
-            listener,
-            "http",
-            app.clone(),
-            limits,
-            Arc::clone(&metrics),
-            cancel.clone(),
-        )));
-        tracing::info!(http_addr = %bound, "HTTP listening");
+    if let Some((listeners, bound)) = http {
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (app, slots, metrics, cancel) = (
+                app.clone(),
+                Arc::clone(&slots),
+                Arc::clone(&metrics),
+                cancel.clone(),
+            );
+            let task = serving.spawn(format!("http-{i}"), listener, move |listener| {
+                // Headers and a small body go out as separate writes; without TCP_NODELAY,
+                // Nagle holds the body back until the client's delayed ACK (~40 ms), capping
+                // ranged reads.
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY not set");
+                    }
+                });
+                http::serve::serve(listener, "http", app, limits, slots, metrics, cancel)
+            });
+            tasks.push(task.map_err(|source| StartError::Bind {
+                addr: bound,
+                source,
+            })?);
+        }
+        tracing::info!(http_addr = %bound, threads, "HTTP listening");
         http_addr = Some(bound);
     }
     let mut https_addr = None;
-    if let Some((listener, bound, tls)) = https {
-        let listener =
-            http::tls::TlsListener::new(listener, tls, &limits, cancel.clone(), work.clone())
-                .map_err(|source| StartError::Bind {
-                    addr: bound,
-                    source,
-                })?;
-        tasks.push(tokio::spawn(http::serve::serve(
-            listener,
-            "https",
-            app,
-            limits,
-            Arc::clone(&metrics),
-            cancel.clone(),
-        )));
-        tracing::info!(https_addr = %bound, "HTTPS listening");
+    if let Some((listeners, bound, tls)) = https {
+        let (handshakes, slots) = (
+            Arc::new(Semaphore::new(limits.max_connections)),
+            Arc::new(Semaphore::new(limits.max_connections)),
+        );
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (app, tls, handshakes, slots, metrics, cancel, work) = (
+                app.clone(),
+                Arc::clone(&tls),
+                Arc::clone(&handshakes),
+                Arc::clone(&slots),
+                Arc::clone(&metrics),
+                cancel.clone(),
+                work.clone(),
+            );
+            let task = serving.spawn(format!("https-{i}"), listener, move |listener| async move {
+                let tls = http::tls::TlsListener::new(
+                    listener,
+                    tls,
+                    &limits,
+                    handshakes,
+                    cancel.clone(),
+                    work,
+                );
+                match tls {
+                    Ok(listener) => {
+                        http::serve::serve(listener, "https", app, limits, slots, metrics, cancel)
+                            .await
+                    }
+                    Err(e) => tracing::error!(error = %e, "HTTPS listener failed"),
+                }
+            });
+            tasks.push(task.map_err(|source| StartError::Bind {
+                addr: bound,
+                source,
+            })?);
+        }
+        tracing::info!(https_addr = %bound, threads, "HTTPS listening");
         https_addr = Some(bound);
     }
     let sweeper = tokio::spawn(retention::run(
@@ -339,6 +376,7 @@ pub async fn start_with_clock(
         tasks,
         work,
         engine,
+        serving,
         grace: config.http.shutdown_grace.0,
     })
 }

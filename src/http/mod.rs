@@ -17,6 +17,7 @@ mod ops;
 mod page;
 pub mod range;
 pub mod serve;
+pub mod threads;
 pub mod tls;
 mod tokens;
 mod uploads;

@@ -61,25 +61,29 @@ impl Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenerScheme(pub &'static str);
 
+/// `slots` caps the connections served at once, shared by the listener's serving threads
+/// (`limits.max_connections` of them).
 pub async fn serve<L: Listener>(
     mut listener: L,
     scheme: &'static str,
     app: App,
     limits: Limits,
+    slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
     loop {
-        // A slot first: at the cap, new connections wait in the kernel's backlog.
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = Arc::clone(&slots).acquire_owned() => p.expect("the semaphore is never closed"),
-        };
+        // At the cap, one accepted connection waits here for a slot and the next ones in the
+        // kernel's backlog. The connection comes first: a slot taken while waiting for one
+        // would be held from the listener's other threads, whose backlogs may have some.
         let (io, _peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             accepted = listener.accept() => accepted,
+        };
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = Arc::clone(&slots).acquire_owned() => p.expect("the semaphore is never closed"),
         };
         while connections.try_join_next().is_some() {}
         let (app, cancel, metrics) = (app.clone(), cancel.clone(), Arc::clone(&metrics));

@@ -23,11 +23,13 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Starts accepting on `work`; stops when `cancel` fires.
-    /// A handshake gets `limits.header_read`; at most `limits.max_connections` run at once.
+    /// A handshake gets `limits.header_read`; at most `slots` run at once (`limits.max_connections`,
+    /// shared by the listener's serving threads).
     pub fn new(
         tcp: TcpListener,
         tls: Arc<tokio_rustls::rustls::ServerConfig>,
         limits: &super::serve::Limits,
+        slots: Arc<tokio::sync::Semaphore>,
         cancel: CancellationToken,
         work: TaskTracker,
     ) -> std::io::Result<TlsListener> {
@@ -36,13 +38,8 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(BACKLOG);
         let handshakes = work.clone();
         let timeout = limits.header_read;
-        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         work.spawn(async move {
             loop {
-                let permit = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    p = Arc::clone(&slots).acquire_owned() => p.expect("never closed"),
-                };
                 let (stream, peer) = tokio::select! {
                     _ = cancel.cancelled() => return,
                     accepted = tcp.accept() => match accepted {
@@ -54,6 +51,12 @@ impl TlsListener {
                             continue;
                         }
                     },
+                };
+                // After the accept, as in `serve::serve`: the slots are shared with the
+                // listener's other serving threads.
+                let permit = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    p = Arc::clone(&slots).acquire_owned() => p.expect("never closed"),
                 };
                 let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
