@@ -119,8 +119,8 @@ async fn coap_device_polls(srv: &TestServer, device: &str, fail: bool, version: 
 }
 
 /// Every device in `devices` polls once, each always through the same one of `servers`
-/// (every fourth device over CoAP/TCP, the others over HTTP);
-/// which of them updated or failed.
+/// and over the same protocol (CoAP/TCP for every fourth meter by number, HTTP for the
+/// others), whichever list it is polled in; which of them updated or failed.
 async fn round(
     servers: &[&TestServer],
     devices: &[String],
@@ -129,9 +129,15 @@ async fn round(
     let results: Vec<(String, Polled)> =
         futures_util::stream::iter(devices.iter().cloned().enumerate())
             .map(|(i, d)| async move {
-                let srv = servers[i % servers.len()];
+                // By the meter's number: a wave's list is in no fixed order.
+                let n = d
+                    .rsplit('-')
+                    .next()
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .unwrap_or(i);
+                let srv = servers[n % servers.len()];
                 let fail = failing.contains(&d);
-                let p = if i % 4 == 3 {
+                let p = if n % 4 == 3 {
                     coap_device_polls(srv, &d, fail, "2.1.0").await
                 } else {
                     device_polls(srv, &d, fail, "2.1.0").await
