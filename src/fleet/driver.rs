@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::broadcast;
 
 use super::{lock, Fleet, FleetError};
 use crate::fota::request::ScheduleRequest;
@@ -43,34 +42,23 @@ impl Fleet {
         self.engine.set_joiner(Arc::downgrade(&joiner));
         self.follow_others();
         let this = Arc::clone(self);
-        let mut moved = self.engine.subscribe();
         self.work.spawn(async move {
             loop {
                 if let Err(e) = this.pass().await {
                     tracing::warn!(error = %e, "campaign pass failed");
                 }
-                // Wait for a reason to look again: a campaign task moved (a lag counts), a
-                // person acted, or the tick.
-                loop {
-                    tokio::select! {
-                        _ = this.cancel.cancelled() => return,
-                        _ = this.wake.notified() => break,
-                        event = moved.recv() => match event {
-                            Ok(e) if e.campaign.is_none() => continue,
-                            Err(broadcast::error::RecvError::Closed) => return,
-                            _ => break,
-                        },
-                        _ = tokio::time::sleep(TICK) => break,
-                    }
+                // Wait for a reason to look again: a campaign task moved, a person acted, or
+                // the tick.
+                tokio::select! {
+                    _ = this.cancel.cancelled() => return,
+                    _ = this.wake.notified() => {}
+                    _ = this.engine.campaign_task_moved() => {}
+                    _ = tokio::time::sleep(TICK) => {}
                 }
                 // Transitions that arrive together make one pass: under load many tasks
                 // move per millisecond, and each pass reads every campaign's counts.
                 tokio::time::sleep(COALESCE).await;
-                while !matches!(
-                    moved.try_recv(),
-                    Err(broadcast::error::TryRecvError::Empty
-                        | broadcast::error::TryRecvError::Closed)
-                ) {}
+                this.engine.forget_campaign_moves();
             }
         });
     }

@@ -115,6 +115,9 @@ pub struct Engine {
     /// Weak: the fleet holds the engine, and a cycle would keep the store open after shutdown.
     joiner: OnceLock<std::sync::Weak<dyn Joiner>>,
     events: broadcast::Sender<Arc<TaskEvent>>,
+    /// Notified when a campaign's task moved: the fleet's driver waits on this, not on every
+    /// transition.
+    campaign_moved: Notify,
     /// What other instances announce besides task transitions (campaign changes), for the
     /// fleet above.
     others: broadcast::Sender<Arc<Value>>,
@@ -214,6 +217,7 @@ impl Engine {
             seen: Mutex::new(HashMap::new()),
             joiner: OnceLock::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
+            campaign_moved: Notify::new(),
             others: broadcast::channel(EVENT_BUFFER).0,
             due_changed: Notify::new(),
             next_wake: AtomicI64::new(i64::MAX),
@@ -290,7 +294,7 @@ impl Engine {
                 });
                 match parsed {
                     Ok((Announcement { event: Some(e), .. }, _)) => {
-                        let _ = this.events.send(Arc::new(e));
+                        this.publish(e);
                         this.due_changed.notify_one();
                     }
                     Ok((_, other)) => {
@@ -304,6 +308,27 @@ impl Engine {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
         self.events.subscribe()
+    }
+
+    /// Passes a transition on to subscribers, and wakes the fleet's driver if the task is a
+    /// campaign's. Most tasks are in no campaign: a driver woken by every transition cost a
+    /// thread wake-up each, under load.
+    pub(super) fn publish(&self, event: TaskEvent) {
+        if event.campaign.is_some() {
+            self.campaign_moved.notify_one();
+        }
+        let _ = self.events.send(Arc::new(event));
+    }
+
+    /// Completes once a campaign's task has moved since the last call completed (a move
+    /// while nobody waited counts once).
+    pub async fn campaign_task_moved(&self) {
+        self.campaign_moved.notified().await
+    }
+
+    /// Forgets a campaign task's move that nobody waited for yet.
+    pub fn forget_campaign_moves(&self) {
+        std::pin::pin!(self.campaign_moved.notified()).enable();
     }
 
     async fn lock_task(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
@@ -367,7 +392,7 @@ impl Engine {
             self.due_moved(t.due_ms());
         }
         if let Some(event) = event {
-            let _ = self.events.send(Arc::new(event));
+            self.publish(event);
             tracing::info!(
                 fota_id = %t.id, device = %t.device_id, status = t.status.as_str(),
                 reason = t.reason.as_deref().unwrap_or(""), "FOTA task"

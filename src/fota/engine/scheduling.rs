@@ -177,7 +177,7 @@ impl Engine {
         if created != Created::Stored {
             return Ok(created);
         }
-        let _ = self.events.send(Arc::new(event));
+        self.publish(event);
         tracing::info!(fota_id = %t.id, device = %t.device_id, firmware = %t.firmware, status = t.status.as_str(), "FOTA task scheduled");
         if t.is_importing() {
             self.spawn_import(t.id.clone());
