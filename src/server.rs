@@ -295,17 +295,19 @@ pub async fn start_with_clock(
                 Arc::clone(&metrics),
                 cancel.clone(),
             );
-            let task = serving.spawn(format!("http-{i}"), listener, move |listener| {
-                // Headers and a small body go out as separate writes; without TCP_NODELAY,
-                // Nagle holds the body back until the client's delayed ACK (~40 ms), capping
-                // ranged reads.
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(error = %e, "TCP_NODELAY not set");
-                    }
-                });
-                http::serve::serve(listener, "http", app, limits, slots, metrics, cancel)
-            });
+            let task = serving
+                .spawn(format!("http-{i}"), listener, move |listener| {
+                    // Headers and a small body go out as separate writes; without TCP_NODELAY,
+                    // Nagle holds the body back until the client's delayed ACK (~40 ms), capping
+                    // ranged reads.
+                    let listener = listener.tap_io(|tcp| {
+                        if let Err(e) = tcp.set_nodelay(true) {
+                            tracing::debug!(error = %e, "TCP_NODELAY not set");
+                        }
+                    });
+                    http::serve::serve(listener, "http", app, limits, slots, metrics, cancel)
+                })
+                .await;
             tasks.push(task.map_err(|source| StartError::Bind {
                 addr: bound,
                 source,
@@ -330,23 +332,27 @@ pub async fn start_with_clock(
                 cancel.clone(),
                 work.clone(),
             );
-            let task = serving.spawn(format!("https-{i}"), listener, move |listener| async move {
-                let tls = http::tls::TlsListener::new(
-                    listener,
-                    tls,
-                    &limits,
-                    handshakes,
-                    cancel.clone(),
-                    work,
-                );
-                match tls {
-                    Ok(listener) => {
-                        http::serve::serve(listener, "https", app, limits, slots, metrics, cancel)
+            let task = serving
+                .spawn(format!("https-{i}"), listener, move |listener| async move {
+                    let tls = http::tls::TlsListener::new(
+                        listener,
+                        tls,
+                        &limits,
+                        handshakes,
+                        cancel.clone(),
+                        work,
+                    );
+                    match tls {
+                        Ok(listener) => {
+                            http::serve::serve(
+                                listener, "https", app, limits, slots, metrics, cancel,
+                            )
                             .await
+                        }
+                        Err(e) => tracing::error!(error = %e, "HTTPS listener failed"),
                     }
-                    Err(e) => tracing::error!(error = %e, "HTTPS listener failed"),
-                }
-            });
+                })
+                .await;
             tasks.push(task.map_err(|source| StartError::Bind {
                 addr: bound,
                 source,

@@ -90,7 +90,7 @@ impl ServingThreads {
     /// Starts a thread named `name` that runs `serve(listener)` on a runtime of its own. The
     /// returned task, on the caller's runtime, ends when `serve` has returned; dropping or
     /// aborting it before that stops the thread and drops whatever `serve` still runs.
-    pub fn spawn<F, Fut>(
+    pub async fn spawn<F, Fut>(
         &mut self,
         name: String,
         listener: TcpListener,
@@ -100,16 +100,30 @@ impl ServingThreads {
         F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .max_blocking_threads(BLOCKING_THREADS)
-            .thread_name(format!("{name}-blocking"))
-            .build()?;
         let (served, served_rx) = oneshot::channel::<()>();
         let (exited, exited_rx) = oneshot::channel::<()>();
+        let (built, built_rx) = oneshot::channel::<io::Result<()>>();
         let cut = CancellationToken::new();
         let (stop, gone) = (cut.clone(), self.token.clone());
+        let blocking = format!("{name}-blocking");
+        // The runtime is made on its thread: one dropped here, in the caller's runtime,
+        // would panic.
         std::thread::Builder::new().name(name).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .max_blocking_threads(BLOCKING_THREADS)
+                .thread_name(blocking)
+                .build();
+            let rt = match rt {
+                Ok(rt) => {
+                    let _ = built.send(Ok(()));
+                    rt
+                }
+                Err(e) => {
+                    let _ = built.send(Err(e));
+                    return;
+                }
+            };
             rt.block_on(async move {
                 let serving = async move {
                     match tokio::net::TcpListener::from_std(listener) {
@@ -127,6 +141,9 @@ impl ServingThreads {
             drop(rt);
             let _ = exited.send(());
         })?;
+        built_rx
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("serving thread ended at start")))?;
         self.exited.push(exited_rx);
         Ok(tokio::spawn(async move {
             let armed = cut.drop_guard();
@@ -189,6 +206,7 @@ mod tests {
                     });
                 },
             )
+            .await
             .unwrap();
         let dropped = Arc::new(AtomicUsize::new(0));
         struct Count(Arc<AtomicUsize>);
@@ -207,6 +225,7 @@ mod tests {
                     std::future::pending::<()>().await;
                 },
             )
+            .await
             .unwrap();
         stop.cancel();
         served.await.unwrap();
