@@ -1,5 +1,6 @@
-//! The floor under fwrepo's HTTP rows: hyper alone, on the same runtime, allocator and
-//! connection settings as `fwrepo serve`, answering every request with one fixed 206 of
+//! The floor under fwrepo's HTTP rows: hyper alone, on the same serving threads (one per
+//! core, each with its own runtime and socket), allocator and connection settings as
+//! `fwrepo serve`, answering every request with one fixed 206 of
 //! 4 KiB and the headers a ranged download carries, with no routing, access check, lookup
 //! or range parsing. bench/all.sh's `http-floor` row runs it against nginx as fwrepo's
 //! ranged rows do: what this reaches is what any handler on hyper can reach.
