@@ -70,6 +70,9 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+/// More serving threads than this is a typo, not a machine.
+const MAX_HTTP_THREADS: u32 = 1024;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
@@ -555,6 +558,11 @@ impl Config {
                 "http.max_connections must be at least 1".into(),
             ));
         }
+        if self.http.threads > MAX_HTTP_THREADS {
+            return Err(ConfigError::Invalid(format!(
+                "http.threads must be at most {MAX_HTTP_THREADS} (0: one per core)"
+            )));
+        }
         for (key, listen) in [
             ("coap.tcp_listen", &self.coap.tcp_listen),
             ("coap.udp_listen", &self.coap.udp_listen),
@@ -873,6 +881,10 @@ mod tests {
             let e = Config::load(None, vec![], &[format!("{key}=0s")]).unwrap_err();
             assert!(e.to_string().contains(key), "{e}");
         }
+        let e = Config::load(None, vec![], &["http.threads=100000".into()]).unwrap_err();
+        assert!(e.to_string().contains("http.threads"), "{e}");
+        let c = Config::load(None, vec![], &["http.threads=3".into()]).unwrap();
+        assert_eq!(c.http.threads, 3);
     }
 
     #[test]

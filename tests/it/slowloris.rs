@@ -232,3 +232,64 @@ async fn silent_tls_connections_are_closed_and_others_served() {
     running.shutdown();
     running.wait().await;
 }
+
+/// The cap on connections is the listener's, not each serving thread's: with three threads
+/// and a cap of two, a third connection waits for one of the two to close, whichever thread
+/// the kernel gave it to. Each thread's share of the cap would have served it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_holds_across_serving_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(
+        dir.path(),
+        &[
+            "http.threads=3",
+            "http.max_connections=2",
+            "http.idle_timeout=1m",
+        ],
+    )
+    .await;
+    let target = addr(&srv);
+    let ask = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    async fn answered(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 1024];
+        matches!(s.read(&mut buf).await, Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
+    }
+    // Two kept-alive connections, each answered once, hold both slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(&target).await.unwrap();
+        s.write_all(ask).await.unwrap();
+        assert!(answered(&mut s).await);
+        held.push(s);
+    }
+    // More connections, so at least one lands on a thread that holds neither: none of them
+    // is answered while both slots are held.
+    let mut waiting = Vec::new();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(&target).await.unwrap();
+        s.write_all(ask).await.unwrap();
+        waiting.push(s);
+    }
+    for s in &mut waiting {
+        let early = tokio::time::timeout(Duration::from_millis(300), answered(s)).await;
+        assert!(early.is_err(), "a connection beyond the cap was served");
+    }
+    // Each closed connection lets one waiting one in.
+    drop(held);
+    let mut answers = tokio::task::JoinSet::new();
+    for mut s in waiting {
+        answers.spawn(async move { answered(&mut s).await.then_some(s) });
+    }
+    let mut served = Vec::new();
+    while served.len() < 2 {
+        let next = tokio::time::timeout(Duration::from_secs(10), answers.join_next()).await;
+        match next {
+            Ok(Some(Ok(Some(s)))) => served.push(s),
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let served = served.len();
+    assert_eq!(served, 2, "the freed slots went to waiting connections");
+    srv.stop().await;
+}
