@@ -71,14 +71,38 @@ fn expiry_of(key: &[u8]) -> i64 {
     u64::from_be_bytes(b) as i64
 }
 
+/// How long opening waits for a previous holder of the database's file lock in this process
+/// to let go. sled releases it when its last handle goes, and that can be one of its own
+/// I/O threads finishing a write after the service has stopped: a restart in the same
+/// process (tests do it) could find the lock still held for a moment.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens the database at `path`, waiting up to `wait` while its file lock is held.
+fn open_db(path: &std::path::Path, wait: std::time::Duration) -> Result<sled::Db, MetaError> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(SLED_CACHE)
+            .open()
+        {
+            // sled words the lock's error; its kind is not WouldBlock.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < until =>
+            {
+                // Nothing announces the release: look again shortly.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.map_err(|e| MetaError::Backend(format!("{}: {e}", path.display()))),
+        }
+    }
+}
+
 impl SledStore {
     pub async fn open(path: PathBuf) -> Result<SledStore, MetaError> {
         tokio::task::spawn_blocking(move || {
-            let db = sled::Config::new()
-                .path(&path)
-                .cache_capacity(SLED_CACHE)
-                .open()
-                .map_err(|e| MetaError::Backend(format!("{}: {e}", path.display())))?;
+            let db = open_db(&path, LOCK_WAIT)?;
             let tasks = db.open_tree("fota_tasks").map_err(backend)?;
             let task_index = db.open_tree("fota_index").map_err(backend)?;
             let live = SledStore::rebuild_live_tasks(&tasks, &task_index)?;
@@ -388,6 +412,36 @@ impl ExpiryIndex for SledStore {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn opening_waits_for_the_lock_and_then_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let held = super::open_db(&path, Duration::ZERO).unwrap();
+        // Held throughout: refused once the wait is over, with the lock named.
+        let started = std::time::Instant::now();
+        let e = super::open_db(&path, Duration::from_millis(100)).unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(100), "it waited");
+        assert!(e.to_string().contains("lock"), "{e}");
+        // Let go while the second waits: it opens.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            rx.recv().unwrap();
+            drop(held);
+        });
+        let opener = {
+            let path = path.clone();
+            std::thread::spawn(move || super::open_db(&path, Duration::from_secs(30)))
+        };
+        tx.send(()).unwrap();
+        holder.join().unwrap();
+        opener
+            .join()
+            .unwrap()
+            .expect("opened once the lock was let go");
+    }
+
     #[tokio::test]
     async fn sled_passes_the_suite() {
         let dir = tempfile::tempdir().unwrap();
