@@ -334,23 +334,17 @@ pub async fn start_with_clock(
             );
             let task = serving
                 .spawn(format!("https-{i}"), listener, move |listener| async move {
-                    let tls = http::tls::TlsListener::new(
+                    // Made here: it starts its accept loop on this thread's runtime.
+                    let listener = http::tls::TlsListener::new(
                         listener,
+                        bound,
                         tls,
                         &limits,
                         handshakes,
                         cancel.clone(),
                         work,
                     );
-                    match tls {
-                        Ok(listener) => {
-                            http::serve::serve(
-                                listener, "https", app, limits, slots, metrics, cancel,
-                            )
-                            .await
-                        }
-                        Err(e) => tracing::error!(error = %e, "HTTPS listener failed"),
-                    }
+                    http::serve::serve(listener, "https", app, limits, slots, metrics, cancel).await
                 })
                 .await;
             tasks.push(task.map_err(|source| StartError::Bind {

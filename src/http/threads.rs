@@ -109,15 +109,24 @@ impl ServingThreads {
         // The runtime is made on its thread: one dropped here, in the caller's runtime,
         // would panic.
         std::thread::Builder::new().name(name).spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
+            // The runtime and the listener's registration with it, both reported to the
+            // caller: a thread that cannot serve fails the start.
+            let started = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .max_blocking_threads(BLOCKING_THREADS)
                 .thread_name(blocking)
-                .build();
-            let rt = match rt {
-                Ok(rt) => {
+                .build()
+                .and_then(|rt| {
+                    let listener = {
+                        let _context = rt.enter();
+                        tokio::net::TcpListener::from_std(listener)?
+                    };
+                    Ok((rt, listener))
+                });
+            let (rt, listener) = match started {
+                Ok(started) => {
                     let _ = built.send(Ok(()));
-                    rt
+                    started
                 }
                 Err(e) => {
                     let _ = built.send(Err(e));
@@ -126,10 +135,7 @@ impl ServingThreads {
             };
             rt.block_on(async move {
                 let serving = async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener).await,
-                        Err(e) => tracing::error!(error = %e, "cannot serve a listener"),
-                    }
+                    serve(listener).await;
                     let _ = served.send(());
                     gone.cancelled().await;
                 };

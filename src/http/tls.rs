@@ -22,18 +22,19 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Starts accepting on `work`; stops when `cancel` fires.
+    /// Starts accepting on `work`; stops when `cancel` fires. `local` is the address `tcp` is
+    /// bound to, as binding reported it.
     /// A handshake gets `limits.header_read`; at most `slots` run at once (`limits.max_connections`,
     /// shared by the listener's serving threads).
     pub fn new(
         tcp: TcpListener,
+        local: SocketAddr,
         tls: Arc<tokio_rustls::rustls::ServerConfig>,
         limits: &super::serve::Limits,
         slots: Arc<tokio::sync::Semaphore>,
         cancel: CancellationToken,
         work: TaskTracker,
-    ) -> std::io::Result<TlsListener> {
-        let local = tcp.local_addr()?;
+    ) -> TlsListener {
         let acceptor = TlsAcceptor::from(tls);
         let (tx, ready) = mpsc::channel(BACKLOG);
         let handshakes = work.clone();
@@ -81,7 +82,7 @@ impl TlsListener {
                 });
             }
         });
-        Ok(TlsListener { ready, local })
+        TlsListener { ready, local }
     }
 }
 
