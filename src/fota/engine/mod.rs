@@ -285,19 +285,20 @@ impl Engine {
                 if message.starts_with(&this.own_prefix) {
                     continue;
                 }
-                #[derive(serde::Deserialize)]
-                struct Announcement {
-                    event: Option<TaskEvent>,
-                }
+                // Parsed once: a transition is read from the document itself, not a copy.
                 let parsed = serde_json::from_str::<Value>(&message).and_then(|v| {
-                    serde_json::from_value::<Announcement>(v.clone()).map(|a| (a, v))
+                    v.get("event")
+                        .filter(|e| !e.is_null())
+                        .map(<TaskEvent as serde::Deserialize>::deserialize)
+                        .transpose()
+                        .map(|event| (event, v))
                 });
                 match parsed {
-                    Ok((Announcement { event: Some(e), .. }, _)) => {
+                    Ok((Some(e), _)) => {
                         this.publish(e);
                         this.due_changed.notify_one();
                     }
-                    Ok((_, other)) => {
+                    Ok((None, other)) => {
                         let _ = this.others.send(Arc::new(other));
                     }
                     Err(e) => tracing::warn!(error = %e, "unreadable announcement"),
