@@ -910,7 +910,7 @@ async fn console_every_page_opens_labelled_and_without_errors() {
         .post(srv.url("/v1/devices:import"))
         .bearer_auth(&admin)
         .header("content-type", "application/x-ndjson")
-        .body("{\"deviceId\":\"meter-1\",\"tags\":{\"site\":\"berlin\"}}\n")
+        .body("{\"deviceId\":\"meter-1\",\"tags\":{\"site\":\"berlin\"}}\n{\"deviceId\":\"meter-2\"}\n")
         .send()
         .await
         .unwrap();
@@ -923,6 +923,27 @@ async fn console_every_page_opens_labelled_and_without_errors() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    // A task for the device, which its page lists.
+    let r = client()
+        .put(srv.url("/v1/firmware/meter-fw-2"))
+        .bearer_auth(&admin)
+        .body(vec![7u8; 3000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = client()
+        .post(srv.url("/v1/devices/meter-1/fota"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "meter-fw-2"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let fota_id = r.json::<Value>().await.unwrap()["fotaId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let b = Browser::start(1280, 900).await;
     sign_in(&b, &srv, &admin).await;
     // Every form control is labelled, on every page.
@@ -931,7 +952,7 @@ async fn console_every_page_opens_labelled_and_without_errors() {
         .map(el => el.outerHTML)";
     for (page, ready, shot) in [
         ("#/devices", "#devices tbody tr", "devices"),
-        ("#/devices/meter-1", "#device-facts", "device"),
+        ("#/devices/meter-1", "#device-tasks tbody tr", "device"),
         ("#/groups", "#groups tbody tr", "groups"),
         ("#/groups/berlin", "#group-devices tbody tr", "group"),
         ("#/campaigns", "#campaigns", "campaigns"),
@@ -947,6 +968,32 @@ async fn console_every_page_opens_labelled_and_without_errors() {
         assert_eq!(b.run(UNLABELLED, json!([])).await, json!([]), "{page}");
         b.screenshot(&format!("console-{shot}")).await;
     }
+    // The device's page lists its task, linked to the task's page.
+    b.goto(&srv.url("/ui/#/devices/meter-1")).await;
+    let text = b.text("#device-tasks tbody tr").await;
+    assert!(
+        text.contains("meter-fw-2") && text.contains("pending"),
+        "{text}"
+    );
+    let href = b
+        .run(
+            "return document.querySelector('#device-tasks tbody tr a').getAttribute('href')",
+            json!([]),
+        )
+        .await;
+    assert_eq!(href, json!(format!("#/updates/{fota_id}")));
+    assert_eq!(
+        b.run(
+            "return document.querySelector('#device-no-tasks') === null",
+            json!([])
+        )
+        .await,
+        json!(true)
+    );
+    // A device without tasks says so instead of showing an empty table.
+    b.goto(&srv.url("/ui/#/devices/meter-2")).await;
+    let none = b.text("#device-no-tasks").await;
+    assert!(none.contains("No updates"), "{none}");
     // The group resolves its filter to the device; the schedules show their grids.
     // The page renders its table before the resolved devices arrive: wait for them.
     b.goto(&srv.url("/ui/#/groups/berlin")).await;

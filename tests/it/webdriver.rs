@@ -17,6 +17,8 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 /// chromedriver and one browser session; both end on drop.
 pub struct Browser {
     driver: Child,
+    /// chromedriver's log, kept when the test fails.
+    log: PathBuf,
     base: String,
     session: String,
     http: reqwest::Client,
@@ -48,12 +50,10 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
+        let log = log_dir().join(format!("chromedriver-{port}.log"));
         let driver = Command::new(tool("chromedriver").expect("chromedriver"))
             .arg(format!("--port={port}"))
-            .arg(format!(
-                "--log-path={}",
-                log_dir().join(format!("chromedriver-{port}.log")).display()
-            ))
+            .arg(format!("--log-path={}", log.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             // Its own process group, so the browsers it starts go with it.
@@ -96,6 +96,7 @@ impl Browser {
             .to_owned();
         Browser {
             driver,
+            log,
             base,
             session,
             http,
@@ -287,11 +288,15 @@ impl Browser {
 }
 
 impl Drop for Browser {
-    /// chromedriver and every browser process it started (a failed test included).
+    /// chromedriver and every browser process it started (a failed test included). Its log
+    /// stays only when the test failed: a log per passing run would pile up.
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-s", "KILL", "--", &format!("-{}", self.driver.id())])
             .status();
         let _ = self.driver.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }

@@ -85,6 +85,7 @@ export async function device(id) {
       ),
     ),
   ];
+  if (!(d.tasks || []).length) parts.push(h("p", { class: "muted", id: "device-no-tasks" }, "No updates for this device yet."));
   if (may("operator")) parts.push(h("p", {}, h("a", { href: `#/updates/new?deviceId=${encodeURIComponent(d.deviceId)}` }, "Schedule an update for this device")));
   show(...parts);
 }
