@@ -11,7 +11,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Transaction};
 
 use super::pg_batched::Merge;
-use super::postgres::{announcing, backend, decode, encode, rows, Param, PgStore, EVENTS_CHANNEL};
+use super::postgres::{
+    announcing, backend, decode, encode, from, rows, Param, PgStore, EVENTS_CHANNEL,
+};
 use super::{CampaignStore, DeviceCredential, DevicePsk, DeviceStore, GroupStore, MetaError};
 use crate::model::campaign::{Campaign, Counts, Member};
 use crate::model::device::Device;
@@ -29,6 +31,10 @@ fn shard(device: &str) -> i16 {
         .fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
     (h % SHARDS) as i16
 }
+
+/// A page of devices, after a device id (see [`from`]).
+pub(super) const LIST_DEVICES: &str =
+    "SELECT info FROM fwrepo_devices WHERE device_id > $1 ORDER BY device_id LIMIT $2";
 
 const MEMBER_COLUMNS: &str = "device_id, wave, position, status, task_id, reason, retry_at_ms";
 
@@ -308,9 +314,8 @@ impl DeviceStore for PgStore {
     ) -> Result<Vec<Device>, MetaError> {
         let found = self
             .query(
-                "SELECT info FROM fwrepo_devices WHERE ($1::TEXT IS NULL OR device_id > $1)
-                 ORDER BY device_id LIMIT $2",
-                &[&after, &(limit.min(i64::MAX as usize) as i64)],
+                LIST_DEVICES,
+                &[&from(after), &(limit.min(i64::MAX as usize) as i64)],
             )
             .await?;
         rows(&found, "info")
@@ -526,9 +531,8 @@ impl CampaignStore for PgStore {
     ) -> Result<Vec<Campaign>, MetaError> {
         let found = self
             .query(
-                "SELECT campaign FROM fwrepo_campaigns WHERE ($1::TEXT IS NULL OR id > $1)
-                 ORDER BY id LIMIT $2",
-                &[&after, &(limit.min(i64::MAX as usize) as i64)],
+                "SELECT campaign FROM fwrepo_campaigns WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&from(after), &(limit.min(i64::MAX as usize) as i64)],
             )
             .await?;
         rows(&found, "campaign")
@@ -737,21 +741,32 @@ impl CampaignStore for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Member>, MetaError> {
-        let found = self
-            .query(
-                &format!(
-                    "SELECT {MEMBER_COLUMNS} FROM fwrepo_campaign_members
-                     WHERE campaign_id = $1 AND ($2::TEXT IS NULL OR status = $2)
-                     AND ($3::TEXT IS NULL OR device_id > $3) ORDER BY device_id LIMIT $4"
-                ),
-                &[
-                    &campaign,
-                    &status,
-                    &after,
-                    &(limit.min(i64::MAX as usize) as i64),
-                ],
-            )
-            .await?;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        // One statement per filter, each with a plan that walks the index it needs.
+        let found = match status {
+            Some(status) => {
+                self.query(
+                    &format!(
+                        "SELECT {MEMBER_COLUMNS} FROM fwrepo_campaign_members
+                         WHERE campaign_id = $1 AND status = $2 AND device_id > $3
+                         ORDER BY device_id LIMIT $4"
+                    ),
+                    &[&campaign, &status, &from(after), &limit],
+                )
+                .await?
+            }
+            None => {
+                self.query(
+                    &format!(
+                        "SELECT {MEMBER_COLUMNS} FROM fwrepo_campaign_members
+                         WHERE campaign_id = $1 AND device_id > $2
+                         ORDER BY device_id LIMIT $3"
+                    ),
+                    &[&campaign, &from(after), &limit],
+                )
+                .await?
+            }
+        };
         Ok(found.iter().map(member).collect())
     }
 

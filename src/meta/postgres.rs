@@ -31,12 +31,12 @@ use crate::model::task::FotaTask;
 /// Connections kept open; each request takes one for the length of its statement.
 const POOL_SIZE: usize = 8;
 
-/// How long a connection keeps a prepared statement, and with it the generic plan made at
-/// its first run. A plan made while a table was small scans the whole table once it has grown
-/// (a rollout's first devices, then 100,000: a seq scan per statement, 4,300 work requests/s);
-/// PostgreSQL plans again only after an ANALYZE. A second bounds how long such a plan
-/// lives, and costs one prepare per statement and connection each second, against one plan
-/// per run before.
+/// How long a connection keeps a prepared statement, and with it the generic plan it may
+/// have settled on. A plan made while a table was small scans the whole table once it has
+/// grown (a rollout's first devices, then 100,000: a seq scan per statement, 4,300 work
+/// requests/s); PostgreSQL plans again only after an ANALYZE. A second bounds how long such
+/// a plan lives, and costs a prepare and five planned runs per statement and connection each
+/// second, against a plan per run when custom plans were forced.
 const PLAN_LIFETIME: Duration = Duration::from_secs(1);
 
 /// The error with its causes: tokio-postgres says "db error" or "error performing TLS
@@ -108,14 +108,18 @@ impl PgStore {
         let target = pg_tls::parse(url).map_err(setting)?;
         let tls = target.connector().map_err(setting)?;
         let mut config = target.config;
-        // A prepared statement keeps one generic plan: planning each run for its parameters
-        // was 40% of the statements' time in PostgreSQL (`pg_stat_statements`, FOTA bench).
-        // PostgreSQL's own choice would be custom plans forever here: a plan for the actual
-        // length of a batch's arrays always looks cheaper than the generic one. A plan is
+        // PostgreSQL's own choice of plan (`auto`, set in case the server's default differs):
+        // after five runs planned for their parameters, a statement keeps one generic plan
+        // if that plan looks no dearer than theirs. A batch's look-ups and updates by key
+        // settle on it under load, when the arrays grow: planning every run had been 40% of
+        // the statements' time (`pg_stat_statements`, FOTA bench, when custom plans were
+        // forced). A statement with optional filters keeps being planned for its parameters,
+        // since only then does it use the index its filter needs (`LIST_TASKS`: 0.25 ms for
+        // a device's tasks, 281 ms with the generic plan at 100,000 tasks). A generic plan is
         // only as good as the table sizes it saw, so statements are prepared again after
         // PLAN_LIFETIME (see `Conn::statement`).
         let options = config.get_options().unwrap_or_default().to_owned();
-        config.options(format!("{options} -c plan_cache_mode=force_generic_plan").trim_start());
+        config.options(format!("{options} -c plan_cache_mode=auto").trim_start());
         let store = PgStore {
             config,
             tls,
@@ -430,10 +434,13 @@ impl FirmwareCatalog for PgStore {
         let found = self
             .query(
                 "SELECT record FROM fwrepo_firmware
-                 WHERE name >= $1 AND left(name, char_length($1)) = $1
-                   AND ($2::TEXT IS NULL OR name > $2)
+                 WHERE name >= $1 AND left(name, char_length($1)) = $1 AND name > $2
                  ORDER BY name LIMIT $3",
-                &[&prefix, &after, &(limit.min(i64::MAX as usize) as i64)],
+                &[
+                    &prefix,
+                    &from(after),
+                    &(limit.min(i64::MAX as usize) as i64),
+                ],
             )
             .await?;
         rows(&found, "record")
@@ -555,6 +562,21 @@ pub(super) fn announcing<'a>(
         }
         None => plain,
     }
+}
+
+/// A page of one device's tasks, after a task id.
+const LIST_DEVICE_TASKS: &str =
+    "SELECT task FROM fwrepo_tasks WHERE device_id = $1 AND id > $2 ORDER BY id LIMIT $3";
+
+/// A page of all tasks, after a task id.
+const LIST_TASKS: &str = "SELECT task FROM fwrepo_tasks WHERE id > $1 ORDER BY id LIMIT $2";
+
+/// Where a page starts: after the cursor, or, with none, after the empty string, which sorts
+/// before every key (keys are never empty). A page's statement has no optional filter
+/// (`$1 IS NULL OR key > $1`): the generic plan PostgreSQL may keep for it could not use the
+/// key's index, and scanned from the first key for every page.
+pub(super) fn from(after: Option<&str>) -> &str {
+    after.unwrap_or("")
 }
 
 const COUNT_QUOTA: &str = "SELECT count(*) FROM fwrepo_tasks WHERE holds_quota";
@@ -750,14 +772,14 @@ impl TaskStore for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<FotaTask>, MetaError> {
-        let found = self
-            .query(
-                "SELECT task FROM fwrepo_tasks
-                 WHERE ($1::TEXT IS NULL OR device_id = $1) AND ($2::TEXT IS NULL OR id > $2)
-                 ORDER BY id LIMIT $3",
-                &[&device_id, &after, &(limit.min(i64::MAX as usize) as i64)],
-            )
-            .await?;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let found = match device_id {
+            Some(device) => {
+                self.query(LIST_DEVICE_TASKS, &[&device, &from(after), &limit])
+                    .await?
+            }
+            None => self.query(LIST_TASKS, &[&from(after), &limit]).await?,
+        };
         rows(&found, "task")
     }
 
@@ -1117,17 +1139,29 @@ mod tests {
         assert!(e.contains("newer than this fwrepo knows"), "{e}");
     }
 
+    /// A look-up by a batch of keys settles on one generic plan, and a statement is prepared
+    /// again once its lifetime is over.
     #[tokio::test]
-    async fn a_statement_keeps_one_generic_plan_until_it_is_prepared_again() {
+    async fn a_batch_look_up_settles_on_a_generic_plan_until_it_is_prepared_again() {
         use std::time::Duration;
         let Some(url) = fresh_database().await else {
             return;
         };
         let store = super::PgStore::open(&url).await.unwrap();
         let mut conn = store.conn().await.unwrap();
-        let sql = "SELECT task FROM fwrepo_tasks WHERE id = ANY($1)";
-        // This connection's prepared statements of `sql` on the server: name, and how often
-        // each was planned (generic, custom).
+        // Plans are chosen by the table's size: 5,000 tasks of 500 devices.
+        conn.client()
+            .batch_execute(
+                "INSERT INTO fwrepo_tasks (id, device_id, firmware, active, due_ms,
+                     holds_quota, importing, task, revision)
+                 SELECT 't' || i, 'd' || (i % 500), 'fw', false, NULL, false, false, '{}', 0
+                 FROM generate_series(1, 5000) AS i;
+                 ANALYZE fwrepo_tasks",
+            )
+            .await
+            .unwrap();
+        // This connection's prepared statements of `sql` on the server: name, and how many
+        // runs took the generic plan and how many were planned for their parameters.
         async fn prepared(client: &tokio_postgres::Client, sql: &str) -> Vec<(String, i64, i64)> {
             let rows = client
                 .query(
@@ -1142,30 +1176,87 @@ mod tests {
                 .collect()
         }
         let long = Duration::from_secs(3600);
-        let first = conn.statement_within(sql, long).await.unwrap();
-        for n in [1, 3, 8] {
-            let ids: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
-            let again = conn.statement_within(sql, long).await.unwrap();
-            conn.client().query(&again, &[&ids]).await.unwrap();
-        }
-        // Three runs with arrays of three lengths: one statement, whose one generic plan
-        // served every run; no run was planned for its own parameters.
-        let kept = prepared(conn.client(), sql).await;
-        assert_eq!(kept.len(), 1, "{kept:?}");
-        assert_eq!((kept[0].1, kept[0].2), (3, 0), "{kept:?}");
 
-        drop(first);
-        let fresh = conn.statement_within(sql, Duration::ZERO).await.unwrap();
+        // A batch's look-up by key, eight runs of 40 keys: planned for the first five, then
+        // one generic plan serves.
+        let by_key = "SELECT task FROM fwrepo_tasks WHERE id = ANY($1)";
+        for run in 0..8 {
+            let ids: Vec<String> = (0..40).map(|i| format!("t{}", run * 40 + i + 1)).collect();
+            let st = conn.statement_within(by_key, long).await.unwrap();
+            assert_eq!(conn.client().query(&st, &[&ids]).await.unwrap().len(), 40);
+        }
+        let kept = prepared(conn.client(), by_key).await;
+        assert_eq!(kept.len(), 1, "one statement for every run: {kept:?}");
+        assert_eq!((kept[0].1, kept[0].2), (3, 5), "{kept:?}");
+
+        // Once its lifetime is over the statement is prepared again, and the one it replaced
+        // is closed on the server, not left behind.
+        let fresh = conn.statement_within(by_key, Duration::ZERO).await.unwrap();
         conn.client()
-            .query(&fresh, &[&Vec::<String>::new()])
+            .query(&fresh, &[&vec!["t1".to_owned()]])
             .await
             .unwrap();
-        // Prepared again once its lifetime is over; the statement it replaced is closed on
-        // the server, not left behind.
-        let now = prepared(conn.client(), sql).await;
+        let now = prepared(conn.client(), by_key).await;
         assert_eq!(now.len(), 1, "{now:?}");
         assert_ne!(now[0].0, kept[0].0, "{now:?}");
-        assert_eq!((now[0].1, now[0].2), (1, 0), "{now:?}");
+        assert_eq!((now[0].1, now[0].2), (0, 1), "{now:?}");
+    }
+
+    /// A page's statement, on the generic plan PostgreSQL may keep for it, walks the index of
+    /// its filter and cursor: a page deep into 5,000 tasks or devices reads one page's rows.
+    #[tokio::test]
+    async fn page_statements_walk_their_index_on_a_generic_plan() {
+        let Some(url) = fresh_database().await else {
+            return;
+        };
+        let store = super::PgStore::open(&url).await.unwrap();
+        let conn = store.conn().await.unwrap();
+        conn.client()
+            .batch_execute(
+                "INSERT INTO fwrepo_tasks (id, device_id, firmware, active, due_ms,
+                     holds_quota, importing, task, revision)
+                 SELECT 't' || i, 'd' || (i % 500), 'fw', false, NULL, false, false, '{}', 0
+                 FROM generate_series(1, 5000) AS i;
+                 INSERT INTO fwrepo_devices (device_id, info)
+                 SELECT 'd' || i, '{}' FROM generate_series(1, 5000) AS i;
+                 ANALYZE fwrepo_tasks; ANALYZE fwrepo_devices;
+                 SET plan_cache_mode = force_generic_plan",
+            )
+            .await
+            .unwrap();
+        for (i, (sql, args, index)) in [
+            (
+                super::LIST_DEVICE_TASKS,
+                "'d7', 't4000', 10",
+                "fwrepo_tasks_device",
+            ),
+            (super::LIST_TASKS, "'t4000', 10", "fwrepo_tasks_pkey"),
+            (
+                super::super::pg_fleet::LIST_DEVICES,
+                "'d4000', 10",
+                "fwrepo_devices_pkey",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            conn.client()
+                .batch_execute(&format!("PREPARE page{i} AS {sql}"))
+                .await
+                .unwrap();
+            let plan: Vec<String> = conn
+                .client()
+                .query(&format!("EXPLAIN EXECUTE page{i}({args})"), &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let plan = plan.join("\n");
+            assert!(plan.contains(index), "{sql}:\n{plan}");
+            assert!(plan.contains("Index Cond"), "{sql}:\n{plan}");
+            assert!(!plan.contains("Filter"), "{sql}:\n{plan}");
+        }
     }
 
     #[tokio::test]
@@ -1465,9 +1556,10 @@ mod tests {
         }
     }
 
-    /// Statements keep one generic plan, and options the URL sets stay.
+    /// PostgreSQL chooses each statement's plan, whatever the server's default, and options
+    /// the URL sets stay.
     #[tokio::test]
-    async fn connections_keep_generic_plans_and_the_urls_options() {
+    async fn connections_let_postgresql_choose_plans_and_keep_the_urls_options() {
         let Some(url) = fresh_database().await else {
             return;
         };
@@ -1478,7 +1570,7 @@ mod tests {
         ] {
             let store = super::PgStore::open(&url).await.unwrap();
             let mode = store.query_one("SHOW plan_cache_mode", &[]).await.unwrap();
-            assert_eq!(mode.get::<_, String>(0), "force_generic_plan", "{url}");
+            assert_eq!(mode.get::<_, String>(0), "auto", "{url}");
             if url.contains("options") {
                 let timeout = store
                     .query_one("SHOW statement_timeout", &[])
