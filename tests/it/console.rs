@@ -924,14 +924,7 @@ async fn console_every_page_opens_labelled_and_without_errors() {
         .unwrap();
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     // A task for the device, which its page lists.
-    let r = client()
-        .put(srv.url("/v1/firmware/meter-fw-2"))
-        .bearer_auth(&admin)
-        .body(vec![7u8; 3000])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    publish(&srv, &admin, "/v1/firmware/meter-fw-2", image(3000, 7)).await;
     let r = client()
         .post(srv.url("/v1/devices/meter-1/fota"))
         .bearer_auth(&admin)
@@ -994,6 +987,7 @@ async fn console_every_page_opens_labelled_and_without_errors() {
     b.goto(&srv.url("/ui/#/devices/meter-2")).await;
     let none = b.text("#device-no-tasks").await;
     assert!(none.contains("No updates"), "{none}");
+    b.screenshot("console-device-no-updates").await;
     // The group resolves its filter to the device; the schedules show their grids.
     // The page renders its table before the resolved devices arrive: wait for them.
     b.goto(&srv.url("/ui/#/groups/berlin")).await;

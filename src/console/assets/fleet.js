@@ -44,9 +44,38 @@ function labels(obj) {
   return h("dl", { class: "facts" }, entries.map(([k, v]) => [h("dt", {}, k), h("dd", { class: "mono" }, v)]));
 }
 
+// A device's tasks, newest first, each linked to its page.
+function taskTable(tasks) {
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      { id: "device-tasks" },
+      h("thead", {}, h("tr", {}, ["Task", "Firmware", "Status", "Created", "Finished"].map((c) => h("th", { scope: "col" }, c)))),
+      h(
+        "tbody",
+        {},
+        tasks.map((t) =>
+          h(
+            "tr",
+            {},
+            h("td", {}, h("a", { href: `#/updates/${encodeURIComponent(t.fotaId)}`, class: "mono" }, t.fotaId)),
+            h("td", {}, t.name || ""),
+            h("td", {}, t.reason ? `${t.status} (${t.reason})` : t.status),
+            h("td", {}, when(t.createdAt)),
+            h("td", {}, when(t.finishedAt) || "—"),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
 export async function device(id) {
   const d = await api("GET", `/v1/devices/${encodeURIComponent(id)}`);
   const fw = d.firmware || {};
+  const tasks = d.tasks || [];
   const parts = [
     h("h1", {}, d.deviceId),
     h(
@@ -68,24 +97,8 @@ export async function device(id) {
     h("h2", {}, "Attributes"),
     labels(d.attributes),
     h("h2", {}, "Tasks"),
-    h(
-      "div",
-      { class: "table-wrap" },
-      h(
-        "table",
-        { id: "device-tasks" },
-        h("thead", {}, h("tr", {}, ["Task", "Firmware", "Status", "Created", "Finished"].map((c) => h("th", { scope: "col" }, c)))),
-        h(
-          "tbody",
-          {},
-          (d.tasks || []).map((t) =>
-            h("tr", {}, h("td", {}, taskLink(t)), h("td", {}, t.name || ""), h("td", {}, t.reason ? `${t.status} (${t.reason})` : t.status), h("td", {}, when(t.createdAt)), h("td", {}, when(t.finishedAt) || "—")),
-          ),
-        ),
-      ),
-    ),
+    tasks.length ? taskTable(tasks) : h("p", { class: "muted", id: "device-no-tasks" }, "No updates for this device yet."),
   ];
-  if (!(d.tasks || []).length) parts.push(h("p", { class: "muted", id: "device-no-tasks" }, "No updates for this device yet."));
   if (may("operator")) parts.push(h("p", {}, h("a", { href: `#/updates/new?deviceId=${encodeURIComponent(d.deviceId)}` }, "Schedule an update for this device")));
   show(...parts);
 }
